@@ -1,0 +1,87 @@
+"""The FastAPI application: the only place that knows HTTP status codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral import __version__
+from corral.api.routes import files, processes, sandboxes, templates, tenants
+from corral.config import ServerConfig
+from corral.core.services import Services
+from corral.errors import CorralError
+from corral.runtime.base import Runtime
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("corral.api")
+
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "invalid_request",
+    409: "conflict",
+    413: "invalid_request",
+}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app; services start with the app's lifespan and stop with it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await Services.open(config, runtime)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.close()
+
+    app = FastAPI(title="corral", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(CorralError)
+    async def _corral_error(_req: Request, exc: CorralError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(
+            exc.status_code, _STATUS_CODES.get(exc.status_code, "internal"), str(exc.detail)
+        )
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    for r in (sandboxes.router, processes.router, files.router, templates.router, tenants.router):
+        app.include_router(r)
+    return app

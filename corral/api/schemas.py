@@ -1,0 +1,167 @@
+"""Response bodies. Requests are the typed commands of ``corral.core.commands``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from corral.agent import FileInfo, ProcessInfo
+from corral.core.sandboxes import Sandbox
+from corral.core.templates import TemplateInfo
+
+__all__ = [
+    "ErrorBody",
+    "FileInfoOut",
+    "ProcessOut",
+    "SandboxOut",
+    "TemplateOut",
+]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class SandboxOut(BaseModel):
+    id: str
+    tenant_id: str
+    template: str
+    runtime: str
+    state: str
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    timeout: int
+    metadata: dict[str, str]
+    # Only the names: values may be secrets and are not echoed back.
+    env_keys: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    ended_at: datetime | None
+    error: str | None
+
+    @classmethod
+    def of(cls, sb: Sandbox) -> SandboxOut:
+        return cls(
+            id=sb.id,
+            tenant_id=sb.tenant_id,
+            template=sb.template,
+            runtime=sb.runtime,
+            state=sb.state.value,
+            cpu=sb.cpu,
+            memory_mb=sb.memory_mb,
+            disk_mb=sb.disk_mb,
+            timeout=sb.timeout,
+            metadata=dict(sb.metadata),
+            env_keys=sorted(sb.env),
+            created_at=sb.created_at,
+            expires_at=sb.expires_at,
+            ended_at=sb.ended_at,
+            error=sb.error,
+        )
+
+
+class ProcessOut(BaseModel):
+    pid: int
+    cmd: list[str]
+    cwd: str
+    user: str
+    tag: str | None
+    pty: bool
+    running: bool
+    exit_code: int | None
+    started_at: float
+
+    @classmethod
+    def of(cls, p: ProcessInfo) -> ProcessOut:
+        return cls(
+            pid=p.pid,
+            cmd=list(p.argv),
+            cwd=p.cwd,
+            user=p.user,
+            tag=p.tag,
+            pty=p.pty,
+            running=p.running,
+            exit_code=p.exit_code,
+            started_at=p.started_at,
+        )
+
+
+class FileInfoOut(BaseModel):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    uid: int
+    gid: int
+    link_target: str | None
+
+    @classmethod
+    def of(cls, f: FileInfo) -> FileInfoOut:
+        return cls(
+            name=f.name,
+            path=f.path,
+            type=f.type,
+            size=f.size,
+            mode=f.mode,
+            mtime=f.mtime,
+            uid=f.uid,
+            gid=f.gid,
+            link_target=f.link_target,
+        )
+
+
+class TemplateOut(BaseModel):
+    name: str
+    description: str
+    built: bool
+    size_bytes: int | None
+    built_at: str | None
+
+    @classmethod
+    def of(cls, t: TemplateInfo) -> TemplateOut:
+        return cls(
+            name=t.name,
+            description=t.description,
+            built=t.built,
+            size_bytes=t.size_bytes,
+            built_at=t.built_at,
+        )
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+
+
+class KeyOut(BaseModel):
+    id: str
+    tenant_id: str
+    name: str
+    key: str
+
+
+class MeOut(BaseModel):
+    tenant_id: str
+    admin: bool
+
+
+class PidOut(BaseModel):
+    pid: int
+
+
+class ExistsOut(BaseModel):
+    exists: bool
+
+
+class CountOut(BaseModel):
+    files: int

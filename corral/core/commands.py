@@ -1,0 +1,126 @@
+"""Typed commands the services accept. The API parses requests straight into these."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+__all__ = [
+    "CreateKey",
+    "CreateSandbox",
+    "CreateTenant",
+    "ExecCommand",
+    "MkdirCommand",
+    "RenameCommand",
+    "SetTimeout",
+    "SignalCommand",
+    "StdinCommand",
+    "validate_sandbox_path",
+]
+
+_MAX_PATH = 4096
+
+
+def validate_sandbox_path(path: str) -> str:
+    """Shape check only; confinement to the sandbox root is enforced where the path resolves."""
+    if not path.startswith("/"):
+        raise ValueError(f"path must be absolute inside the sandbox, got {path!r}")
+    if "\0" in path:
+        raise ValueError("path must not contain NUL bytes")
+    if len(path.encode()) > _MAX_PATH:
+        raise ValueError(f"path longer than {_MAX_PATH} bytes")
+    return path
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSandbox(_Command):
+    template: str | None = Field(default=None, max_length=128)
+    cpu: float | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, gt=0)
+    disk_mb: int | None = Field(default=None, gt=0)
+    timeout: int | None = Field(default=None, gt=0, description="seconds until the server kills it")
+    env: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class SetTimeout(_Command):
+    timeout: int = Field(gt=0, description="seconds from now")
+
+
+_EnvName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class ExecCommand(_Command):
+    cmd: str | list[str]
+    cwd: str | None = None
+    env: dict[_EnvName, str] = Field(default_factory=dict)
+    user: str | None = Field(default=None, max_length=64)
+    timeout: float | None = Field(default=None, gt=0)
+    stdin: str | None = None
+    background: bool = False
+    tag: str | None = Field(default=None, max_length=128)
+
+    @field_validator("cmd")
+    @classmethod
+    def _cmd_not_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            if not v.strip():
+                raise ValueError("cmd must not be empty")
+            if "\0" in v:
+                raise ValueError("cmd must not contain NUL bytes")
+        else:
+            if not v:
+                raise ValueError("cmd must not be an empty list")
+            if any("\0" in a for a in v):
+                raise ValueError("cmd arguments must not contain NUL bytes")
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, v: str | None) -> str | None:
+        return None if v is None else validate_sandbox_path(v)
+
+    def argv(self) -> list[str]:
+        return ["/bin/sh", "-c", self.cmd] if isinstance(self.cmd, str) else list(self.cmd)
+
+
+class StdinCommand(_Command):
+    data: str = Field(default="", description="base64")
+    eof: bool = False
+
+
+class SignalCommand(_Command):
+    signal: int = Field(ge=1, le=64)
+
+
+class MkdirCommand(_Command):
+    path: str
+    parents: bool = True
+    user: str | None = Field(default=None, max_length=64)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return validate_sandbox_path(v)
+
+
+class RenameCommand(_Command):
+    src: str
+    dst: str
+
+    @field_validator("src", "dst")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return validate_sandbox_path(v)
+
+
+class CreateTenant(_Command):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+class CreateKey(_Command):
+    name: str = Field(default="default", min_length=1, max_length=128)

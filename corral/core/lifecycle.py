@@ -1,0 +1,40 @@
+"""Sandbox lifecycle: an explicit state enum and the only transitions allowed between states."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from corral.errors import ConflictError
+
+__all__ = ["LIVE_STATES", "SandboxState", "check_transition"]
+
+
+class SandboxState(StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+_ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.CREATING: frozenset(
+        {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
+    ),
+    SandboxState.RUNNING: frozenset({SandboxState.STOPPING, SandboxState.ERROR}),
+    # A failed teardown is an error the reconciler retries; a finished one is final.
+    SandboxState.STOPPING: frozenset({SandboxState.STOPPED, SandboxState.ERROR}),
+    SandboxState.ERROR: frozenset({SandboxState.STOPPING}),
+    SandboxState.STOPPED: frozenset(),
+}
+
+# States in which something may still exist on the host.
+LIVE_STATES = frozenset(
+    {SandboxState.CREATING, SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
+)
+
+
+def check_transition(current: SandboxState, target: SandboxState) -> None:
+    """Raise ConflictError unless ``current → target`` is a legal move."""
+    if target not in _ALLOWED[current]:
+        raise ConflictError(f"sandbox cannot go from {current.value} to {target.value}")

@@ -1,0 +1,150 @@
+"""Commands and processes inside a sandbox: exec with streaming, background jobs, PTYs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from corral.agent import AgentClient, ExecRequest, OutputEvent, ProcessInfo
+from corral.core.commands import ExecCommand
+from corral.core.sandboxes import SandboxService
+from corral.core.streams import peek
+from corral.core.tenants import Principal
+from corral.errors import CorralError, InvalidRequestError
+
+__all__ = ["ExecTimedOut", "ProcessService", "RunningExec"]
+
+
+@dataclass(frozen=True)
+class ExecTimedOut:
+    """The last event of a stream whose process was killed for running past its timeout."""
+
+    timeout: float
+
+
+@dataclass
+class RunningExec:
+    pid: int
+    events: AsyncIterator[OutputEvent | ExecTimedOut]
+
+
+async def _guard(
+    agent: AgentClient, pid: int, events: AsyncIterator[OutputEvent], timeout: float | None
+) -> AsyncIterator[OutputEvent | ExecTimedOut]:
+    """Yield the process's events; kill it on timeout, and when the consumer goes away early."""
+    finished = False
+    try:
+        if timeout is None:
+            async for ev in events:
+                yield ev
+                if ev.kind == "exit":
+                    finished = True
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    ev = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                with contextlib.suppress(CorralError):
+                    await agent.signal(pid, signal.SIGKILL)
+                finished = True
+                yield ExecTimedOut(timeout)
+                return
+            yield ev
+            if ev.kind == "exit":
+                finished = True
+    finally:
+        if not finished:
+            with contextlib.suppress(CorralError):
+                await agent.signal(pid, signal.SIGKILL)
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+class ProcessService:
+    def __init__(self, sandboxes: SandboxService) -> None:
+        self._sandboxes = sandboxes
+
+    @staticmethod
+    def _request(cmd: ExecCommand, *, pty: tuple[int, int] | None = None) -> ExecRequest:
+        return ExecRequest(
+            argv=cmd.argv(),
+            cwd=cmd.cwd,
+            env=dict(cmd.env),
+            user=cmd.user,
+            pty=pty,
+            stdin=cmd.background or cmd.stdin is not None or pty is not None,
+            tag=cmd.tag,
+        )
+
+    async def start(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> RunningExec:
+        """Start a foreground command; the caller must consume or close ``events``."""
+        agent = await self._sandboxes.agent(who, sandbox_id)
+        pid, events = await agent.exec_stream(self._request(cmd))
+        if cmd.stdin is not None:
+            await agent.write_stdin(pid, cmd.stdin.encode())
+            await agent.close_stdin(pid)
+        return RunningExec(pid, _guard(agent, pid, events, cmd.timeout))
+
+    async def start_background(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> int:
+        agent = await self._sandboxes.agent(who, sandbox_id)
+        pid = await agent.spawn(self._request(cmd))
+        if cmd.stdin is not None:
+            await agent.write_stdin(pid, cmd.stdin.encode())
+            await agent.close_stdin(pid)
+        if cmd.timeout is not None:
+            # A background job's timeout is enforced by the server, not by a client that may be gone.
+            self._sandboxes.spawn_task(
+                self._kill_after(agent, pid, cmd.timeout), f"bg-timeout-{pid}"
+            )
+        return pid
+
+    @staticmethod
+    async def _kill_after(agent: AgentClient, pid: int, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        with contextlib.suppress(CorralError):
+            await agent.signal(pid, signal.SIGKILL)
+
+    async def start_pty(
+        self, who: Principal, sandbox_id: str, cmd: ExecCommand, rows: int, cols: int
+    ) -> tuple[AgentClient, RunningExec]:
+        if not (1 <= rows <= 1000 and 1 <= cols <= 1000):
+            raise InvalidRequestError(
+                f"pty size must be 1..1000 rows and columns, got {rows}x{cols}"
+            )
+        agent = await self._sandboxes.agent(who, sandbox_id)
+        env = {"TERM": "xterm-256color", **cmd.env}
+        req = self._request(cmd.model_copy(update={"env": env}), pty=(rows, cols))
+        pid, events = await agent.exec_stream(req)
+        return agent, RunningExec(pid, _guard(agent, pid, events, cmd.timeout))
+
+    async def list(self, who: Principal, sandbox_id: str) -> list[ProcessInfo]:
+        return await (await self._sandboxes.agent(who, sandbox_id)).list_processes()
+
+    async def attach(
+        self, who: Principal, sandbox_id: str, pid: int, *, replay: bool = True
+    ) -> AsyncIterator[OutputEvent]:
+        agent = await self._sandboxes.agent(who, sandbox_id)
+        # Peeked so that an unknown pid fails as a 404, not as a broken stream.
+        return await peek(agent.attach(pid, replay=replay))
+
+    async def write_stdin(
+        self, who: Principal, sandbox_id: str, pid: int, data: bytes, eof: bool
+    ) -> None:
+        agent = await self._sandboxes.agent(who, sandbox_id)
+        if data:
+            await agent.write_stdin(pid, data)
+        if eof:
+            await agent.close_stdin(pid)
+
+    async def signal(self, who: Principal, sandbox_id: str, pid: int, signo: int) -> None:
+        await (await self._sandboxes.agent(who, sandbox_id)).signal(pid, signo)

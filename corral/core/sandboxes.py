@@ -1,0 +1,406 @@
+"""Sandbox lifecycle service: create, inspect, time out, kill, and reconcile with the host.
+
+The store is the truth across restarts; ``_live`` mirrors every sandbox that may still exist on
+the host so that the hot path (exec, files) never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from corral.agent import AgentClient
+from corral.config import ServerConfig
+from corral.core.commands import CreateSandbox
+from corral.core.lifecycle import LIVE_STATES, SandboxState, check_transition
+from corral.core.templates import TemplateService
+from corral.core.tenants import Principal
+from corral.errors import (
+    CorralError,
+    InvalidRequestError,
+    NotFoundError,
+    QuotaExceededError,
+    RuntimeFailure,
+    SandboxNotRunningError,
+)
+from corral.runtime.base import Runtime, SandboxSpec
+from corral.store import SandboxRow, Store
+
+__all__ = ["Sandbox", "SandboxService"]
+
+log = logging.getLogger("corral.sandboxes")
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    id: str
+    tenant_id: str
+    template: str
+    runtime: str
+    state: SandboxState
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    timeout: int
+    created_at: datetime
+    expires_at: datetime | None
+    env: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    ended_at: datetime | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: SandboxRow) -> Sandbox:
+        return cls(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            template=row.template,
+            runtime=row.runtime,
+            state=SandboxState(row.state),
+            cpu=row.cpu,
+            memory_mb=row.memory_mb,
+            disk_mb=row.disk_mb,
+            timeout=row.timeout_s,
+            created_at=_aware(row.created_at),
+            expires_at=_aware(row.expires_at) if row.expires_at else None,
+            env=dict(row.env or {}),
+            metadata=dict(row.meta or {}),
+            ended_at=_aware(row.ended_at) if row.ended_at else None,
+            error=row.error,
+        )
+
+
+def _aware(dt: datetime) -> datetime:
+    # SQLite hands datetimes back without their zone; everything we store is UTC.
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SandboxService:
+    def __init__(
+        self, config: ServerConfig, store: Store, runtime: Runtime, templates: TemplateService
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._runtime = runtime
+        self._templates = templates
+        self._live: dict[str, Sandbox] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- start and stop of the service ------------------------------------------------------
+    async def start(self) -> None:
+        await self.reconcile()
+        self._reaper = asyncio.create_task(self._reap_forever(), name="corral-reaper")
+
+    async def stop(self) -> None:
+        """Stop the service's own tasks. Sandboxes keep running and are re-adopted at next start."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        # Pending timeouts and expiries are re-derived from the store at the next start.
+        for t in list(self._background):
+            t.cancel()
+        for t in list(self._background):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await t
+
+    async def reconcile(self) -> None:
+        """Make the store and the host agree after a restart or a crash.
+
+        A sandbox the store believes running and whose agent is alive is adopted again; anything
+        else left on the host is destroyed, so a crash never leaks processes, mounts or cgroups.
+        """
+        on_host = set(await self._runtime.list_sandboxes())
+        adopted: set[str] = set()
+        for row in await self._store.all_sandboxes(states=[s.value for s in LIVE_STATES]):
+            sb = Sandbox.from_row(row)
+            if (
+                sb.state is SandboxState.RUNNING
+                and sb.id in on_host
+                and await self._runtime.is_running(sb.id)
+            ):
+                self._live[sb.id] = sb
+                adopted.add(sb.id)
+                continue
+            with contextlib.suppress(CorralError):
+                await self._runtime.destroy(sb.id)
+            was = "was running" if sb.state is SandboxState.RUNNING else f"was {sb.state.value}"
+            await self._store.update_sandbox(
+                sb.id,
+                state=SandboxState.STOPPED.value,
+                ended_at=_now(),
+                error=sb.error or f"gone after a server restart ({was})",
+            )
+        for orphan in on_host - adopted:
+            log.warning("removing orphaned sandbox %s found on the host", orphan)
+            with contextlib.suppress(CorralError):
+                await self._runtime.destroy(orphan)
+
+    # --- queries ----------------------------------------------------------------------------
+    async def get(self, who: Principal, sandbox_id: str) -> Sandbox:
+        sb = self._live.get(sandbox_id)
+        if sb is None:
+            rows = [r for r in await self._store.all_sandboxes() if r.id == sandbox_id]
+            sb = Sandbox.from_row(rows[0]) if rows else None
+        # Another tenant's sandbox is indistinguishable from one that does not exist.
+        if sb is None or sb.tenant_id != who.tenant_id:
+            raise NotFoundError(f"no sandbox {sandbox_id!r}")
+        return sb
+
+    async def list(
+        self,
+        who: Principal,
+        *,
+        states: Iterable[SandboxState] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[Sandbox]:
+        wanted = set(states) if states else None
+        rows = await self._store.all_sandboxes(states=[s.value for s in wanted] if wanted else None)
+        out: list[Sandbox] = []
+        for row in rows:
+            if row.tenant_id != who.tenant_id:
+                continue
+            sb = self._live.get(row.id) or Sandbox.from_row(row)
+            if wanted is None and sb.state is SandboxState.STOPPED:
+                continue  # like E2B: the default listing shows what is alive
+            if metadata and any(sb.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            out.append(sb)
+        return out
+
+    async def agent(self, who: Principal, sandbox_id: str) -> AgentClient:
+        """The agent of a running sandbox of this tenant."""
+        sb = await self.get(who, sandbox_id)
+        if sb.state is not SandboxState.RUNNING:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is {sb.state.value}, not running")
+        return AgentClient(lambda: self._runtime.open_agent(sandbox_id))
+
+    # --- commands ---------------------------------------------------------------------------
+    def _validate(self, cmd: CreateSandbox) -> tuple[str, float, int, int, int]:
+        c, lim = self._config, self._config.limits
+        template = cmd.template or c.default_template
+        cpu = cmd.cpu if cmd.cpu is not None else c.default_cpu
+        memory = cmd.memory_mb if cmd.memory_mb is not None else c.default_memory_mb
+        disk = cmd.disk_mb if cmd.disk_mb is not None else c.default_disk_mb
+        timeout = cmd.timeout if cmd.timeout is not None else c.default_timeout_s
+        if not lim.min_cpu <= cpu <= lim.max_cpu:
+            raise InvalidRequestError(
+                f"cpu must be between {lim.min_cpu} and {lim.max_cpu} cores, got {cpu}"
+            )
+        if not lim.min_memory_mb <= memory <= lim.max_memory_mb:
+            raise InvalidRequestError(
+                f"memory_mb must be between {lim.min_memory_mb} and {lim.max_memory_mb}, got {memory}"
+            )
+        if not lim.min_disk_mb <= disk <= lim.max_disk_mb:
+            raise InvalidRequestError(
+                f"disk_mb must be between {lim.min_disk_mb} and {lim.max_disk_mb}, got {disk}"
+            )
+        if timeout > lim.max_timeout_s:
+            raise InvalidRequestError(
+                f"timeout must be at most {lim.max_timeout_s} seconds, got {timeout}"
+            )
+        for what, d, most in (
+            ("env", cmd.env, lim.max_env_entries),
+            ("metadata", cmd.metadata, lim.max_metadata_entries),
+        ):
+            if len(d) > most:
+                raise InvalidRequestError(
+                    f"{what} has {len(d)} entries; at most {most} are allowed"
+                )
+            for k, v in d.items():
+                if not k or len(k.encode()) > lim.max_key_bytes:
+                    raise InvalidRequestError(
+                        f"{what} key {k[:40]!r} must be 1 to {lim.max_key_bytes} bytes"
+                    )
+                if len(v.encode()) > lim.max_value_bytes:
+                    raise InvalidRequestError(
+                        f"{what} value of {k!r} is longer than {lim.max_value_bytes} bytes"
+                    )
+                if "\0" in k or "\0" in v:
+                    raise InvalidRequestError(f"{what} entry {k!r} must not contain NUL bytes")
+        for k in cmd.env:
+            if not _ENV_NAME.match(k):
+                raise InvalidRequestError(
+                    f"env name {k!r} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
+                )
+        return template, cpu, memory, disk, timeout
+
+    async def create(self, who: Principal, cmd: CreateSandbox) -> Sandbox:
+        template, cpu, memory, disk, timeout = self._validate(cmd)
+        layers = self._templates.layers_for(template)
+        live_for_tenant = sum(1 for s in self._live.values() if s.tenant_id == who.tenant_id)
+        if live_for_tenant >= self._config.limits.max_sandboxes_per_tenant:
+            raise QuotaExceededError(
+                f"tenant {who.tenant_id} already has {live_for_tenant} live sandboxes "
+                f"(limit {self._config.limits.max_sandboxes_per_tenant}); kill some first"
+            )
+        sid = "sb-" + secrets.token_hex(6)
+        now = _now()
+        sb = Sandbox(
+            id=sid,
+            tenant_id=who.tenant_id,
+            template=template,
+            runtime=self._runtime.name,
+            state=SandboxState.CREATING,
+            cpu=cpu,
+            memory_mb=memory,
+            disk_mb=disk,
+            timeout=timeout,
+            created_at=now,
+            expires_at=now + timedelta(seconds=timeout),
+            env=dict(cmd.env),
+            metadata=dict(cmd.metadata),
+        )
+        lock = self._locks.setdefault(sid, asyncio.Lock())
+        async with lock:
+            self._live[sid] = sb
+            await self._store.add_sandbox(
+                SandboxRow(
+                    id=sid,
+                    tenant_id=sb.tenant_id,
+                    template=template,
+                    runtime=sb.runtime,
+                    state=sb.state.value,
+                    cpu=cpu,
+                    memory_mb=memory,
+                    disk_mb=disk,
+                    timeout_s=timeout,
+                    env=dict(cmd.env),
+                    meta=dict(cmd.metadata),
+                    created_at=now,
+                    expires_at=sb.expires_at,
+                )
+            )
+            spec = SandboxSpec(
+                sandbox_id=sid,
+                layers=layers,
+                cpu=cpu,
+                memory_mb=memory,
+                disk_mb=disk,
+                pids_max=self._config.limits.pids_per_sandbox,
+                hostname=sid,
+                env={
+                    "PATH": DEFAULT_PATH,
+                    "LANG": "C.UTF-8",
+                    "CORRAL_SANDBOX": "1",
+                    "CORRAL_SANDBOX_ID": sid,
+                    **cmd.env,
+                },
+            )
+            try:
+                await self._runtime.create(spec)
+            except BaseException as e:
+                # A failed create leaves no trace: not on the host (the runtime promises that, and
+                # destroy is idempotent belt and braces), not in the store.
+                with contextlib.suppress(Exception):
+                    await self._runtime.destroy(sid)
+                self._live.pop(sid, None)
+                self._locks.pop(sid, None)
+                await self._store.delete_sandbox(sid)
+                if isinstance(e, CorralError | asyncio.CancelledError):
+                    raise
+                raise RuntimeFailure(f"sandbox create failed: {e}") from e
+            # The timeout counts from when the sandbox is usable, not from when it was asked for.
+            started = _now()
+            sb = self._transition(
+                sb, SandboxState.RUNNING, expires_at=started + timedelta(seconds=timeout)
+            )
+            await self._store.update_sandbox(sid, state=sb.state.value, expires_at=sb.expires_at)
+            return sb
+
+    async def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> Sandbox:
+        if seconds > self._config.limits.max_timeout_s:
+            raise InvalidRequestError(
+                f"timeout must be at most {self._config.limits.max_timeout_s} seconds, got {seconds}"
+            )
+        sb = await self.get(who, sandbox_id)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id, sb)
+            if sb.state is not SandboxState.RUNNING:
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {sb.state.value}, not running"
+                )
+            sb = replace(sb, timeout=seconds, expires_at=_now() + timedelta(seconds=seconds))
+            self._live[sandbox_id] = sb
+            await self._store.update_sandbox(
+                sandbox_id, timeout_s=seconds, expires_at=sb.expires_at
+            )
+            return sb
+
+    async def kill(self, who: Principal, sandbox_id: str) -> None:
+        sb = await self.get(who, sandbox_id)
+        await self._kill(sb.id, reason=None)
+
+    async def _kill(self, sandbox_id: str, *, reason: str | None) -> None:
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id)
+            if sb is None:
+                return  # already stopped: kill is idempotent
+            sb = self._transition(sb, SandboxState.STOPPING)
+            await self._store.update_sandbox(sandbox_id, state=sb.state.value)
+            try:
+                await self._runtime.destroy(sandbox_id)
+            except CorralError as e:
+                sb = self._transition(sb, SandboxState.ERROR, error=f"teardown failed: {e.message}")
+                await self._store.update_sandbox(sandbox_id, state=sb.state.value, error=sb.error)
+                raise
+            self._transition(sb, SandboxState.STOPPED)
+            await self._store.update_sandbox(
+                sandbox_id, state=SandboxState.STOPPED.value, ended_at=_now(), error=reason
+            )
+            self._live.pop(sandbox_id, None)
+        self._locks.pop(sandbox_id, None)
+
+    def _transition(self, sb: Sandbox, target: SandboxState, **changes: Any) -> Sandbox:
+        check_transition(sb.state, target)
+        new = replace(sb, state=target, **changes)
+        if target is not SandboxState.STOPPED:
+            self._live[sb.id] = new
+        return new
+
+    def spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run work the service owns beyond one request; awaited at stop."""
+        t = asyncio.create_task(coro, name=name)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    # --- timeouts ---------------------------------------------------------------------------
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.reap_interval_s)
+            try:
+                await self.reap_once()
+            except Exception:  # the reaper must outlive any one bad sandbox
+                log.exception("reaper pass failed")
+
+    async def reap_once(self) -> None:
+        now = _now()
+        for sb in list(self._live.values()):
+            if (
+                sb.state is SandboxState.RUNNING
+                and sb.expires_at is not None
+                and sb.expires_at <= now
+            ):
+                self.spawn_task(self._expire(sb.id), f"expire-{sb.id}")
+
+    async def _expire(self, sandbox_id: str) -> None:
+        try:
+            await self._kill(sandbox_id, reason="timeout reached")
+        except CorralError:
+            log.exception("could not tear down expired sandbox %s", sandbox_id)

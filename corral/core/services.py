@@ -1,0 +1,67 @@
+"""Wires the services of one server together; the API holds exactly one of these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corral.config import ServerConfig
+from corral.core.files import FileService
+from corral.core.processes import ProcessService
+from corral.core.sandboxes import SandboxService
+from corral.core.templates import TemplateService
+from corral.core.tenants import TenantService
+from corral.errors import InvalidRequestError
+from corral.runtime.base import Runtime
+from corral.store import Store
+
+__all__ = ["Services", "build_runtime"]
+
+
+def build_runtime(config: ServerConfig) -> Runtime:
+    """The isolation tier named in the config (imported lazily: each pulls in its own host code)."""
+    if config.runtime == "container":
+        from corral.agent.build import agent_binary_path
+        from corral.runtime.container import ContainerRuntime
+
+        return ContainerRuntime(config.data_dir, agent_binary_path())
+    raise InvalidRequestError(f"unknown runtime {config.runtime!r}; available: container")
+
+
+@dataclass
+class Services:
+    config: ServerConfig
+    store: Store
+    runtime: Runtime
+    tenants: TenantService
+    templates: TemplateService
+    sandboxes: SandboxService
+    processes: ProcessService
+    files: FileService
+
+    @classmethod
+    async def open(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        config.templates_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(config.db_path)
+        await store.migrate()
+        tenants = TenantService(store)
+        await tenants.ensure_admin(config.admin_key_path)
+        rt = runtime if runtime is not None else build_runtime(config)
+        templates = TemplateService(config.data_dir)
+        sandboxes = SandboxService(config, store, rt, templates)
+        await sandboxes.start()
+        return cls(
+            config=config,
+            store=store,
+            runtime=rt,
+            tenants=tenants,
+            templates=templates,
+            sandboxes=sandboxes,
+            processes=ProcessService(sandboxes),
+            files=FileService(sandboxes),
+        )
+
+    async def close(self) -> None:
+        await self.sandboxes.stop()
+        await self.runtime.close()
+        await self.store.close()

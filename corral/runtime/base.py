@@ -1,0 +1,69 @@
+"""The contract every isolation tier implements: basic operations only.
+
+Lifecycle rules (states, timeouts, tenancy, reconciliation) live once in ``corral.core``; a
+runtime only creates, destroys, inspects and connects to the agent inside a sandbox. Exec,
+processes and files all go through the in-sandbox agent (``corral.agent``), so they work the
+same for every tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Runtime", "SandboxSpec"]
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything a runtime needs to start one sandbox; validated by ``core`` beforehand."""
+
+    sandbox_id: str
+    # Read-only template layers, lowest first; each is a directory holding a root filesystem.
+    layers: tuple[Path, ...]
+    cpu: float = 1.0  # cores
+    memory_mb: int = 512
+    disk_mb: int = 2048
+    pids_max: int = 1024
+    hostname: str = "sandbox"
+    # Environment every process in the sandbox starts with (exec may add to it).
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One isolation tier. Every method is safe to call concurrently for different sandboxes."""
+
+    name: str
+
+    async def create(self, spec: SandboxSpec) -> None:
+        """Start the sandbox with its agent running and answering.
+
+        On any failure nothing is left on the host, and the error raised is a ``CorralError``
+        (``RuntimeFailure`` for the tier's own failures).
+        """
+        ...
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Kill everything of the sandbox and remove every trace; idempotent."""
+        ...
+
+    async def is_running(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's init (the agent) is alive."""
+        ...
+
+    async def list_sandboxes(self) -> list[str]:
+        """Ids of every sandbox of which anything is left on this host (for reconciliation)."""
+        ...
+
+    async def open_agent(
+        self, sandbox_id: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A fresh byte stream to the sandbox's agent (one per operation)."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the runtime holds for itself (not the sandboxes, which outlive the server)."""
+        ...

@@ -1,0 +1,455 @@
+"""The container tier: one runc container per sandbox, built from a generated OCI bundle.
+
+Host layout under ``data_dir``::
+
+    runc/                 runc's state root (one dir per live container)
+    sandboxes/<id>/       bundle: config.json, meta.json,
+                          agent.sock (host end of the agent's listening socket), runc.log,
+                          init.pid, disk.img (sparse ext4, the hard disk limit) mounted at
+                          disk/, which holds upper/ and work/ of the overlay
+    disks/                golden formatted images, one per disk size
+    uidranges/<n>         persistent claim of host uid/gid range n
+
+The overlay itself is mounted at ``<mount_dir>/<id>`` (default ``/run/corral/rootfs-<hash of
+data_dir>``): runc sets the root filesystem up from *inside* the user namespace, so every
+directory on its path must be traversable by the sandbox's unprivileged host uid, which
+``data_dir`` (often under a 0700 directory) cannot promise.
+
+``create`` does every step itself and, on any failure, runs the same idempotent teardown as
+``destroy``, so a failed create leaves nothing. ``sandboxes/<id>`` is created first and removed
+last, so whatever a crash leaves behind is always found by ``list_sandboxes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from corral.errors import (
+    ConflictError,
+    CorralError,
+    InvalidRequestError,
+    QuotaExceededError,
+    RuntimeFailure,
+    SandboxNotRunningError,
+)
+from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
+from corral.host.disk import DiskImages, mount_disk, remove_disk, sparse_copy
+from corral.host.mounts import idmapped_clone, mount_overlay, unmount
+from corral.host.runc import Runc
+from corral.host.uidrange import SlotAllocator
+from corral.host.userns import open_userns
+from corral.runtime.base import SandboxSpec
+from corral.runtime.oci import AGENT_PATH, IsolationProfile, build_config
+
+__all__ = ["ContainerRuntime", "ReadyCheck"]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_RANGE_SIZE = 65536
+_MiB = 1024**2
+# Never let sandbox disks (sparse images) eat the last of the host's own filesystem.
+_HOST_DISK_RESERVE = 1024 * _MiB
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# Given a way to open fresh agent streams, returns once the agent answers (raises otherwise).
+ReadyCheck = Callable[[Callable[[], Awaitable[Streams]]], Awaitable[None]]
+
+
+async def _agent_ping(opener: Callable[[], Awaitable[Streams]]) -> None:
+    from corral.agent import AgentClient  # the agent package is optional until it is built
+
+    await AgentClient(opener).ping()
+
+
+def _make_traversable(directory: Path) -> None:
+    """Create ``directory`` (and parents) with mode 0711 so a sandbox uid can pass through it."""
+    if not directory.is_dir():
+        _make_traversable(directory.parent)
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o711)
+    if directory.stat().st_mode & 0o001 == 0:
+        os.chmod(directory, directory.stat().st_mode | 0o111)
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live, non-zombie process; None otherwise."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+class ContainerRuntime:
+    """The container tier (runc + user namespace + idmapped overlay + XFS quota + cgroups)."""
+
+    name = "container"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        agent_binary: Path,
+        *,
+        first_host_id: int = 1 << 30,
+        max_sandboxes: int = 16000,
+        runc_binary: str = "runc",
+        mount_dir: Path | None = None,
+        ready_timeout: float = 15.0,
+        ready_check: ReadyCheck | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.agent_binary = Path(agent_binary)
+        self.ready_timeout = ready_timeout
+        self._ready_check: ReadyCheck = ready_check or _agent_ping
+        self._runc = Runc(self.data_dir / "runc", runc_binary)
+        self._sandboxes = self.data_dir / "sandboxes"
+        if mount_dir is None:
+            digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:16]
+            mount_dir = Path("/run/corral") / f"rootfs-{digest}"
+        self._mount_dir = mount_dir
+        self._disks = DiskImages(self.data_dir / "disks")
+        self._slots = SlotAllocator(
+            self.data_dir / "uidranges",
+            first_id=first_host_id,
+            size=_RANGE_SIZE,
+            slots=max_sandboxes,
+        )
+        self._profile: IsolationProfile | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Milliseconds per step of the last successful create (for benchmarks and logs).
+        self.last_create_timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- paths and small helpers
+
+    def _check_id(self, sandbox_id: str) -> None:
+        if not _ID_RE.match(sandbox_id) or ".." in sandbox_id:
+            raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
+
+    def _dir(self, sandbox_id: str) -> Path:
+        return self._sandboxes / sandbox_id
+
+    def _rootfs(self, sandbox_id: str) -> Path:
+        return self._mount_dir / sandbox_id
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def _cgroup_name(self, sandbox_id: str) -> str:
+        return f"corral-{sandbox_id}"
+
+    def _read_meta(self, sandbox_id: str) -> dict[str, Any]:
+        try:
+            meta: dict[str, Any] = json.loads((self._dir(sandbox_id) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta
+
+    def _write_meta(self, sandbox_id: str, meta: dict[str, Any]) -> None:
+        path = self._dir(sandbox_id) / "meta.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path)
+
+    @property
+    def mount_dir(self) -> Path:
+        """Where sandbox root filesystems are mounted (one directory per sandbox)."""
+        return self._mount_dir
+
+    def agent_socket(self, sandbox_id: str) -> Path:
+        """Host path of the sandbox agent's listening socket."""
+        return self._dir(sandbox_id) / "agent.sock"
+
+    def disk_usage(self, sandbox_id: str) -> tuple[int, int]:
+        """(used, total) bytes of the sandbox's disk."""
+        try:
+            st = os.statvfs(self._dir(sandbox_id) / "disk")
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read disk usage of {sandbox_id}: {exc}") from exc
+        return ((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize)
+
+    # ------------------------------------------------------------------------------ create
+
+    async def create(self, spec: SandboxSpec) -> None:
+        self._check_id(spec.sandbox_id)
+        if not spec.layers:
+            raise InvalidRequestError("a sandbox needs at least one template layer")
+        async with self._lock(spec.sandbox_id):
+            sid = spec.sandbox_id
+            if self._dir(sid).exists() or (self._runc.root / sid).exists():
+                raise ConflictError(f"sandbox {sid} already exists on this host")
+            try:
+                await self._create(spec)
+            except BaseException as exc:
+                # Shielded so that a cancelled create still cleans up after itself.
+                cleanup = asyncio.ensure_future(self._teardown(sid))
+                try:
+                    await asyncio.shield(cleanup)
+                except Exception as cleanup_exc:  # report both; the original error comes first
+                    if isinstance(exc, Exception):
+                        raise RuntimeFailure(
+                            f"create of {sid} failed ({exc}); cleanup failed too: {cleanup_exc}"
+                        ) from exc
+                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
+                    raise
+                raise RuntimeFailure(f"create of {sid} failed: {exc}") from exc
+
+    async def _create(self, spec: SandboxSpec) -> None:
+        sid = spec.sandbox_id
+        sdir = self._dir(sid)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def step(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[name] = round((now - t) * 1000, 3)
+            t = now
+
+        for layer in spec.layers:
+            if not layer.is_dir():
+                raise RuntimeFailure(f"template layer {layer} is not a directory")
+        if not self.agent_binary.is_file():
+            raise RuntimeFailure(f"agent binary {self.agent_binary} does not exist")
+        if self._profile is None:
+            self._profile = IsolationProfile.load()
+        self._sandboxes.mkdir(parents=True, exist_ok=True, mode=0o700)
+        disk_bytes = spec.disk_mb * _MiB
+        free = os.statvfs(self._sandboxes)
+        if free.f_bavail * free.f_frsize < disk_bytes + _HOST_DISK_RESERVE:
+            raise QuotaExceededError(
+                f"the host has less than {spec.disk_mb} MiB of free disk for a new sandbox"
+            )
+        golden = await asyncio.to_thread(self._disks.golden, disk_bytes)
+        step("prepare")
+
+        sdir.mkdir(mode=0o700)
+        slot = self._slots.claim(sid)
+        host_id = self._slots.host_id(slot)
+        cgroups = [str(d) for d in sandbox_cgroup_dirs(self._cgroup_name(sid))]
+        meta: dict[str, Any] = {"slot": slot, "host_id": host_id, "cgroups": cgroups}
+        self._write_meta(sid, meta)
+        step("claim")
+
+        sparse_copy(golden, sdir / "disk.img")
+        store = sdir / "disk"
+        store.mkdir(mode=0o700)
+        mount_disk(sdir / "disk.img", store)
+        upper, work = store / "upper", store / "work"
+        upper.mkdir(mode=0o755)
+        os.chown(upper, host_id, host_id)
+        work.mkdir(mode=0o700)
+        # runc would otherwise create the agent's mount point itself, from inside the sandbox.
+        (upper / ".corral").mkdir(mode=0o755)
+        (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
+        for p in (upper / ".corral", upper / AGENT_PATH.lstrip("/")):
+            os.lchown(p, host_id, host_id)
+        step("storage")
+
+        userns = open_userns(host_id, _RANGE_SIZE)
+        step("userns")
+        lowers: list[int] = []
+        try:
+            for layer in reversed(spec.layers):  # overlayfs wants the topmost layer first
+                lowers.append(idmapped_clone(layer, userns))
+            step("idmap")
+            rootfs = self._rootfs(sid)
+            _make_traversable(self._mount_dir)
+            rootfs.mkdir(mode=0o755)
+            mount_overlay(lowers, upper, work, rootfs)
+        finally:
+            for fd in lowers:
+                os.close(fd)
+            os.close(userns)
+        step("overlay")
+
+        config = build_config(
+            spec,
+            self._profile,
+            rootfs=rootfs,
+            agent_binary=self.agent_binary,
+            host_id=host_id,
+            id_count=_RANGE_SIZE,
+            cgroups_path=self._cgroup_name(sid),
+        )
+        (sdir / "config.json").write_text(json.dumps(config))
+        step("config")
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(str(self.agent_socket(sid)))
+            listener.listen(128)
+            step("socket")
+            await self._runc.run(
+                sid,
+                sdir,
+                listen_fd=listener.fileno(),
+                pid_file=sdir / "init.pid",
+                log_file=sdir / "runc.log",
+            )
+        finally:
+            listener.close()
+        step("runc_run")
+
+        pid = int((sdir / "init.pid").read_text())
+        meta["init_pid"] = pid
+        meta["init_start"] = _proc_start_time(pid)
+        self._write_meta(sid, meta)
+        step("record")
+
+        await self._wait_ready(sid)
+        step("agent_ready")
+        timings["total"] = round(sum(timings.values()), 3)
+        self.last_create_timings = timings
+
+    async def _wait_ready(self, sandbox_id: str) -> None:
+        async def opener() -> Streams:
+            return await self.open_agent(sandbox_id)
+
+        try:
+            await asyncio.wait_for(self._ready_check(opener), self.ready_timeout)
+        except TimeoutError as exc:
+            detail = "init is gone" if not await self.is_running(sandbox_id) else "no answer"
+            raise RuntimeFailure(
+                f"agent of {sandbox_id} did not answer within {self.ready_timeout} s ({detail})"
+            ) from exc
+        except CorralError:
+            raise
+        except Exception as exc:
+            raise RuntimeFailure(f"agent of {sandbox_id} did not answer: {exc!r}") from exc
+
+    # ------------------------------------------------------------------------------ destroy
+
+    async def destroy(self, sandbox_id: str) -> None:
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            await self._teardown(sandbox_id)
+        self._locks.pop(sandbox_id, None)
+
+    async def _teardown(self, sid: str) -> None:
+        """Remove every trace of ``sid``, tolerating any of them being absent already.
+
+        Every step runs even when an earlier one failed; the first failure is raised at the end.
+        """
+        errors: list[str] = []
+        meta = self._read_meta(sid)
+
+        # Killing the init kills the whole pid namespace at once; runc delete then only has
+        # state and cgroups to remove, which is much faster than its freeze-and-kill.
+        await self._kill_init(meta)
+        try:
+            await self._runc.delete(sid)
+        except RuntimeFailure as exc:
+            errors.append(str(exc))
+        # Whatever runc could not remove (its state was lost or broken): kill and remove by hand.
+        cgroup_dirs = [Path(p) for p in meta.get("cgroups", [])] or sandbox_cgroup_dirs(
+            self._cgroup_name(sid)
+        )
+        for d in cgroup_dirs:
+            try:
+                await asyncio.to_thread(remove_cgroup_tree, d)
+            except OSError as exc:
+                errors.append(f"cgroup {d}: {exc}")
+        if not errors:
+            shutil.rmtree(self._runc.root / sid, ignore_errors=True)
+
+        sdir = self._dir(sid)
+        try:
+            unmount(self._rootfs(sid))
+            with contextlib.suppress(FileNotFoundError):
+                self._rootfs(sid).rmdir()
+        except OSError as exc:
+            errors.append(f"unmount: {exc}")
+
+        try:
+            remove_disk(sdir / "disk.img", sdir / "disk")
+        except OSError as exc:
+            errors.append(f"disk: {exc}")
+        if not errors:
+            self._slots.release(sid)
+            shutil.rmtree(sdir, ignore_errors=True)
+        if errors:
+            raise RuntimeFailure(f"destroy of {sid} incomplete: {'; '.join(errors)}")
+
+    async def _kill_init(self, meta: dict[str, Any]) -> None:
+        pid, start = meta.get("init_pid"), meta.get("init_start")
+        if not isinstance(pid, int) or not isinstance(start, int):
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            if _proc_start_time(pid) != start:
+                return  # the pid was reused by another process
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while _proc_start_time(pid) == start and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+
+    # ------------------------------------------------------------------------------ inspect
+
+    async def is_running(self, sandbox_id: str) -> bool:
+        self._check_id(sandbox_id)
+        meta = self._read_meta(sandbox_id)
+        pid, start = meta.get("init_pid"), meta.get("init_start")
+        if not isinstance(pid, int) or not isinstance(start, int):
+            return False
+        return _proc_start_time(pid) == start
+
+    async def list_sandboxes(self) -> list[str]:
+        found: set[str] = set(self._runc.ids())
+        for parent in (self._sandboxes, self._mount_dir):
+            with contextlib.suppress(FileNotFoundError):
+                found.update(p.name for p in parent.iterdir())
+        found.update(self._slots.owners().values())
+        return sorted(s for s in found if _ID_RE.match(s))
+
+    async def open_agent(self, sandbox_id: str) -> Streams:
+        self._check_id(sandbox_id)
+        try:
+            return await asyncio.open_unix_connection(str(self.agent_socket(sandbox_id)))
+        except OSError as exc:
+            raise SandboxNotRunningError(
+                f"the agent of sandbox {sandbox_id} is not reachable: {exc.strerror or exc}"
+            ) from exc
+
+    async def close(self) -> None:
+        """Nothing is held: sandboxes, mounts and disks outlive the server on purpose."""
+
+    async def purge(self) -> None:
+        """Destroy every sandbox and remove all host state of this data dir.
+
+        For tests and uninstalling; a server never calls it.
+        """
+        errors: list[str] = []
+        for sid in await self.list_sandboxes():
+            try:
+                await self.destroy(sid)
+            except CorralError as exc:
+                errors.append(exc.message)
+        if errors:
+            raise RuntimeFailure("; ".join(errors))
+        for name in ("runc", "sandboxes", "uidranges", "disks"):
+            shutil.rmtree(self.data_dir / name, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._mount_dir.rmdir()
+            self._mount_dir.parent.rmdir()  # only when no other data dir uses it

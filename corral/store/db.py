@@ -1,0 +1,132 @@
+"""The state store: SQLite by default (a file in the data dir), any SQLAlchemy URL otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from corral.store.models import ApiKeyRow, SandboxRow, TenantRow
+
+__all__ = ["Store"]
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers go on while the reaper or a create writes; NORMAL is durable across
+    # process crashes, which is what a control plane restart needs.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    """Owns the engine; every method is one short transaction."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = db_path
+        self._engine: AsyncEngine = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
+        event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        self._session = async_sessionmaker(self._engine, expire_on_commit=False)
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent)."""
+
+        def _upgrade() -> None:
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(_MIGRATIONS))
+            cfg.set_main_option("sqlalchemy.url", f"sqlite:///{self._db_path}")
+            command.upgrade(cfg, "head")
+
+        await asyncio.to_thread(_upgrade)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    @property
+    def sync_engine(self) -> Engine:
+        return self._engine.sync_engine
+
+    # tenants and keys
+    async def add_tenant(self, row: TenantRow) -> None:
+        async with self._session.begin() as s:
+            s.add(row)
+
+    async def get_tenant(self, tenant_id: str) -> TenantRow | None:
+        async with self._session() as s:
+            return await s.get(TenantRow, tenant_id)
+
+    async def tenant_by_name(self, name: str) -> TenantRow | None:
+        async with self._session() as s:
+            return (
+                await s.execute(select(TenantRow).where(TenantRow.name == name))
+            ).scalar_one_or_none()
+
+    async def list_tenants(self) -> Sequence[TenantRow]:
+        async with self._session() as s:
+            return (
+                (await s.execute(select(TenantRow).order_by(TenantRow.created_at))).scalars().all()
+            )
+
+    async def add_key(self, row: ApiKeyRow) -> None:
+        async with self._session.begin() as s:
+            s.add(row)
+
+    async def key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        async with self._session() as s:
+            q = select(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash)
+            return (await s.execute(q)).scalar_one_or_none()
+
+    async def get_key(self, key_id: str) -> ApiKeyRow | None:
+        async with self._session() as s:
+            return await s.get(ApiKeyRow, key_id)
+
+    async def delete_key(self, key_id: str) -> None:
+        async with self._session.begin() as s:
+            row = await s.get(ApiKeyRow, key_id)
+            if row is not None:
+                await s.delete(row)
+
+    # sandboxes
+    async def add_sandbox(self, row: SandboxRow) -> None:
+        async with self._session.begin() as s:
+            s.add(row)
+
+    async def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
+        async with self._session.begin() as s:
+            row = await s.get(SandboxRow, sandbox_id)
+            if row is not None:
+                for k, v in fields.items():
+                    setattr(row, k, v)
+
+    async def delete_sandbox(self, sandbox_id: str) -> None:
+        async with self._session.begin() as s:
+            row = await s.get(SandboxRow, sandbox_id)
+            if row is not None:
+                await s.delete(row)
+
+    async def all_sandboxes(self, *, states: Sequence[str] | None = None) -> Sequence[SandboxRow]:
+        async with self._session() as s:
+            q = select(SandboxRow).order_by(SandboxRow.created_at.desc())
+            if states is not None:
+                q = q.where(SandboxRow.state.in_(list(states)))
+            return (await s.execute(q)).scalars().all()
+
+    async def purge_sandboxes_ended_before(self, when: datetime) -> None:
+        async with self._session.begin() as s:
+            q = select(SandboxRow).where(
+                SandboxRow.ended_at.is_not(None), SandboxRow.ended_at < when
+            )
+            for row in (await s.execute(q)).scalars().all():
+                await s.delete(row)
