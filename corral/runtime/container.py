@@ -82,6 +82,32 @@ def _make_traversable(directory: Path) -> None:
         os.chmod(directory, directory.stat().st_mode | 0o111)
 
 
+def _write_identity_files(upper: Path, hostname: str, host_id: int) -> None:
+    """Give the sandbox an /etc/hostname and /etc/hosts naming itself, in its own upper layer.
+
+    Without its own name in /etc/hosts, tools that resolve the local host name (sudo, Java,
+    some test suites) stall or fail; the template's files cannot know the sandbox's name.
+    """
+    etc = upper / "etc"
+    etc.mkdir(mode=0o755)
+    os.lchown(etc, host_id, host_id)
+    files = {
+        "hostname": f"{hostname}\n",
+        "hosts": (
+            "127.0.0.1\tlocalhost\n"
+            f"127.0.1.1\t{hostname}\n"
+            "::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ),
+    }
+    for name, text in files.items():
+        fd = os.open(etc / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fchown(fd, host_id, host_id)
+        finally:
+            os.close(fd)
+
+
 def _proc_start_time(pid: int) -> int | None:
     """Start time (clock ticks since boot) of a live, non-zombie process; None otherwise."""
     try:
@@ -258,6 +284,7 @@ class ContainerRuntime:
         (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
         for p in (upper / ".corral", upper / AGENT_PATH.lstrip("/")):
             os.lchown(p, host_id, host_id)
+        _write_identity_files(upper, spec.hostname, host_id)
         step("storage")
 
         userns = open_userns(host_id, _RANGE_SIZE)

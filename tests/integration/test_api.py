@@ -65,9 +65,9 @@ def test_create_exec_kill(api: httpx.Client) -> None:
         and sb["env_keys"] == ["GREETING"]
         and sb["metadata"] == {"job": "t1"}
     )
-    out, _, code, evs = run(api, sb["id"], "id -u; echo $GREETING; hostname")
+    out, _, code, evs = run(api, sb["id"], 'id -u; echo $GREETING; hostname; grep -c "$(hostname)" /etc/hosts')
     assert evs[0]["type"] == "start" and code == 0
-    assert out.split() == ["0", "hi", sb["id"]]
+    assert out.split() == ["0", "hi", sb["id"], "1"]
     listed = api.get("/v1/sandboxes", params={"metadata": "job=t1"}).json()
     assert [s["id"] for s in listed] == [sb["id"]]
     assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204

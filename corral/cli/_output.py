@@ -1,0 +1,141 @@
+"""How the CLI prints: rich tables for people, ``--json`` for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from corral.sdk.models import SandboxInfo, TemplateInfo
+
+__all__ = [
+    "console",
+    "print_json",
+    "sandbox_detail",
+    "sandbox_table",
+    "template_table",
+]
+
+
+def console() -> Console:
+    # Piped output must not be cut to 80 columns: ids and paths get grepped.
+    return Console(width=None if sys.stdout.isatty() else 250, highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _left(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    seconds = int((value - datetime.now(UTC)).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _pairs(values: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in values.items()) or "-"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for h in headers:
+        table.add_column(h, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def sandbox_table(items: Sequence[SandboxInfo]) -> Table:
+    return _table(
+        ["ID", "TEMPLATE", "STATE", "CPU", "MEMORY", "CREATED", "EXPIRES IN", "METADATA"],
+        (
+            [
+                s.id,
+                s.template,
+                s.state,
+                f"{s.cpu:g}",
+                f"{s.memory_mb} MB",
+                _when(s.created_at),
+                _left(s.expires_at) if s.state == "running" else "-",
+                _pairs(s.metadata),
+            ]
+            for s in items
+        ),
+    )
+
+
+def sandbox_detail(s: SandboxInfo) -> Table:
+    rows = [
+        ("id", s.id),
+        ("state", s.state),
+        ("template", s.template),
+        ("tenant", s.tenant_id),
+        ("cpu", f"{s.cpu:g}"),
+        ("memory", f"{s.memory_mb} MB"),
+        ("disk", f"{s.disk_mb} MB"),
+        ("timeout", f"{s.timeout} s"),
+        ("created", _when(s.created_at)),
+        (
+            "expires",
+            f"{_when(s.expires_at)} ({_left(s.expires_at)})" if s.state == "running" else "-",
+        ),
+        ("metadata", _pairs(s.metadata)),
+        ("env", ",".join(s.env_keys) or "-"),
+    ]
+    if s.error:
+        rows.append(("error", s.error))
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"  # pragma: no cover
+
+
+def template_table(items: Sequence[TemplateInfo]) -> Table:
+    return _table(
+        ["NAME", "BUILT", "SIZE", "BUILT AT", "DESCRIPTION"],
+        (
+            [
+                t.name,
+                "yes" if t.built else "no",
+                _size(t.size_bytes),
+                _when(t.built_at),
+                t.description,
+            ]
+            for t in items
+        ),
+    )
+
+
+def describe_size(n: int | None) -> str:
+    return _size(n)

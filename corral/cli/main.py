@@ -1,0 +1,481 @@
+"""Entry point of the ``corral`` command.
+
+Every failure ends as one line on stderr, ``error: <message>``, and exit status 2 for a usage
+error or an invalid request, 1 for anything else; never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+from corral.errors import CorralError, InvalidRequestError
+
+__all__ = ["app", "main"]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _say_error(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    sys.stderr.write(f"error: {first}\n")
+    sys.stderr.flush()
+
+
+def _is_cli_error(exc: BaseException) -> bool:
+    """A usage error from the argument parser: typer's own classes (typer >= 0.2x vendors
+    click under ``TyperException``) or click's, for older typer releases."""
+    return isinstance(exc, typer.TyperException) or type(exc).__module__.startswith("click.")
+
+
+def _usage_hint(exc: BaseException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return ""
+    if type(exc).__name__ == "NoSuchOption" and ctx.command.name == "exec":
+        return f" (put the command after --: {ctx.command_path} ID -- CMD ...)"
+    return f" (see '{ctx.command_path} --help')"
+
+
+def _run_guarded(invoke: Callable[[], Any]) -> int:
+    """Run the parser and the command; turn whatever escapes into an exit status."""
+    try:
+        rv = invoke()
+    except InvalidRequestError as exc:
+        _say_error(exc.message)
+        return EXIT_USAGE
+    except CorralError as exc:
+        _say_error(exc.message)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            # typer's rich help prints itself and answers ""; plain click answers the text.
+            text = exc.ctx.get_help()  # type: ignore[attr-defined]
+            if text.strip():
+                sys.stderr.write(text + "\n")
+            return EXIT_USAGE
+        if _is_cli_error(exc) and hasattr(exc, "format_message"):
+            code = int(getattr(exc, "exit_code", EXIT_FAILURE))
+            hint = _usage_hint(exc) if code == EXIT_USAGE else ""
+            _say_error(exc.format_message() + hint)
+            return code
+        if type(exc).__name__ == "Abort":
+            _say_error("aborted")
+            return EXIT_FAILURE
+        # A bug: still one line; the type tells where to look.
+        _say_error(f"unexpected {type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+    return rv if isinstance(rv, int) else 0
+
+
+class _Group(TyperGroup):
+    """Root group whose ``main`` owns error reporting (also when run by CliRunner)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def invoke() -> Any:
+            return TyperGroup.main(
+                self,
+                args=args,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                windows_expand_args=windows_expand_args,
+                **extra,
+            )
+
+        code = _run_guarded(invoke)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="corral",
+    help="Self-hosted sandboxes for AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+template_app = typer.Typer(help="List and build templates.", no_args_is_help=True)
+app.add_typer(template_app, name="template")
+
+
+class _Conn:
+    """Connection settings from the global options; None lets the SDK discover them."""
+
+    def __init__(self, url: str | None, api_key: str | None) -> None:
+        self.url = url
+        self.api_key = api_key
+
+
+def _conn(ctx: typer.Context) -> _Conn:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, _Conn) else _Conn(None, None)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", help="Server URL (default: $CORRAL_URL, else http://127.0.0.1:7700)."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            help="API key (default: $CORRAL_API_KEY, else $CORRAL_DATA_DIR/admin.key).",
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = _Conn(url, api_key)
+
+
+def _status(exit_code: int) -> int:
+    """A process killed by signal N reports -N; a shell reports that as 128+N."""
+    return 128 - exit_code if exit_code < 0 else exit_code
+
+
+def _pairs(values: Sequence[str] | None, option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        out[key] = value
+    return out
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+EnvOpt = Annotated[
+    list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.", show_default=False)
+]
+MetaOpt = Annotated[
+    list[str] | None,
+    typer.Option("--metadata", "-m", help="KEY=VALUE, repeatable.", show_default=False),
+]
+
+
+@app.command()
+def server(
+    listen: Annotated[str, typer.Option(help="Address and port to listen on.")] = "127.0.0.1:7700",
+    data_dir: Annotated[
+        Path, typer.Option(help="State, keys and templates.", envvar="CORRAL_DATA_DIR")
+    ] = Path("/var/lib/corral"),
+) -> None:
+    """Run the corral API server in the foreground."""
+    try:
+        from corral.api.server import run_server
+    except ImportError as exc:
+        raise CorralError(f"the corral server cannot start: {exc}") from exc
+    run_server(listen, data_dir)
+
+
+@app.command()
+def create(
+    ctx: typer.Context,
+    template: Annotated[str, typer.Option(help="Template to start from.")] = "base",
+    cpu: Annotated[float | None, typer.Option(help="CPU cores.", show_default=False)] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(help="Memory limit in MB.", show_default=False)
+    ] = None,
+    disk_mb: Annotated[
+        int | None, typer.Option(help="Disk quota in MB.", show_default=False)
+    ] = None,
+    timeout: Annotated[
+        int | None, typer.Option(help="Lifetime in seconds.", show_default=False)
+    ] = None,
+    env: EnvOpt = None,
+    metadata: MetaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a sandbox and print its id."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.create(
+        template,
+        cpu=cpu,
+        memory_mb=memory_mb,
+        disk_mb=disk_mb,
+        timeout=timeout,
+        env=_pairs(env, "--env"),
+        metadata=_pairs(metadata, "--metadata"),
+        api_key=conn.api_key,
+        base_url=conn.url,
+    )
+    try:
+        info = sbx.info() if as_json else None
+    finally:
+        sbx.close()
+    if info is not None:
+        print_json(dict(info.raw))
+    else:
+        typer.echo(sbx.id)
+
+
+@app.command("ls")
+def list_(
+    ctx: typer.Context,
+    state: Annotated[
+        list[str] | None, typer.Option(help="Only these states, repeatable.", show_default=False)
+    ] = None,
+    metadata: MetaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List sandboxes, newest first."""
+    from corral.cli._output import console, print_json, sandbox_table
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    items = Sandbox.list(
+        state=state or None,
+        metadata=_pairs(metadata, "--metadata") or None,
+        api_key=conn.api_key,
+        base_url=conn.url,
+    )
+    if as_json:
+        print_json([dict(s.raw) for s in items])
+    elif items:
+        console().print(sandbox_table(items))
+
+
+@app.command()
+def info(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one sandbox."""
+    from corral.cli._output import console, print_json, sandbox_detail
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        details = sbx.info()
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(details.raw))
+    else:
+        console().print(sandbox_detail(details))
+
+
+@app.command("exec")
+def exec_(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    cmd: Annotated[list[str], typer.Argument(metavar="-- CMD...", show_default=False)],
+    cwd: Annotated[str | None, typer.Option(help="Working directory.", show_default=False)] = None,
+    env: EnvOpt = None,
+    user: Annotated[str | None, typer.Option(help="User name or uid.", show_default=False)] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Kill the command after this many seconds.", show_default=False),
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", "-i", help="Send this command's stdin to the process.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a command and stream its output; exit with its exit code.
+
+    One argument runs through /bin/sh -c; several are executed directly.
+    """
+    from corral.cli._output import print_json
+    from corral.sdk.models import ExecExit, ExecOutput
+    from corral.sdk.sandbox import Sandbox
+
+    command: str | list[str] = cmd[0] if len(cmd) == 1 else list(cmd)
+    stdin_text: str | None = None
+    if stdin:
+        try:
+            stdin_text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError("--stdin takes text; this input is not UTF-8") from exc
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        kwargs: dict[str, Any] = {
+            "cwd": cwd,
+            "env": _pairs(env, "--env"),
+            "user": user,
+            "timeout": timeout,
+            "stdin": stdin_text,
+        }
+        if as_json:
+            result = sbx.exec(command, **kwargs)
+            print_json(
+                {
+                    "pid": result.pid,
+                    "exit_code": result.exit_code,
+                    "stdout": result.stdout,
+                    "stderr": result.stderr,
+                }
+            )
+            raise typer.Exit(_status(result.exit_code))
+        exit_code = 1
+        # Raw bytes straight through: the output may be binary and is piped more often than not.
+        for event in sbx.exec_stream(command, **kwargs):
+            if isinstance(event, ExecOutput):
+                stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
+                stream.write(event.data)
+                stream.flush()
+            elif isinstance(event, ExecExit):
+                exit_code = event.exit_code
+    finally:
+        sbx.close()
+    raise typer.Exit(_status(exit_code))
+
+
+@app.command()
+def shell(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    user: Annotated[str | None, typer.Option(help="User name or uid.", show_default=False)] = None,
+    cmd: Annotated[
+        str | None,
+        typer.Option(help="Program to run (default: the login shell).", show_default=False),
+    ] = None,
+    cwd: Annotated[str | None, typer.Option(help="Working directory.", show_default=False)] = None,
+) -> None:
+    """Open an interactive terminal in a sandbox."""
+    from corral.cli._terminal import run_shell
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        code = _status(run_shell(sbx, cmd=cmd, user=user, cwd=cwd))
+    finally:
+        sbx.close()
+    raise typer.Exit(code)
+
+
+@app.command()
+def cp(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(metavar="SRC")],
+    dst: Annotated[str, typer.Argument(metavar="DST")],
+) -> None:
+    """Copy files or directories; one side is ID:/path inside a sandbox."""
+    from corral.cli._cp import copy, parse_endpoint
+
+    conn = _conn(ctx)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copy(parse_endpoint(src), parse_endpoint(dst), api_key=conn.api_key, base_url=conn.url)
+    for w in caught:
+        sys.stderr.write(f"warning: {w.message}\n")
+
+
+@app.command()
+def kill(
+    ctx: typer.Context,
+    sandbox_ids: Annotated[list[str], typer.Argument(metavar="ID...")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop and discard sandboxes."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    results: list[dict[str, Any]] = []
+    failed = False
+    for sandbox_id in sandbox_ids:
+        try:
+            sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+            try:
+                sbx.kill()
+            finally:
+                sbx.close()
+        except CorralError as exc:
+            failed = True
+            results.append({"id": sandbox_id, "killed": False, "error": exc.message})
+            if not as_json:
+                _say_error(f"{sandbox_id}: {exc.message}")
+        else:
+            results.append({"id": sandbox_id, "killed": True})
+    if as_json:
+        print_json(results)
+    if failed:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@template_app.command("list")
+def template_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List templates and whether they are built."""
+    from corral.cli._output import console, print_json, template_table
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        items = client.list_templates()
+    if as_json:
+        print_json([dict(t.raw) for t in items])
+    else:
+        console().print(template_table(items))
+
+
+@template_app.command("build")
+def template_build(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a template (takes a while; admin key only)."""
+    from rich.console import Console
+
+    from corral.cli._output import describe_size, print_json
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    status = Console(stderr=True).status(f"building template {name}…")
+    with Client(api_key=conn.api_key, base_url=conn.url) as client, status:
+        built = client.build_template(name, force=force)
+    if as_json:
+        print_json(dict(built.raw))
+    else:
+        typer.echo(f"built template {built.name} ({describe_size(built.size_bytes)})")
+
+
+def main() -> NoReturn:
+    warnings.showwarning = _show_warning
+    app()
+    sys.exit(0)  # pragma: no cover - app() always exits
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    sys.stderr.write(f"warning: {message}\n")

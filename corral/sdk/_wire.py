@@ -1,0 +1,554 @@
+"""The sans-IO half of the SDK, shared by ``Sandbox`` and ``AsyncSandbox`` so they cannot drift.
+
+Everything here is pure: which route and body an operation uses, how an error body or a
+transport failure becomes a ``CorralError``, and how an NDJSON exec stream is decoded. The two
+client classes only add the I/O (blocking or awaited) around these pieces.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import httpx
+import websockets.exceptions
+
+from corral.errors import (
+    AuthenticationError,
+    ConflictError,
+    CorralError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    TimeoutError,
+    error_from_code,
+)
+from corral.sdk.models import ExecEvent, ExecExit, ExecOutput, ExecResult, ExecStart
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "USER_AGENT",
+    "WS_MAX_SIZE",
+    "Call",
+    "ExecCollector",
+    "NdjsonDecoder",
+    "PtyState",
+    "TextCallback",
+    "auth_headers",
+    "calls",
+    "error_from_response",
+    "error_from_transport",
+    "error_from_ws_open",
+    "parse_exec_event",
+    "parse_exists",
+    "parse_file_count",
+    "parse_list",
+    "parse_pid",
+    "pty_params",
+    "pty_path",
+    "resize_message",
+    "ws_headers",
+    "ws_url",
+]
+
+USER_AGENT: Final = "corral-python/0.1.0"
+# Ordinary calls answer quickly; create can take a few seconds. Streams and template builds
+# pass read_timeout=None because silence there is normal (a command that prints nothing).
+DEFAULT_TIMEOUT: Final = 300.0
+CONNECT_TIMEOUT: Final = 10.0
+WS_MAX_SIZE: Final = 16 << 20
+
+TextCallback = Callable[[str], object]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request, described without doing it."""
+
+    method: str
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+    body: Any = None
+    read_timeout: float | None = DEFAULT_TIMEOUT
+
+    def timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.read_timeout, connect=CONNECT_TIMEOUT)
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT}
+
+
+def ws_headers(api_key: str) -> dict[str, str]:
+    # Sent as a header, not ?api_key=: query strings end up in proxy and access logs.
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+def _seg(value: str | int) -> str:
+    # Ids come from users; quoting every segment keeps "../x" or "a/b" from changing the route.
+    text = str(value)
+    if not text:
+        raise InvalidRequestError("an empty id was given")
+    quoted = quote(text, safe="")
+    # "." and ".." survive quoting but URL normalisation would climb the path with them.
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _sb(sandbox_id: str) -> str:
+    return f"/v1/sandboxes/{_seg(sandbox_id)}"
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _kv_params(name: str, values: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple((name, f"{k}={v}") for k, v in (values or {}).items())
+
+
+class calls:
+    """Every route of docs/API.md the SDK uses, as a ``Call``."""
+
+    @staticmethod
+    def health() -> Call:
+        return Call("GET", "/healthz")
+
+    @staticmethod
+    def me() -> Call:
+        return Call("GET", "/v1/me")
+
+    @staticmethod
+    def create_sandbox(
+        template: str,
+        cpu: float | None,
+        memory_mb: int | None,
+        disk_mb: int | None,
+        timeout: int | None,
+        env: Mapping[str, str] | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Call:
+        body = _drop_none(
+            {
+                "template": template,
+                "cpu": cpu,
+                "memory_mb": memory_mb,
+                "disk_mb": disk_mb,
+                "timeout": timeout,
+                "env": None if env is None else dict(env),
+                "metadata": None if metadata is None else dict(metadata),
+            }
+        )
+        return Call("POST", "/v1/sandboxes", body=body)
+
+    @staticmethod
+    def list_sandboxes(
+        state: str | Sequence[str] | None, metadata: Mapping[str, str] | None
+    ) -> Call:
+        states = [state] if isinstance(state, str) else list(state or [])
+        params = tuple(("state", s) for s in states) + _kv_params("metadata", metadata)
+        return Call("GET", "/v1/sandboxes", params=params)
+
+    @staticmethod
+    def get_sandbox(sandbox_id: str) -> Call:
+        return Call("GET", _sb(sandbox_id))
+
+    @staticmethod
+    def set_timeout(sandbox_id: str, seconds: int) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/timeout", body={"timeout": seconds})
+
+    @staticmethod
+    def delete_sandbox(sandbox_id: str) -> Call:
+        return Call("DELETE", _sb(sandbox_id))
+
+    @staticmethod
+    def exec(
+        sandbox_id: str,
+        cmd: str | Sequence[str],
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        user: str | int | None,
+        timeout: float | None,
+        stdin: str | None,
+        background: bool,
+        tag: str | None,
+    ) -> Call:
+        wire_cmd: str | list[str] = cmd if isinstance(cmd, str) else [str(c) for c in cmd]
+        body = {
+            "cmd": wire_cmd,
+            "cwd": cwd,
+            "env": dict(env or {}),
+            "user": None if user is None else str(user),
+            "timeout": timeout,
+            "stdin": stdin,
+            "background": background,
+            "tag": tag,
+        }
+        return Call(
+            "POST",
+            f"{_sb(sandbox_id)}/exec",
+            body=body,
+            read_timeout=DEFAULT_TIMEOUT if background else None,
+        )
+
+    @staticmethod
+    def list_processes(sandbox_id: str) -> Call:
+        return Call("GET", f"{_sb(sandbox_id)}/processes")
+
+    @staticmethod
+    def process_output(sandbox_id: str, pid: int, replay: bool = True) -> Call:
+        return Call(
+            "GET",
+            f"{_sb(sandbox_id)}/processes/{_seg(pid)}/output",
+            params=(("replay", _bool(replay)),),
+            read_timeout=None,
+        )
+
+    @staticmethod
+    def process_stdin(sandbox_id: str, pid: int, data: str | bytes, eof: bool) -> Call:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        body = {"data": base64.b64encode(raw).decode("ascii"), "eof": eof}
+        return Call("POST", f"{_sb(sandbox_id)}/processes/{_seg(pid)}/stdin", body=body)
+
+    @staticmethod
+    def process_signal(sandbox_id: str, pid: int, signal: int) -> Call:
+        return Call(
+            "POST",
+            f"{_sb(sandbox_id)}/processes/{_seg(pid)}/signal",
+            body={"signal": int(signal)},
+        )
+
+    @staticmethod
+    def kill_process(sandbox_id: str, pid: int) -> Call:
+        return Call("DELETE", f"{_sb(sandbox_id)}/processes/{_seg(pid)}")
+
+    @staticmethod
+    def read_file(sandbox_id: str, path: str) -> Call:
+        return Call("GET", f"{_sb(sandbox_id)}/files", params=(("path", path),), read_timeout=None)
+
+    @staticmethod
+    def write_file(sandbox_id: str, path: str, mode: int | None, user: str | None) -> Call:
+        params: tuple[tuple[str, str], ...] = (("path", path),)
+        if mode is not None:
+            params += (("mode", str(int(mode))),)
+        if user is not None:
+            params += (("user", user),)
+        return Call("PUT", f"{_sb(sandbox_id)}/files", params=params, read_timeout=None)
+
+    @staticmethod
+    def list_files(sandbox_id: str, path: str, depth: int) -> Call:
+        return Call(
+            "GET",
+            f"{_sb(sandbox_id)}/files/list",
+            params=(("path", path), ("depth", str(int(depth)))),
+        )
+
+    @staticmethod
+    def stat(sandbox_id: str, path: str) -> Call:
+        return Call("GET", f"{_sb(sandbox_id)}/files/stat", params=(("path", path),))
+
+    @staticmethod
+    def exists(sandbox_id: str, path: str) -> Call:
+        return Call("GET", f"{_sb(sandbox_id)}/files/exists", params=(("path", path),))
+
+    @staticmethod
+    def mkdir(sandbox_id: str, path: str, parents: bool, user: str | None) -> Call:
+        body = {"path": path, "parents": parents, "user": user}
+        return Call("POST", f"{_sb(sandbox_id)}/files/mkdir", body=body)
+
+    @staticmethod
+    def remove(sandbox_id: str, path: str, recursive: bool) -> Call:
+        return Call(
+            "DELETE",
+            f"{_sb(sandbox_id)}/files",
+            params=(("path", path), ("recursive", _bool(recursive))),
+        )
+
+    @staticmethod
+    def rename(sandbox_id: str, src: str, dst: str) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/files/rename", body={"src": src, "dst": dst})
+
+    @staticmethod
+    def put_tar(sandbox_id: str, path: str, user: str | None) -> Call:
+        params: tuple[tuple[str, str], ...] = (("path", path),)
+        if user is not None:
+            params += (("user", user),)
+        return Call("PUT", f"{_sb(sandbox_id)}/files/tar", params=params, read_timeout=None)
+
+    @staticmethod
+    def get_tar(sandbox_id: str, path: str) -> Call:
+        return Call(
+            "GET", f"{_sb(sandbox_id)}/files/tar", params=(("path", path),), read_timeout=None
+        )
+
+    @staticmethod
+    def list_templates() -> Call:
+        return Call("GET", "/v1/templates")
+
+    @staticmethod
+    def build_template(name: str, force: bool) -> Call:
+        return Call(
+            "POST",
+            f"/v1/templates/{_seg(name)}/build",
+            params=(("force", _bool(force)),),
+            read_timeout=None,
+        )
+
+
+def pty_path(sandbox_id: str) -> str:
+    return f"{_sb(sandbox_id)}/pty"
+
+
+def _malformed(what: str, obj: object) -> CorralError:
+    return CorralError(f"the server answered a malformed {what}: {obj!r:.200}")
+
+
+def parse_list(obj: object, what: str) -> list[Any]:
+    if not isinstance(obj, list):
+        raise _malformed(f"{what} list", obj)
+    return obj
+
+
+def parse_pid(obj: object) -> int:
+    try:
+        return int(obj["pid"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _malformed("process start", obj) from exc
+
+
+def parse_exists(obj: object) -> bool:
+    if not isinstance(obj, dict) or not isinstance(obj.get("exists"), bool):
+        raise _malformed("exists answer", obj)
+    return bool(obj["exists"])
+
+
+def parse_file_count(obj: object) -> int:
+    try:
+        return int(obj["files"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _malformed("upload answer", obj) from exc
+
+
+def ws_url(base_url: str, path: str, params: Sequence[tuple[str, str]] = ()) -> str:
+    """The WebSocket form of an API route: http→ws, https→wss, same host and path prefix."""
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit(
+        (scheme, parts.netloc, parts.path.rstrip("/") + path, urlencode(list(params)), "")
+    )
+
+
+def pty_params(
+    cmd: str | None, rows: int, cols: int, user: str | None, cwd: str | None
+) -> list[tuple[str, str]]:
+    params = [("rows", str(int(rows))), ("cols", str(int(cols)))]
+    if cmd is not None:
+        params.insert(0, ("cmd", cmd))
+    if user is not None:
+        params.append(("user", user))
+    if cwd is not None:
+        params.append(("cwd", cwd))
+    return params
+
+
+# When the body is not the API's error JSON (a proxy in between, a crash page) the status
+# still tells the caller which kind of failure it was.
+_BY_STATUS: Final[dict[int, type[CorralError]]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: InvalidRequestError,
+    429: QuotaExceededError,
+    504: TimeoutError,
+}
+
+
+def error_from_response(status: int, body: bytes, url: str) -> CorralError:
+    """Turn a non-2xx answer into the same error class the server raised."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict) and isinstance(err.get("code"), str):
+            return error_from_code(err["code"], str(err.get("message") or err["code"]))
+        # FastAPI's own validation answer, should the server ever let one through.
+        if isinstance(parsed.get("detail"), str | list):
+            return _BY_STATUS.get(status, CorralError)(f"{parsed['detail']}")
+    snippet = body[:300].decode("utf-8", errors="replace").strip()
+    cls = _BY_STATUS.get(status, CorralError)
+    return cls(f"HTTP {status} from {url}" + (f": {snippet}" if snippet else ""))
+
+
+def error_from_transport(exc: Exception, base_url: str) -> CorralError:
+    """Name the server the client tried to reach; a bare ``ConnectError`` says nothing useful."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return CorralError(f"cannot connect to the corral server at {base_url}: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return TimeoutError(f"the corral server at {base_url} did not answer in time: {exc}")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return CorralError(f"the connection to {base_url} broke off: {exc}")
+    return CorralError(f"request to the corral server at {base_url} failed: {exc}")
+
+
+class NdjsonDecoder:
+    """Split a byte stream into JSON objects, one a line, whatever the chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        self._buf += chunk
+        *lines, rest = self._buf.split(b"\n")
+        self._buf = bytearray(rest)
+        return [obj for line in lines if (obj := self._parse(line)) is not None]
+
+    def finish(self) -> list[dict[str, Any]]:
+        rest, self._buf = bytes(self._buf), bytearray()
+        obj = self._parse(rest)
+        return [] if obj is None else [obj]
+
+    @staticmethod
+    def _parse(line: bytes | bytearray) -> dict[str, Any] | None:
+        if not line.strip():
+            return None
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise CorralError(f"the server sent a malformed stream line: {line[:200]!r}") from exc
+        if not isinstance(obj, dict):
+            raise CorralError(f"the server sent a malformed stream event: {obj!r:.200}")
+        return obj
+
+
+def parse_exec_event(obj: Mapping[str, Any]) -> ExecEvent | None:
+    """One NDJSON event; an ``error`` event raises its typed error, unknown types are skipped."""
+    kind = obj.get("type")
+    try:
+        if kind == "start":
+            return ExecStart(int(obj["pid"]))
+        if kind in ("stdout", "stderr"):
+            data = base64.b64decode(str(obj.get("data") or ""), validate=True)
+            return ExecOutput("stdout" if kind == "stdout" else "stderr", data)
+        if kind == "exit":
+            return ExecExit(int(obj["exit_code"]))
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise CorralError(f"the server sent a malformed exec event: {dict(obj)!r:.200}") from exc
+    if kind == "error":
+        code = str(obj.get("code") or "internal")
+        raise error_from_code(code, str(obj.get("message") or f"the command failed ({code})"))
+    return None
+
+
+class ExecCollector:
+    """Accumulate an exec stream into an ``ExecResult`` and the text to hand to callbacks.
+
+    Text for callbacks goes through an incremental decoder per stream, so a multi-byte UTF-8
+    character split across two events reaches the callback whole.
+    """
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+        self.exit_code: int | None = None
+        self._out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self._dec = {
+            name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in self._out
+        }
+
+    def add(self, event: ExecEvent) -> tuple[str, str] | None:
+        """Record an event; for output, answer ``(stream, text)`` to pass to its callback."""
+        if isinstance(event, ExecStart):
+            self.pid = event.pid
+        elif isinstance(event, ExecExit):
+            self.exit_code = event.exit_code
+        else:
+            self._out[event.stream] += event.data
+            text = self._dec[event.stream].decode(event.data)
+            if text:
+                return event.stream, text
+        return None
+
+    def flush(self) -> list[tuple[str, str]]:
+        """Text still held by the decoders (an incomplete character at the very end)."""
+        tails = [(name, dec.decode(b"", final=True)) for name, dec in self._dec.items()]
+        return [(name, text) for name, text in tails if text]
+
+    def result(self) -> ExecResult:
+        if self.exit_code is None:
+            raise CorralError(
+                "the exec stream ended before the command's exit status arrived "
+                "(connection lost or server restarted)"
+            )
+        return ExecResult(
+            stdout_bytes=bytes(self._out["stdout"]),
+            stderr_bytes=bytes(self._out["stderr"]),
+            exit_code=self.exit_code,
+            pid=self.pid,
+        )
+
+
+class PtyState:
+    """What the PTY socket's text frames said so far: the pid, the exit code, an error."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.exit_code: int | None = None
+        self.error: CorralError | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.pid is not None or self.exit_code is not None or self.error is not None
+
+    def on_text(self, text: str) -> None:
+        try:
+            ctl = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(ctl, dict):
+            return
+        try:
+            if ctl.get("type") == "start":
+                self.pid = int(ctl["pid"])
+            elif ctl.get("type") == "exit":
+                self.exit_code = int(ctl["exit_code"])
+            elif ctl.get("type") == "error":
+                code = str(ctl.get("code") or "internal")
+                self.error = error_from_code(code, str(ctl.get("message") or code))
+        except (KeyError, TypeError, ValueError):
+            self.error = CorralError(f"the server sent a malformed terminal event: {text:.200}")
+
+    def result(self) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.exit_code is None:
+            raise CorralError("the terminal connection closed before its process exited")
+        return self.exit_code
+
+
+def error_from_ws_open(exc: Exception, url: str) -> CorralError:
+    """A failed WebSocket handshake: the API's error body if there is one, else the URL."""
+    if isinstance(exc, websockets.exceptions.InvalidStatus):
+        resp = exc.response
+        return error_from_response(resp.status_code, bytes(resp.body or b""), url)
+    if isinstance(exc, websockets.exceptions.InvalidURI):
+        return InvalidRequestError(f"cannot open a terminal at {url}: {exc}")
+    return CorralError(f"cannot open a terminal at {url}: {exc}")
+
+
+def resize_message(rows: int, cols: int) -> str:
+    return json.dumps({"type": "resize", "rows": int(rows), "cols": int(cols)})

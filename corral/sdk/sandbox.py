@@ -1,0 +1,623 @@
+"""The blocking client: ``Sandbox`` and the handles hanging off it.
+
+``corral.sdk.async_sandbox`` mirrors this module method for method; both build their requests
+and parse their answers through ``_wire`` so the two surfaces cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import closing, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, overload
+
+import websockets.exceptions
+import websockets.sync.client
+
+from corral.errors import (
+    CorralError,
+    InvalidRequestError,
+    NotFoundError,
+    TimeoutError,
+)
+from corral.sdk._config import resolve_config
+from corral.sdk._http import SyncHttp, WriteData, sync_body
+from corral.sdk._tar import ChunkReader, extract_tar, iter_tar
+from corral.sdk._wire import (
+    CONNECT_TIMEOUT,
+    USER_AGENT,
+    WS_MAX_SIZE,
+    ExecCollector,
+    PtyState,
+    TextCallback,
+    calls,
+    error_from_ws_open,
+    parse_exists,
+    parse_file_count,
+    parse_list,
+    parse_pid,
+    pty_params,
+    pty_path,
+    resize_message,
+    ws_headers,
+    ws_url,
+)
+from corral.sdk.models import (
+    ExecEvent,
+    ExecResult,
+    FileInfo,
+    ProcessInfo,
+    SandboxInfo,
+    TemplateInfo,
+)
+
+__all__ = ["Client", "Files", "Process", "Processes", "Pty", "Sandbox"]
+
+DataCallback = Callable[[bytes], object]
+
+
+def _dispatch(
+    out: tuple[str, str], on_stdout: TextCallback | None, on_stderr: TextCallback | None
+) -> None:
+    callback = on_stdout if out[0] == "stdout" else on_stderr
+    if callback is not None:
+        callback(out[1])
+
+
+def _collect(
+    events: Generator[ExecEvent, None, None],
+    on_stdout: TextCallback | None,
+    on_stderr: TextCallback | None,
+    pid: int | None = None,
+) -> ExecResult:
+    collector = ExecCollector(pid)
+    # closing(): leaving early (a callback raised) must drop the connection, which the
+    # server takes as the signal to kill a foreground command.
+    with closing(events):
+        for event in events:
+            if (out := collector.add(event)) is not None:
+                _dispatch(out, on_stdout, on_stderr)
+    for out in collector.flush():
+        _dispatch(out, on_stdout, on_stderr)
+    return collector.result()
+
+
+class Process:
+    """A process started with ``exec(..., background=True)`` or found by ``processes.connect``."""
+
+    def __init__(self, http: SyncHttp, sandbox_id: str, pid: int) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"Process(sandbox={self._sandbox_id!r}, pid={self.pid})"
+
+    def wait(
+        self,
+        *,
+        on_stdout: TextCallback | None = None,
+        on_stderr: TextCallback | None = None,
+        replay: bool = True,
+    ) -> ExecResult:
+        """Follow the output until the process exits; ``replay`` first delivers what it printed
+        before (the server keeps the last 1 MiB of each stream)."""
+        events = self._http.events(calls.process_output(self._sandbox_id, self.pid, replay))
+        return _collect(events, on_stdout, on_stderr, self.pid)
+
+    def send_stdin(self, data: str | bytes) -> None:
+        self._http.send(calls.process_stdin(self._sandbox_id, self.pid, data, eof=False))
+
+    def close_stdin(self) -> None:
+        self._http.send(calls.process_stdin(self._sandbox_id, self.pid, b"", eof=True))
+
+    def signal(self, signum: int) -> None:
+        self._http.send(calls.process_signal(self._sandbox_id, self.pid, signum))
+
+    def kill(self) -> None:
+        self._http.send(calls.kill_process(self._sandbox_id, self.pid))
+
+    def info(self) -> ProcessInfo:
+        return Processes(self._http, self._sandbox_id).get(self.pid)
+
+
+class Processes:
+    def __init__(self, http: SyncHttp, sandbox_id: str) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        obj = self._http.json(calls.list_processes(self._sandbox_id))
+        return [ProcessInfo.from_json(p) for p in parse_list(obj, "process")]
+
+    def get(self, pid: int) -> ProcessInfo:
+        for proc in self.list():
+            if proc.pid == pid:
+                return proc
+        raise NotFoundError(f"no process {pid} in sandbox {self._sandbox_id}")
+
+    def connect(self, pid: int) -> Process:
+        """A handle on a process that is running (or has run) in the sandbox."""
+        self.get(pid)
+        return Process(self._http, self._sandbox_id, pid)
+
+
+class Files:
+    """Files inside the sandbox; every path is absolute inside the sandbox."""
+
+    def __init__(self, http: SyncHttp, sandbox_id: str) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+
+    def read(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8", errors="replace")
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._http.send(calls.read_file(self._sandbox_id, path)).content
+
+    def read_stream(self, path: str, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        """The file's bytes chunk by chunk; the request is made on the first iteration."""
+        with self._http.stream(calls.read_file(self._sandbox_id, path)) as resp:
+            yield from self._http.iter_bytes(resp, chunk_size)
+
+    def write(
+        self, path: str, data: WriteData, *, mode: int | None = None, user: str | None = None
+    ) -> FileInfo:
+        """Create or replace a file (parents are created); file objects and iterators stream."""
+        call = calls.write_file(self._sandbox_id, path, mode, user)
+        return FileInfo.from_json(self._http.json(call, sync_body(data)))
+
+    def list(self, path: str = "/", depth: int = 1) -> builtins.list[FileInfo]:
+        obj = self._http.json(calls.list_files(self._sandbox_id, path, depth))
+        return [FileInfo.from_json(f) for f in parse_list(obj, "file")]
+
+    def stat(self, path: str) -> FileInfo:
+        return FileInfo.from_json(self._http.json(calls.stat(self._sandbox_id, path)))
+
+    def exists(self, path: str) -> bool:
+        return parse_exists(self._http.json(calls.exists(self._sandbox_id, path)))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        self._http.send(calls.remove(self._sandbox_id, path, recursive))
+
+    def rename(self, src: str, dst: str) -> FileInfo:
+        return FileInfo.from_json(self._http.json(calls.rename(self._sandbox_id, src, dst)))
+
+    def mkdir(self, path: str, *, parents: bool = True, user: str | None = None) -> FileInfo:
+        return FileInfo.from_json(
+            self._http.json(calls.mkdir(self._sandbox_id, path, parents, user))
+        )
+
+    def upload_dir(
+        self, local_dir: str | os.PathLike[str], remote_dir: str, *, user: str | None = None
+    ) -> int:
+        """Copy a local directory's contents into ``remote_dir`` as one streamed tar; answer the
+        number of entries the server wrote."""
+        if not Path(local_dir).is_dir():
+            raise InvalidRequestError(f"{local_dir} is not a local directory")
+        call = calls.put_tar(self._sandbox_id, remote_dir, user)
+        return parse_file_count(self._http.json(call, iter_tar(local_dir)))
+
+    def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str]) -> int:
+        """Copy ``remote_dir``'s contents into ``local_dir`` (created if missing); nothing in the
+        archive can land outside it. Answers the number of entries written."""
+        with self._http.stream(calls.get_tar(self._sandbox_id, remote_dir)) as resp:
+            return extract_tar(ChunkReader(self._http.iter_bytes(resp)), local_dir)
+
+
+class Pty:
+    """An interactive terminal in the sandbox; output goes to ``on_data`` from a reader thread."""
+
+    def __init__(
+        self,
+        http: SyncHttp,
+        sandbox_id: str,
+        ws: websockets.sync.client.ClientConnection,
+        on_data: DataCallback | None,
+    ) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+        self._ws = ws
+        self._on_data = on_data
+        self._state = PtyState()
+        self._failure: BaseException | None = None
+        self._done = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @classmethod
+    def _open(
+        cls,
+        http: SyncHttp,
+        sandbox_id: str,
+        *,
+        cmd: str | None,
+        rows: int,
+        cols: int,
+        user: str | None,
+        cwd: str | None,
+        on_data: DataCallback | None,
+    ) -> Pty:
+        params = pty_params(cmd, rows, cols, user, cwd)
+        url = ws_url(http.config.base_url, pty_path(sandbox_id), params)
+        try:
+            # Entered by hand: websockets >= 17 deprecates using the connection outside a
+            # ``with``, and this handle's close() is where the block would end.
+            ws = websockets.sync.client.connect(
+                url,
+                additional_headers=ws_headers(http.config.api_key),
+                user_agent_header=USER_AGENT,
+                open_timeout=CONNECT_TIMEOUT,
+                max_size=WS_MAX_SIZE,
+                compression=None,
+            ).__enter__()
+        except (OSError, builtins.TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            raise error_from_ws_open(exc, url) from exc
+        pty = cls(http, sandbox_id, ws, on_data)
+        try:
+            pty._await_start()
+        except BaseException:
+            ws.close()
+            raise
+        pty._reader = threading.Thread(target=pty._read_loop, name="corral-pty", daemon=True)
+        pty._reader.start()
+        return pty
+
+    @property
+    def pid(self) -> int | None:
+        return self._state.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._state.exit_code
+
+    @property
+    def running(self) -> bool:
+        """Whether the connection is still open (the process has not been seen to exit)."""
+        return not self._done.is_set()
+
+    def _await_start(self) -> None:
+        # The start event carries the pid that kill() needs; wait for it before returning.
+        try:
+            while not self._state.started:
+                self._handle(self._ws.recv(timeout=CONNECT_TIMEOUT))
+        except (builtins.TimeoutError, websockets.exceptions.ConnectionClosed) as exc:
+            raise CorralError(
+                f"the terminal in sandbox {self._sandbox_id} did not start: {exc}"
+            ) from exc
+        if self._state.error is not None:
+            raise self._state.error
+
+    def _handle(self, msg: str | bytes) -> None:
+        if isinstance(msg, str):
+            self._state.on_text(msg)
+        elif self._on_data is not None:
+            self._on_data(msg)
+
+    def _read_loop(self) -> None:
+        try:
+            for msg in self._ws:
+                self._handle(msg)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        except BaseException as exc:  # handed to the caller by wait()
+            self._failure = exc
+            self._ws.close()
+        finally:
+            self._done.set()
+
+    def send(self, data: str | bytes) -> None:
+        """Type into the terminal (keystrokes, pasted text, control characters)."""
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        try:
+            self._ws.send(raw)
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise CorralError("the terminal is closed") from exc
+
+    def resize(self, rows: int, cols: int) -> None:
+        try:
+            self._ws.send(resize_message(rows, cols))
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise CorralError("the terminal is closed") from exc
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the terminal's process exits; answer its exit code."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the terminal was still running after {timeout} s")
+        if self._failure is not None:
+            raise self._failure
+        return self._state.result()
+
+    def kill(self) -> None:
+        """SIGKILL the terminal's process; ``wait()`` then answers its exit code."""
+        if self._state.pid is None:
+            self.close()
+            return
+        with suppress(NotFoundError):
+            self._http.send(calls.kill_process(self._sandbox_id, self._state.pid))
+
+    def close(self) -> None:
+        """Close the connection, which kills the process if it still runs."""
+        self._ws.close()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join()
+
+    def __enter__(self) -> Pty:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Sandbox:
+    """One sandbox. Make one with ``Sandbox.create()`` or ``Sandbox.connect(id)``.
+
+    As a context manager it kills the sandbox on exit.
+    """
+
+    def __init__(self, sandbox_id: str, http: SyncHttp, info: SandboxInfo | None = None) -> None:
+        self._id = sandbox_id
+        self._http = http
+        self._info = info
+        self.files = Files(http, sandbox_id)
+        self.processes = Processes(http, sandbox_id)
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "base",
+        *,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        disk_mb: int | None = None,
+        timeout: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> Sandbox:
+        """Start a sandbox; it is running and answering when this returns.
+
+        ``timeout`` is its lifetime in seconds (the server's default when None).
+        """
+        http = SyncHttp(resolve_config(api_key, base_url))
+        try:
+            call = calls.create_sandbox(template, cpu, memory_mb, disk_mb, timeout, env, metadata)
+            info = SandboxInfo.from_json(http.json(call))
+        except BaseException:
+            http.close()
+            raise
+        return cls(info.id, http, info)
+
+    @classmethod
+    def connect(
+        cls, sandbox_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> Sandbox:
+        """Attach to an existing sandbox (``NotFoundError`` if this key cannot see it)."""
+        http = SyncHttp(resolve_config(api_key, base_url))
+        try:
+            info = SandboxInfo.from_json(http.json(calls.get_sandbox(sandbox_id)))
+        except BaseException:
+            http.close()
+            raise
+        return cls(info.id, http, info)
+
+    @classmethod
+    def list(
+        cls,
+        state: str | Sequence[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> builtins.list[SandboxInfo]:
+        """This key's sandboxes, newest first; every ``metadata`` pair must match."""
+        with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
+            obj = http.json(calls.list_sandboxes(state, metadata))
+        return [SandboxInfo.from_json(s) for s in parse_list(obj, "sandbox")]
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    def __repr__(self) -> str:
+        return f"Sandbox(id={self._id!r})"
+
+    def info(self) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(self._http.json(calls.get_sandbox(self._id)))
+        return self._info
+
+    @overload
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: TextCallback | None = None,
+        on_stderr: TextCallback | None = None,
+        background: Literal[False] = False,
+        tag: str | None = None,
+    ) -> ExecResult: ...
+
+    @overload
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        background: Literal[True],
+        tag: str | None = None,
+    ) -> Process: ...
+
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: TextCallback | None = None,
+        on_stderr: TextCallback | None = None,
+        background: bool = False,
+        tag: str | None = None,
+    ) -> ExecResult | Process:
+        """Run a command: a string goes through ``/bin/sh -c``, a list is executed directly.
+
+        Output reaches ``on_stdout``/``on_stderr`` as it is produced. A command that outlives
+        ``timeout`` seconds is killed and ``corral.errors.TimeoutError`` raised. With
+        ``background=True`` answer a ``Process`` at once instead.
+        """
+        if background:
+            if on_stdout is not None or on_stderr is not None:
+                raise InvalidRequestError(
+                    "on_stdout/on_stderr belong to Process.wait() for a background command"
+                )
+            call = calls.exec(
+                self._id,
+                cmd,
+                cwd=cwd,
+                env=env,
+                user=user,
+                timeout=timeout,
+                stdin=stdin,
+                background=True,
+                tag=tag,
+            )
+            return Process(self._http, self._id, parse_pid(self._http.json(call)))
+        events = self.exec_stream(
+            cmd, cwd=cwd, env=env, user=user, timeout=timeout, stdin=stdin, tag=tag
+        )
+        return _collect(events, on_stdout, on_stderr)
+
+    def exec_stream(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        tag: str | None = None,
+    ) -> Generator[ExecEvent, None, None]:
+        """The raw events of a foreground command (``ExecStart``, ``ExecOutput`` with bytes,
+        ``ExecExit``) as they arrive. Closing the generator early kills the command."""
+        call = calls.exec(
+            self._id,
+            cmd,
+            cwd=cwd,
+            env=env,
+            user=user,
+            timeout=timeout,
+            stdin=stdin,
+            background=False,
+            tag=tag,
+        )
+        return self._http.events(call)
+
+    def pty(
+        self,
+        cmd: str | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        on_data: DataCallback | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+    ) -> Pty:
+        """Open an interactive terminal running ``cmd`` (default: the user's login shell)."""
+        return Pty._open(
+            self._http, self._id, cmd=cmd, rows=rows, cols=cols, user=user, cwd=cwd, on_data=on_data
+        )
+
+    def set_timeout(self, seconds: int) -> SandboxInfo:
+        """Let the sandbox live ``seconds`` more from now."""
+        self._info = SandboxInfo.from_json(self._http.json(calls.set_timeout(self._id, seconds)))
+        return self._info
+
+    def kill(self) -> None:
+        """Stop the sandbox and discard it; a second kill is harmless."""
+        self._http.send(calls.delete_sandbox(self._id))
+
+    def close(self) -> None:
+        """Release the HTTP connections; the sandbox itself keeps running."""
+        self._http.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.kill()
+        except NotFoundError:
+            pass
+        except CorralError:
+            # Do not hide the error that ended the block behind a failed cleanup.
+            if exc is None:
+                raise
+        finally:
+            self.close()
+
+
+class Client:
+    """Calls that are not about one sandbox: templates, health, who the key belongs to."""
+
+    def __init__(self, *, api_key: str | None = None, base_url: str | None = None) -> None:
+        self._http = SyncHttp(resolve_config(api_key, base_url))
+
+    @property
+    def base_url(self) -> str:
+        return self._http.config.base_url
+
+    def health(self) -> dict[str, Any]:
+        obj = self._http.json(calls.health())
+        return dict(obj) if isinstance(obj, dict) else {}
+
+    def me(self) -> dict[str, Any]:
+        obj = self._http.json(calls.me())
+        return dict(obj) if isinstance(obj, dict) else {}
+
+    def list_templates(self) -> builtins.list[TemplateInfo]:
+        obj = self._http.json(calls.list_templates())
+        return [TemplateInfo.from_json(t) for t in parse_list(obj, "template")]
+
+    def build_template(self, name: str, *, force: bool = False) -> TemplateInfo:
+        """Build (or with ``force`` rebuild) a template; blocks until the build is done."""
+        return TemplateInfo.from_json(self._http.json(calls.build_template(name, force)))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
