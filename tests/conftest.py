@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.server_harness import RunningServer, running_server, shared_templates_dir
+
 RUN_CORRAL = Path("/run/corral")
 
 
@@ -353,3 +355,25 @@ async def sandbox_put(
         yield data
 
     await client.write_file(path, body(), mode=mode)
+
+
+# ------------------------------------------------------------- a real server, for API-level tests
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real ``corral server`` for the session, in a private data dir sharing built templates."""
+    why = container_skip_reason()
+    if why:
+        pytest.skip(why)
+    scratch = tmp_path_factory.mktemp("corral-server")
+    templates = shared_templates_dir(scratch)
+    with running_server(scratch / "data", templates) as s:
+        yield s
+
+
+@pytest.fixture
+def server_no_leaks(no_leaks: LeakWatch, server: RunningServer) -> LeakWatch:
+    """The leak check for tests that go through a server: sandboxes mount under /run/corral."""
+    no_leaks.watch(RUN_CORRAL)
+    return no_leaks

@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration.server_harness import RunningServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 
 def _events(resp: httpx.Response) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import _why_not
+from tests.conftest import container_skip_reason
 from tests.integration.server_harness import (
     kill_all_sandboxes,
     release_data_dir,
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_crash_then_restart_adopts_and_cleans(tmp_path: Path) -> None:
-    why = _why_not()
+    why = container_skip_reason()
     if why:
         pytest.skip(why)
     templates = shared_templates_dir(tmp_path / "scratch")

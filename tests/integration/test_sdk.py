@@ -22,7 +22,7 @@ from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk import Client
 from tests.integration.server_harness import RunningServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 TEMPLATE = "minimal"
 
