@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install the Debian packages corral needs on its host. Idempotent and quick when nothing is
+# missing: apt is only touched (update + install) for packages that are not installed yet.
+set -euo pipefail
+
+# One package per line, with why. Other engineers: add what your part needs here.
+PACKAGES=(
+    runc             # OCI runtime of the container tier
+    crun             # alternative OCI runtime (benchmarks, where it works)
+    mmdebstrap       # builds the Debian "base" template
+    debian-archive-keyring  # verifies the archive mmdebstrap downloads from
+    busybox-static   # the "minimal" template and in-sandbox fallback tools
+    xfsprogs         # project quotas for per-sandbox disk limits
+    nftables         # per-sandbox network policy
+    iproute2         # netns, veth, bridge plumbing
+    util-linux       # mount, unshare, nsenter
+    libseccomp-dev   # seccomp filter for the in-sandbox agent
+    gcc              # compiles the in-sandbox agent (static C)
+    libc6-dev
+    make
+    python3
+    python3-venv     # python3 -m venv .venv
+    python3-dev
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh: must run as root (apt-get install)" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    if [ "$status" != "installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-deps.sh: all ${#PACKAGES[@]} packages present"
+    exit 0
+fi
+
+echo "install-deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
