@@ -184,6 +184,9 @@ class SandboxService:
             out.append(sb)
         return out
 
+    def template_in_use(self, name: str) -> bool:
+        return any(sb.template == name for sb in self._live.values())
+
     async def agent(self, who: Principal, sandbox_id: str) -> AgentClient:
         """The agent of a running sandbox of this tenant."""
         sb = await self.get(who, sandbox_id)

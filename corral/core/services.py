@@ -47,7 +47,8 @@ class Services:
         tenants = TenantService(store)
         await tenants.ensure_admin(config.admin_key_path)
         rt = runtime if runtime is not None else build_runtime(config)
-        templates = TemplateService(config.data_dir)
+        # Late-bound: the sandbox service that answers "in use?" is made just below.
+        templates = TemplateService(config.data_dir, in_use=lambda name: sandboxes.template_in_use(name))
         sandboxes = SandboxService(config, store, rt, templates)
         await sandboxes.start()
         return cls(
