@@ -62,7 +62,6 @@ test: pytest lint
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict bench
 
 bench: install templates
 	bash bench/setup-peers.sh
