@@ -51,6 +51,7 @@
 #define MAX_CONNS 4096
 #define MAX_PROCS 4096
 #define DRAIN_GRACE_MS 100
+#define DRAIN_BUDGET (1u << 20)     /* read at most this much more once draining starts */
 #define LISTEN_RETRY_MS 100
 #define MAX_LIST_DEPTH 64
 #define MAX_RM_DEPTH 256
@@ -473,6 +474,7 @@ struct stream {
     struct evsrc ev;
     int fd;
     int paused;
+    size_t drain_left;
     uint8_t *buf;
     size_t cap;
     uint64_t start, total;  /* the ring holds bytes [start, total) of everything read */
@@ -708,6 +710,15 @@ static void stream_read(struct proc *p, int s) {
             for (struct conn *c = p->subs, *next; c; c = next) {
                 next = c->sub_next;
                 if (c->output) pump(c);
+            }
+            if (p->draining) {
+                /* A descendant that keeps writing must not hold back the exit event (nor keep
+                 * the loop busy): once the budget is spent the pipe is closed. */
+                st->drain_left = (size_t)r >= st->drain_left ? 0 : st->drain_left - (size_t)r;
+                if (!st->drain_left) {
+                    stream_close(p, s);
+                    return;
+                }
             }
             continue;
         }
@@ -1012,8 +1023,10 @@ static __attribute__((noreturn)) void child_exec(struct spawn_req *r, struct ide
     fd_to(b, 1);
     fd_to(c, 2);
     if (getuid() == 0 || id->uid != geteuid()) {
-        if (setgroups((size_t)id->ngroups, id->groups) < 0 || setgid(id->gid) < 0 ||
-            setuid(id->uid) < 0)
+        /* Raw syscalls: libc's wrappers may try to synchronise other threads, which is not
+         * something to do from a vfork child. */
+        if (syscall(SYS_setgroups, (size_t)id->ngroups, id->groups) < 0 ||
+            syscall(SYS_setgid, id->gid) < 0 || syscall(SYS_setuid, id->uid) < 0)
             child_fail(errfd, STAGE_USER);
     }
     if (r->cwd) {
@@ -1095,7 +1108,9 @@ static struct proc *do_spawn(struct spawn_req *r, const char **code, char *err, 
         snprintf(err, errlen, "cannot create a pipe: %s", strerror(errno));
         goto out;
     }
-    pid_t pid = fork();
+    /* vfork: the child borrows our memory until execve, so the cost does not grow with the
+     * rings and tables we hold. child_exec only makes syscalls and writes its own frame. */
+    pid_t pid = vfork();
     if (pid < 0) {
         *code = "io";
         snprintf(err, errlen, "fork: %s", strerror(errno));
@@ -2023,6 +2038,7 @@ static void on_timers(void) {
     for (struct proc *p = g_procs; p; p = p->next) {
         if (p->reaped && !p->finished && !p->draining && p->deadline_ms <= now) {
             p->draining = 1;
+            p->out[0].drain_left = p->out[1].drain_left = DRAIN_BUDGET;
             p->kick = g_kick = 1;
         }
     }

@@ -49,7 +49,7 @@ class _Source:
         self._it = body.__aiter__()
         self._buf = bytearray()
         self._mode: Literal["sniff", "plain", "gzip", "end"] = "sniff"
-        self._sniff = b""
+        self._pending = b""  # raw bytes not yet given to a decompressor
         self._z: zlib._Decompress | None = None
 
     async def _next_raw(self) -> bytes | None:
@@ -69,54 +69,58 @@ class _Source:
             raise InvalidRequestError(f"the archive is not valid gzip: {exc}") from exc
 
     async def _fill(self) -> bool:
-        """Adds some bytes to the buffer; False once the input is exhausted."""
+        """Adds some bytes to the buffer (possibly none); False once the input is exhausted."""
         while True:
             if self._mode == "end":
                 return False
+            if self._mode == "plain":
+                raw = await self._next_raw()
+                if raw is None:
+                    self._mode = "end"
+                    return False
+                self._buf += raw
+                return True
+            if self._mode == "sniff":
+                raw = await self._next_raw()
+                if raw is not None:
+                    self._pending += raw
+                    if len(self._pending) < 2:
+                        continue
+                gz = self._pending[:2] == _GZIP_MAGIC
+                self._mode = "gzip" if gz else "plain"
+                if not gz:
+                    self._buf += self._pending
+                    self._pending = b""
+                    if raw is None:
+                        self._mode = "end"
+                    return bool(self._buf)
+                continue
+            # gzip: possibly several members back to back (as `cat a.gz b.gz` makes).
             z = self._z
             if z is not None and z.unconsumed_tail:
                 self._inflate(z.unconsumed_tail)
                 return True
             if z is not None and z.eof:
-                rest = z.unused_data
-                if rest[:2] == _GZIP_MAGIC:  # the next member of a multi-member gzip
-                    self._z = zlib.decompressobj(31)
-                    self._inflate(rest)
-                    return True
-                if rest:  # trailing garbage after the compressed stream: ignore it
+                self._pending += z.unused_data
+                self._z = z = None
+            if z is None and len(self._pending) >= 2:
+                if self._pending[:2] != _GZIP_MAGIC:  # trailing bytes after the last member
                     self._mode = "end"
                     return False
+                self._z = zlib.decompressobj(31)
+                data, self._pending = self._pending, b""
+                self._inflate(data)
+                return True
             raw = await self._next_raw()
             if raw is None:
-                if self._mode == "sniff" and self._sniff:
-                    self._buf += self._sniff
-                    self._sniff = b""
-                    self._mode = "plain"
-                    return True
-                if z is not None and not z.eof:
+                if z is not None:
                     raise InvalidRequestError("the gzip stream is truncated")
                 self._mode = "end"
                 return False
-            if self._mode == "sniff":
-                self._sniff += raw
-                if len(self._sniff) < 2:
-                    continue
-                raw, self._sniff = self._sniff, b""
-                if raw[:2] == _GZIP_MAGIC:
-                    self._mode = "gzip"
-                else:
-                    self._mode = "plain"
-            if self._mode == "gzip":
-                if self._z is not None and self._z.eof:
-                    if raw[:2] != _GZIP_MAGIC:  # trailing garbage after the compressed stream
-                        self._mode = "end"
-                        return False
-                    self._z = None
-                if self._z is None:
-                    self._z = zlib.decompressobj(31)
-                self._inflate(raw)
-            else:
-                self._buf += raw
+            if z is None:
+                self._pending += raw
+                continue
+            self._inflate(raw)
             return True
 
     async def read_exact(self, n: int) -> bytes | None:

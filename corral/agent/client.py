@@ -295,8 +295,12 @@ def _spawn_payload(req: ExecRequest, attach: bool) -> bytes:
 
 
 class _OutputStream(AsyncGenerator[OutputEvent, None]):
-    """Output events of one process; ends after the exit event. ``aclose`` drops the stream,
-    which for an exec_stream also makes the agent kill the process group."""
+    """Output events of one process; ends after the exit event.
+
+    ``aclose`` drops the stream, which for an exec_stream also makes the agent kill the process
+    group. So does cancelling a pending ``__anext__`` (a frame may be half read): wrap the whole
+    iteration, not single steps, in a timeout if the process should survive it.
+    """
 
     def __init__(self, start: Callable[[], Awaitable[_Conn]], conn: _Conn | None = None) -> None:
         self._start = start

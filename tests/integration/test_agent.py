@@ -47,6 +47,7 @@ pytestmark = [
 ]
 
 MiB = 1024 * 1024
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass
@@ -380,6 +381,16 @@ async def test_exit_is_reported_while_a_descendant_holds_the_pipes(agent: Agent)
     assert time.monotonic() - t < 5
 
 
+async def test_a_descendant_flooding_the_pipe_does_not_hold_back_the_exit(agent: Agent) -> None:
+    t = time.monotonic()
+    out, _, code = await run(agent, ExecRequest(["sh", "-c", "yes & sleep 0.2; exit 2"]))
+    assert code == 2 and out.startswith(b"y\n")
+    assert time.monotonic() - t < 10
+    assert (await agent.client.ping())["protocol"] == "1"
+    # With its pipe closed, `yes` dies of SIGPIPE and is reaped.
+    await until(lambda: _children(agent.host_pid) == [])
+
+
 async def test_many_concurrent_execs(agent: Agent) -> None:
     async def one(i: int) -> None:
         out, err, code = await run(
@@ -416,6 +427,43 @@ async def test_listen_fd_mode() -> None:
                 os.kill(pid, signal.SIGKILL)
         await proc.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox-static")
+async def test_bare_rootfs_without_shell_passwd_or_dev() -> None:
+    """Chrooted into a root holding only the agent and one static binary."""
+    root = Path(tempfile.mkdtemp(prefix="corral-agent-test-"))
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    (root / "bin").mkdir()
+    shutil.copy(busybox, root / "bin/busybox")
+    shutil.copy(agent_binary_path(), root / "agent")
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--pid", "--fork", "--kill-child=SIGKILL", f"--root={root}", "/agent", "--listen", "/s",
+        env={}, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
+    )  # fmt: skip
+    try:
+        client = AgentClient(lambda: asyncio.open_unix_connection(str(root / "s")))
+        await until(lambda: (root / "s").exists())
+        out, _, code = await collect(
+            (await client.exec_stream(ExecRequest(["busybox", "echo", "hi"])))[1]
+        )
+        assert (out, code) == (b"hi\n", 0)
+        # No /etc/passwd: root is uid 0 with HOME /root, and the cwd falls back to /.
+        script = ["busybox", "sh", "-c", "echo $HOME $USER $PATH; busybox pwd; busybox id -u"]
+        out, _, _ = await collect((await client.exec_stream(ExecRequest(script)))[1])
+        assert out.decode().split() == ["/root", "root", DEFAULT_PATH, "/", "0"]
+        with pytest.raises(InvalidRequestError, match="unknown user"):
+            await client.spawn(ExecRequest(["busybox"], user="nobody"))
+        info = await client.write_file("/data/f", chunks_of(b"x"), user="1234")
+        assert (info.uid, info.gid) == (1234, 1234)
+        assert [e.name for e in await client.list_dir("/data")] == ["f"]
+    finally:
+        for pid in _children(proc.pid) or [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_orphans_are_reaped(agent: Agent) -> None:
