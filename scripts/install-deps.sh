@@ -10,7 +10,7 @@ PACKAGES=(
     mmdebstrap       # builds the Debian "base" template
     debian-archive-keyring  # verifies the archive mmdebstrap downloads from
     busybox-static   # the "minimal" template and in-sandbox fallback tools
-    xfsprogs         # project quotas for per-sandbox disk limits
+    e2fsprogs        # mkfs.ext4 for the per-sandbox disk images (hard disk quota)
     nftables         # per-sandbox network policy
     iproute2         # netns, veth, bridge plumbing
     util-linux       # mount, unshare, nsenter

@@ -13,7 +13,7 @@ from corral.core.commands import ExecCommand
 from corral.core.sandboxes import SandboxService
 from corral.core.streams import peek
 from corral.core.tenants import Principal
-from corral.errors import CorralError, InvalidRequestError
+from corral.errors import ConflictError, CorralError, InvalidRequestError
 
 __all__ = ["ExecTimedOut", "ProcessService", "RunningExec"]
 
@@ -91,16 +91,14 @@ class ProcessService:
         agent = await self._sandboxes.agent(who, sandbox_id)
         pid, events = await agent.exec_stream(self._request(cmd))
         if cmd.stdin is not None:
-            await agent.write_stdin(pid, cmd.stdin.encode())
-            await agent.close_stdin(pid)
+            await _feed(agent, pid, cmd.stdin.encode(), eof=True)
         return RunningExec(pid, _guard(agent, pid, events, cmd.timeout))
 
     async def start_background(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> int:
         agent = await self._sandboxes.agent(who, sandbox_id)
         pid = await agent.spawn(self._request(cmd))
         if cmd.stdin is not None:
-            await agent.write_stdin(pid, cmd.stdin.encode())
-            await agent.close_stdin(pid)
+            await _feed(agent, pid, cmd.stdin.encode(), eof=True)
         if cmd.timeout is not None:
             # A background job's timeout is enforced by the server, not by a client that may be gone.
             self._sandboxes.spawn_task(
@@ -140,11 +138,25 @@ class ProcessService:
     async def write_stdin(
         self, who: Principal, sandbox_id: str, pid: int, data: bytes, eof: bool
     ) -> None:
-        agent = await self._sandboxes.agent(who, sandbox_id)
-        if data:
-            await agent.write_stdin(pid, data)
-        if eof:
-            await agent.close_stdin(pid)
+        await _feed(await self._sandboxes.agent(who, sandbox_id), pid, data, eof=eof)
 
     async def signal(self, who: Principal, sandbox_id: str, pid: int, signo: int) -> None:
         await (await self._sandboxes.agent(who, sandbox_id)).signal(pid, signo)
+
+
+async def _feed(agent: AgentClient, pid: int, data: bytes, *, eof: bool) -> None:
+    """Write to a process's stdin, then close it if asked.
+
+    A process may read what it was sent and exit before the close arrives (``head -1``); closing
+    the stdin of a process that has exited is then a no-op, not an error. Writing to one is.
+    """
+    wrote = False
+    if data:
+        await agent.write_stdin(pid, data)
+        wrote = True
+    if eof:
+        try:
+            await agent.close_stdin(pid)
+        except ConflictError:
+            if not wrote:
+                raise

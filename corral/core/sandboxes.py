@@ -393,17 +393,21 @@ class SandboxService:
                 log.exception("reaper pass failed")
 
     async def reap_once(self) -> None:
+        """Tear down sandboxes past their timeout, and those whose init died under them."""
         now = _now()
         for sb in list(self._live.values()):
-            if (
-                sb.state is SandboxState.RUNNING
-                and sb.expires_at is not None
-                and sb.expires_at <= now
-            ):
-                self.spawn_task(self._expire(sb.id), f"expire-{sb.id}")
+            if sb.state is not SandboxState.RUNNING:
+                continue
+            if sb.expires_at is not None and sb.expires_at <= now:
+                self.spawn_task(self._expire(sb.id, "timeout reached"), f"expire-{sb.id}")
+            elif not await self._runtime.is_running(sb.id):
+                # Killed from the host or by the OOM killer: what is left must still go, and
+                # callers must see why instead of a sandbox that is "running" but never answers.
+                reason = "the sandbox's init process exited (killed, or out of memory)"
+                self.spawn_task(self._expire(sb.id, reason), f"dead-{sb.id}")
 
-    async def _expire(self, sandbox_id: str) -> None:
+    async def _expire(self, sandbox_id: str, reason: str) -> None:
         try:
-            await self._kill(sandbox_id, reason="timeout reached")
+            await self._kill(sandbox_id, reason=reason)
         except CorralError:
             log.exception("could not tear down expired sandbox %s", sandbox_id)

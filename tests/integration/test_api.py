@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import signal
 import tarfile
 import time
 from collections.abc import Iterator
@@ -65,7 +66,9 @@ def test_create_exec_kill(api: httpx.Client) -> None:
         and sb["env_keys"] == ["GREETING"]
         and sb["metadata"] == {"job": "t1"}
     )
-    out, _, code, evs = run(api, sb["id"], 'id -u; echo $GREETING; hostname; grep -c "$(hostname)" /etc/hosts')
+    out, _, code, evs = run(
+        api, sb["id"], 'id -u; echo $GREETING; hostname; grep -c "$(hostname)" /etc/hosts'
+    )
     assert evs[0]["type"] == "start" and code == 0
     assert out.split() == ["0", "hi", sb["id"], "1"]
     listed = api.get("/v1/sandboxes", params={"metadata": "job=t1"}).json()
@@ -291,3 +294,21 @@ def test_server_enforces_timeout(api: httpx.Client) -> None:
 def test_set_timeout_extends_life(api: httpx.Client, sandbox: str) -> None:
     r = api.post(f"/v1/sandboxes/{sandbox}/timeout", json={"timeout": 3600})
     assert r.status_code == 200 and r.json()["timeout"] == 3600
+
+
+def test_sandbox_whose_init_dies_is_torn_down_and_says_why(
+    api: httpx.Client, server: RunningServer
+) -> None:
+    sid = api.post("/v1/sandboxes", json={"template": "minimal"}).json()["id"]
+    # From the host, as the OOM killer or an operator would: the agent (pid 1 inside) dies.
+    init_pid = int((server.data_dir / "sandboxes" / sid / "init.pid").read_text())
+    os.kill(init_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline and api.get(f"/v1/sandboxes/{sid}").json()["state"] != "stopped"
+    ):
+        time.sleep(0.2)
+    sb = api.get(f"/v1/sandboxes/{sid}").json()
+    assert sb["state"] == "stopped" and "init process exited" in sb["error"]
+    r = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true"})
+    assert r.status_code == 409
