@@ -7,7 +7,9 @@ only in ``await``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import ssl
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -137,8 +139,21 @@ def _decode_json(resp: httpx.Response) -> Any:
         ) from exc
 
 
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA bundle costs ~30 ms; once per process, not once per Sandbox.
+    return httpx.create_ssl_context()
+
+
 def _client_args(config: ClientConfig) -> dict[str, Any]:
-    return {"base_url": config.base_url, "headers": auth_headers(config.api_key)}
+    args: dict[str, Any] = {"base_url": config.base_url, "headers": auth_headers(config.api_key)}
+    if config.base_url.startswith("https:"):
+        args["verify"] = _tls_context()
+    else:
+        # Plain HTTP (the default, on the server's own host) needs no TLS context at all; building
+        # httpx's default one would dominate the cost of Sandbox.create.
+        args["verify"] = False
+    return args
 
 
 class SyncHttp:
