@@ -15,6 +15,7 @@ Usage: ``python -m bench.bench_sandbox [--templates-from /var/lib/corral] [--run
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
@@ -40,6 +41,8 @@ from bench import (
     table,
     write_section,
 )
+from corral.agent.build import agent_binary_path
+from corral.runtime.container import ContainerRuntime
 from corral.templates import build_in_data_dir, is_built, rootfs_path
 from corral.templates.fs import remove_tree
 
@@ -410,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(Row.failed("server start", "corral", "-", str(exc)))
         finally:
             if not args.data_dir:
+                # The runtime's host state (loop disks, its mount dir under /run/corral) goes too.
+                asyncio.run(ContainerRuntime(tmp / "data", agent_binary_path()).purge())
                 remove_tree(tmp / "data")
     rows = _with_targets(rows)
     body = (
