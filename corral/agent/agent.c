@@ -1011,6 +1011,14 @@ static __attribute__((noreturn)) void child_exec(struct spawn_req *r, struct ide
     sigprocmask(SIG_SETMASK, &none, NULL);
     setrlimit(RLIMIT_NOFILE, &g_nofile);
     setsid();
+    /* Make every process we start a likelier OOM victim than the agent itself: if the agent (pid
+     * 1) were chosen, the whole sandbox would die. Raising needs no privilege; a process may only
+     * lower its own value back to 0, never below the agent's. Best effort. */
+    int oom = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (oom >= 0) {
+        (void)!write(oom, "500", 3);
+        close(oom);
+    }
     if (slave >= 0) {
         if (ioctl(slave, TIOCSCTTY, 0) < 0) child_fail(errfd, STAGE_TTY);
         fd_in = fd_out = fd_err = slave;

@@ -312,3 +312,13 @@ def test_sandbox_whose_init_dies_is_torn_down_and_says_why(
     assert sb["state"] == "stopped" and "init process exited" in sb["error"]
     r = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "true"})
     assert r.status_code == 409
+
+
+def test_sandbox_processes_are_likelier_oom_victims_than_the_agent(
+    api: httpx.Client, sandbox: str
+) -> None:
+    out, _, _, _ = run(api, sandbox, "cat /proc/self/oom_score_adj /proc/1/oom_score_adj")
+    assert out.split() == ["500", "0"]
+    # A process may lower its own value, but not below the agent's.
+    out, _, _, _ = run(api, sandbox, "echo -1 > /proc/self/oom_score_adj; echo rc=$?")
+    assert "rc=0" not in out
