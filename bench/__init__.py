@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "host_summary",
     "host_used_bytes",
     "percentile",
+    "publish",
     "table",
     "write_section",
 ]
@@ -123,3 +125,14 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def publish(name: str, title: str, command: str, rows: list[Row], *, write: bool = True) -> None:
+    """Print a benchmark's table under a dated heading and keep it in the results file."""
+    body = (
+        f"## {title}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f" on {host_summary()}; `{command}`.\n\n{table(rows)}\n"
+    )
+    print(body)
+    if write:
+        write_section(name, body)

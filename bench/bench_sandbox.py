@@ -35,11 +35,10 @@ from bench import (
     RESULTS,
     Row,
     host_kernel_bytes,
-    host_summary,
     host_used_bytes,
     percentile,
+    publish,
     table,
-    write_section,
 )
 from corral.agent.build import agent_binary_path
 from corral.runtime.container import ContainerRuntime
@@ -417,13 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(ContainerRuntime(tmp / "data", agent_binary_path()).purge())
                 remove_tree(tmp / "data")
     rows = _with_targets(rows)
-    body = (
-        f"## corral\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f" on {host_summary()}; `python -m bench.bench_sandbox`.\n\n{table(rows)}\n"
-    )
-    print(body)
-    if not args.no_write:
-        write_section("corral", body)
+    publish("corral", "corral", "python -m bench.bench_sandbox", rows, write=not args.no_write)
     return 0
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from bench import Row, host_kernel_bytes, host_summary, host_used_bytes, table, write_section
+from bench import Row, host_kernel_bytes, host_used_bytes, publish, table
 from corral.templates import build_in_data_dir, rootfs_path
 from corral.templates.fs import remove_tree
 
@@ -763,13 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             remove_tree(work)  # detaches anything an engine left mounted before deleting
             work.mkdir()  # TemporaryDirectory removes it again
-    body = (
-        f"## Peers (the floor)\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f" on {host_summary()}; `python -m bench.peers`.\n\n{table(rows)}\n"
-    )
-    print(body)
-    if not args.no_write:
-        write_section("peers", body)
+    publish("peers", "Peers (the floor)", "python -m bench.peers", rows, write=not args.no_write)
     return 0
 
 

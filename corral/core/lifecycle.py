@@ -22,7 +22,8 @@ _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
         {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
     ),
     SandboxState.RUNNING: frozenset({SandboxState.STOPPING, SandboxState.ERROR}),
-    # A failed teardown is an error the reconciler retries; a finished one is final.
+    # A failed teardown leaves ERROR; a later kill, or reconcile at the next server start,
+    # tries again. A finished teardown is final.
     SandboxState.STOPPING: frozenset({SandboxState.STOPPED, SandboxState.ERROR}),
     SandboxState.ERROR: frozenset({SandboxState.STOPPING}),
     SandboxState.STOPPED: frozenset(),

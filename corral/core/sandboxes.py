@@ -156,8 +156,8 @@ class SandboxService:
     async def get(self, who: Principal, sandbox_id: str) -> Sandbox:
         sb = self._live.get(sandbox_id)
         if sb is None:
-            rows = [r for r in await self._store.all_sandboxes() if r.id == sandbox_id]
-            sb = Sandbox.from_row(rows[0]) if rows else None
+            row = await self._store.get_sandbox(sandbox_id)
+            sb = Sandbox.from_row(row) if row is not None else None
         # Another tenant's sandbox is indistinguishable from one that does not exist.
         if sb is None or sb.tenant_id != who.tenant_id:
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
@@ -171,11 +171,11 @@ class SandboxService:
         metadata: Mapping[str, str] | None = None,
     ) -> list[Sandbox]:
         wanted = set(states) if states else None
-        rows = await self._store.all_sandboxes(states=[s.value for s in wanted] if wanted else None)
+        rows = await self._store.all_sandboxes(
+            states=[s.value for s in wanted] if wanted else None, tenant_id=who.tenant_id
+        )
         out: list[Sandbox] = []
         for row in rows:
-            if row.tenant_id != who.tenant_id:
-                continue
             sb = self._live.get(row.id) or Sandbox.from_row(row)
             if wanted is None and sb.state is SandboxState.STOPPED:
                 continue  # like E2B: the default listing shows what is alive

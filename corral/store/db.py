@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, select
-from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from corral.store.models import ApiKeyRow, SandboxRow, TenantRow
@@ -53,10 +51,6 @@ class Store:
 
     async def close(self) -> None:
         await self._engine.dispose()
-
-    @property
-    def sync_engine(self) -> Engine:
-        return self._engine.sync_engine
 
     # tenants and keys
     async def add_tenant(self, row: TenantRow) -> None:
@@ -116,17 +110,17 @@ class Store:
             if row is not None:
                 await s.delete(row)
 
-    async def all_sandboxes(self, *, states: Sequence[str] | None = None) -> Sequence[SandboxRow]:
+    async def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
+        async with self._session() as s:
+            return await s.get(SandboxRow, sandbox_id)
+
+    async def all_sandboxes(
+        self, *, states: Sequence[str] | None = None, tenant_id: str | None = None
+    ) -> Sequence[SandboxRow]:
         async with self._session() as s:
             q = select(SandboxRow).order_by(SandboxRow.created_at.desc())
             if states is not None:
                 q = q.where(SandboxRow.state.in_(list(states)))
+            if tenant_id is not None:
+                q = q.where(SandboxRow.tenant_id == tenant_id)
             return (await s.execute(q)).scalars().all()
-
-    async def purge_sandboxes_ended_before(self, when: datetime) -> None:
-        async with self._session.begin() as s:
-            q = select(SandboxRow).where(
-                SandboxRow.ended_at.is_not(None), SandboxRow.ended_at < when
-            )
-            for row in (await s.execute(q)).scalars().all():
-                await s.delete(row)
