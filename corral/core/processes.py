@@ -91,14 +91,26 @@ class ProcessService:
         agent = await self._sandboxes.agent(who, sandbox_id)
         pid, events = await agent.exec_stream(self._request(cmd))
         if cmd.stdin is not None:
-            await _feed(agent, pid, cmd.stdin.encode(), eof=True)
+            try:
+                await _feed(agent, pid, cmd.stdin.encode(), eof=True)
+            except BaseException:
+                # Nobody will read this stream: closing it kills the process instead of leaving
+                # it running with an attach connection nobody owns.
+                await events.aclose()
+                raise
         return RunningExec(pid, _guard(agent, pid, events, cmd.timeout))
 
     async def start_background(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> int:
         agent = await self._sandboxes.agent(who, sandbox_id)
         pid = await agent.spawn(self._request(cmd))
         if cmd.stdin is not None:
-            await _feed(agent, pid, cmd.stdin.encode(), eof=True)
+            try:
+                await _feed(agent, pid, cmd.stdin.encode(), eof=True)
+            except BaseException:
+                # The caller gets an error, not a pid: the process must not run on unseen.
+                with contextlib.suppress(CorralError):
+                    await agent.signal(pid, signal.SIGKILL)
+                raise
         if cmd.timeout is not None:
             # A background job's timeout is enforced by the server, not by a client that may be gone.
             self._sandboxes.spawn_task(
