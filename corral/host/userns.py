@@ -24,15 +24,16 @@ import signal
 
 from corral.host.syscalls import libc, unshare
 
-__all__ = ["CLONE_NEWUSER", "open_userns"]
+__all__ = ["CLONE_NEWNET", "CLONE_NEWUSER", "open_userns", "open_userns_with_netns"]
 
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
 _CLONE_VM = 0x100
 _SYS_PAUSE_X86_64 = 34
 _STACK_SIZE = 64 * 1024
 
 
-def _write_maps(pid: int, host_id: int, count: int) -> int:
+def _write_maps(pid: int, host_id: int, count: int, extra: int) -> tuple[int, int | None]:
     mapping = f"0 {host_id} {count}\n".encode()
     for name in ("uid_map", "gid_map"):
         fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
@@ -40,7 +41,14 @@ def _write_maps(pid: int, host_id: int, count: int) -> int:
             os.write(fd, mapping)
         finally:
             os.close(fd)
-    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    if not extra & CLONE_NEWNET:
+        return user, None
+    try:
+        return user, os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(user)
+        raise
 
 
 def _reap(pid: int) -> None:
@@ -48,7 +56,7 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _open_userns_clone(host_id: int, count: int) -> int:
+def _open_userns_clone(host_id: int, count: int, extra: int) -> tuple[int, int | None]:
     c = libc.get()
     stack = ctypes.create_string_buffer(_STACK_SIZE)
     top = ctypes.c_void_p((ctypes.addressof(stack) + _STACK_SIZE - 64) & ~0xF)
@@ -57,20 +65,23 @@ def _open_userns_clone(host_id: int, count: int) -> int:
     clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     fn = ctypes.cast(c.syscall, ctypes.c_void_p)
     pid = clone(
-        fn, top, _CLONE_VM | CLONE_NEWUSER | signal.SIGCHLD, ctypes.c_void_p(_SYS_PAUSE_X86_64)
+        fn,
+        top,
+        _CLONE_VM | CLONE_NEWUSER | extra | signal.SIGCHLD,
+        ctypes.c_void_p(_SYS_PAUSE_X86_64),
     )
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"clone(CLONE_NEWUSER): {os.strerror(err)}")
     try:
-        return _write_maps(pid, host_id, count)
+        return _write_maps(pid, host_id, count, extra)
     finally:
         os.kill(pid, signal.SIGKILL)
         _reap(pid)
         del stack  # only now may the child's stack go
 
 
-def _open_userns_fork(host_id: int, count: int) -> int:
+def _open_userns_fork(host_id: int, count: int, extra: int) -> tuple[int, int | None]:
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
     pid = os.fork()
@@ -80,6 +91,8 @@ def _open_userns_fork(host_id: int, count: int) -> int:
             os.close(ready_r)
             os.close(done_w)
             unshare(CLONE_NEWUSER)
+            if extra:
+                unshare(extra)  # owned by the user namespace made just before
             os.write(ready_w, b"1")
             os.read(done_r, 1)
             status = 0
@@ -90,15 +103,31 @@ def _open_userns_fork(host_id: int, count: int) -> int:
     try:
         if os.read(ready_r, 1) != b"1":
             raise OSError("could not create a user namespace")
-        return _write_maps(pid, host_id, count)
+        return _write_maps(pid, host_id, count, extra)
     finally:
         os.close(done_w)
         os.close(ready_r)
         _reap(pid)
 
 
+def _open(host_id: int, count: int, extra: int) -> tuple[int, int | None]:
+    if platform.machine() == "x86_64":
+        return _open_userns_clone(host_id, count, extra)
+    return _open_userns_fork(host_id, count, extra)
+
+
 def open_userns(host_id: int, count: int) -> int:
     """A close-on-exec fd of a new user namespace mapping ids 0..count-1 to host_id.. (uid and gid)."""
-    if platform.machine() == "x86_64":
-        return _open_userns_clone(host_id, count)
-    return _open_userns_fork(host_id, count)
+    return _open(host_id, count, 0)[0]
+
+
+def open_userns_with_netns(host_id: int, count: int) -> tuple[int, int]:
+    """Like ``open_userns``, plus a new network namespace owned by that user namespace.
+
+    A sandbox's network namespace must belong to its own user namespace: the kernel lets a
+    process mount sysfs only when it holds CAP_SYS_ADMIN over its network namespace's owner.
+    Root inside still cannot reconfigure it: the sandbox's capability set has no NET_ADMIN.
+    """
+    user, net = _open(host_id, count, CLONE_NEWNET)
+    assert net is not None
+    return user, net

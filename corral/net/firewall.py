@@ -1,0 +1,467 @@
+"""Corral's nftables table: NAT to the resolver and proxy, anti-spoofing, per-sandbox forwarding.
+
+Everything lives in one ``inet`` table that corral owns outright; other tables are never read or
+touched. Every change is one ``nft -j -f -`` transaction, built as JSON from Python data, so
+it either applies whole or not at all (a failed policy update leaves the old rules in force).
+
+Shape of the table::
+
+    sets   sandbox_ifaces (ifname)          sandbox_addrs (ifname . ipv4_addr)
+           never_v4/v6, private_v4/v6 (intervals)
+    map    sandbox_chains (ifname : verdict)  -> jump sbx_<hash of sandbox id>
+    prerouting (nat, dstnat)     from a sandbox: port 53 -> resolver, every other TCP -> proxy
+    input      (filter, 0)       from a sandbox: only resolver, proxy and ping on the service IP
+    forward    (filter, 0)       from a sandbox: non-TCP only, never-networks refused, then the
+                                 sandbox's own chain (denies, then allows); to a sandbox:
+                                 replies only
+    postrouting(nat, srcnat)     the subnet is masqueraded out of non-sandbox interfaces
+
+The filter chains sit at priority 0 (``filter``): after conntrack and after DNAT, so they see
+the proxy and resolver ports the traffic was redirected to. Refusals are ``reject`` (TCP reset
+or ICMP admin-prohibited) so clients fail at once instead of hanging; silent drops are kept
+for packets that must not get any answer (forged sources, IPv6, unsolicited traffic to a
+sandbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from typing import TYPE_CHECKING, Any, Protocol
+
+from corral.errors import InvalidRequestError, RuntimeFailure
+
+if TYPE_CHECKING:
+    from corral.net.policy import ForwardRule
+
+__all__ = ["Firewall", "FirewallSandbox", "NetworkLists"]
+
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+_IFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_ANY_PORT_PROTOCOLS = ["udp", "udplite", "sctp", "dccp"]  # non-TCP protocols that have ports
+_REJECT: dict[str, Any] = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
+_TCP_RESET: dict[str, Any] = {"reject": {"type": "tcp reset"}}
+_ACCEPT: dict[str, Any] = {"accept": None}
+_DROP: dict[str, Any] = {"drop": None}
+
+Network = IPv4Network | IPv6Network
+
+
+class NetworkLists(Protocol):
+    """What the firewall needs from :class:`corral.net.policy.AddressGuard`."""
+
+    @property
+    def never_networks(self) -> Sequence[Network]: ...
+
+    @property
+    def private_networks(self) -> Sequence[Network]: ...
+
+
+@dataclass(frozen=True)
+class FirewallSandbox:
+    """One sandbox as the firewall sees it."""
+
+    sandbox_id: str
+    iface: str
+    address: IPv4Address
+    forward: Sequence[ForwardRule]
+    denies: Sequence[ForwardRule]
+
+
+class Firewall:
+    """The corral nft table; every method is one atomic ``nft`` transaction."""
+
+    def __init__(
+        self,
+        table: str,
+        *,
+        service_ip: IPv4Address,
+        subnet: IPv4Network,
+        dns_port: int,
+        proxy_port: int,
+        guard: NetworkLists,
+        nft: str = "nft",
+    ) -> None:
+        if not _TABLE_NAME.fullmatch(table):
+            raise InvalidRequestError(f"nft table name {table!r} is not a plain identifier")
+        self.table = table
+        self.service_ip = service_ip
+        self.subnet = subnet
+        self.dns_port = dns_port
+        self.proxy_port = proxy_port
+        self._never = _split_families(guard.never_networks)
+        self._private = _split_families(guard.private_networks)
+        self._nft = nft
+        # What this process last put in the table, so a removal knows which elements to drop.
+        self._known: dict[str, FirewallSandbox] = {}
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ public
+
+    async def reset(self, sandboxes: Sequence[FirewallSandbox]) -> None:
+        """Replace the whole table (base chains, sets and every sandbox) in one transaction."""
+        for sb in sandboxes:
+            _check_sandbox(sb)
+        t = self._obj
+        commands: list[dict[str, Any]] = [
+            # add-then-delete: deleting a missing table would fail the transaction.
+            {"add": {"table": t()}},
+            {"delete": {"table": t()}},
+            {"add": {"table": t()}},
+            *self._base(),
+        ]
+        for sb in sandboxes:
+            commands += self._sandbox_commands(sb, previous=None)
+        async with self._lock:
+            await self._run(commands, "resetting the firewall")
+            self._known = {sb.sandbox_id: sb for sb in sandboxes}
+
+    async def add_sandbox(self, sb: FirewallSandbox) -> None:
+        await self.update_sandbox(sb)
+
+    async def update_sandbox(self, sb: FirewallSandbox) -> None:
+        """Install or replace the sandbox's rules; on failure the previous rules stay."""
+        _check_sandbox(sb)
+        async with self._lock:
+            previous = self._known.get(sb.sandbox_id)
+            commands = self._sandbox_commands(sb, previous=previous)
+            await self._run(commands, f"setting the firewall rules of sandbox {sb.sandbox_id}")
+            self._known[sb.sandbox_id] = sb
+
+    async def remove_sandbox(self, sandbox_id: str) -> None:
+        """Drop the sandbox's elements and chain; idempotent."""
+        async with self._lock:
+            known = self._known.get(sandbox_id)
+            entries = (
+                [(known.iface, known.address)]
+                if known is not None
+                else await self._find_sandbox(sandbox_id)
+            )
+            if entries is None:
+                return  # no table: nothing to remove
+            chain = _chain_name(sandbox_id)
+            commands: list[dict[str, Any]] = []
+            for iface, address in entries:
+                commands += self._drop_membership(iface, address, chain)
+            commands += self._drop_chain(chain)
+            await self._run(commands, f"removing the firewall rules of sandbox {sandbox_id}")
+            self._known.pop(sandbox_id, None)
+
+    async def delete(self) -> None:
+        """Remove the table; idempotent."""
+        t = self._obj
+        async with self._lock:
+            await self._run(
+                [{"add": {"table": t()}}, {"delete": {"table": t()}}],
+                "deleting the firewall table",
+            )
+            self._known.clear()
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _obj(self, **fields: Any) -> dict[str, Any]:
+        if fields:
+            return {"family": "inet", "table": self.table, **fields}
+        return {"family": "inet", "name": self.table}
+
+    def _base(self) -> list[dict[str, Any]]:
+        o = self._obj
+        sandbox_if = _match("==", _meta("iifname"), "@sandbox_ifaces")
+        spoofed = _match(
+            "!=",
+            {"concat": [_meta("iifname"), _field("ip", "saddr")]},
+            "@sandbox_addrs",
+        )
+        ipv4 = _match("==", _meta("nfproto"), "ipv4")
+        ipv6 = _match("==", _meta("nfproto"), "ipv6")
+        to_service = _match("==", _field("ip", "daddr"), str(self.service_ip))
+        established = _match("in", {"ct": {"key": "state"}}, ["established", "related"])
+        svc = str(self.service_ip)
+
+        def dnat(port: int) -> dict[str, Any]:
+            return {"dnat": {"family": "ip", "addr": svc, "port": port}}
+
+        def rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
+            return {"add": {"rule": o(chain=chain, expr=list(expr))}}
+
+        def base_chain(name: str, kind: str, hook: str, prio: int) -> dict[str, Any]:
+            chain = o(name=name, type=kind, hook=hook, prio=prio, policy="accept")
+            return {"add": {"chain": chain}}
+
+        def interval_set(name: str, kind: str, networks: Sequence[Network]) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = [
+                {"add": {"set": o(name=name, type=kind, flags=["interval"])}}
+            ]
+            if networks:
+                out.append({"add": {"element": o(name=name, elem=[_net(n) for n in networks])}})
+            return out
+
+        return [
+            {"add": {"set": o(name="sandbox_ifaces", type="ifname")}},
+            {"add": {"set": o(name="sandbox_addrs", type=["ifname", "ipv4_addr"])}},
+            {"add": {"map": o(name="sandbox_chains", type="ifname", map="verdict")}},
+            *interval_set("never_v4", "ipv4_addr", self._never[0]),
+            *interval_set("never_v6", "ipv6_addr", self._never[1]),
+            *interval_set("private_v4", "ipv4_addr", self._private[0]),
+            *interval_set("private_v6", "ipv6_addr", self._private[1]),
+            # --- DNAT: every DNS query to the resolver, every other TCP connection to the proxy.
+            base_chain("prerouting", "nat", "prerouting", -100),
+            rule("prerouting", sandbox_if, ipv4, _match("==", _field("udp", "dport"), 53),
+                 dnat(self.dns_port)),
+            rule("prerouting", sandbox_if, ipv4, _match("==", _field("tcp", "dport"), 53),
+                 dnat(self.dns_port)),
+            rule("prerouting", sandbox_if, ipv4, _l4("tcp"), dnat(self.proxy_port)),
+            # --- to the host itself: the resolver, the proxy and ping on the service address.
+            {"add": {"chain": o(name="from_sandbox_in")}},
+            base_chain("input", "filter", "input", 0),
+            rule("input", sandbox_if, {"jump": {"target": "from_sandbox_in"}}),
+            rule("from_sandbox_in", ipv6, _DROP),
+            rule("from_sandbox_in", spoofed, _DROP),
+            rule("from_sandbox_in", established, _ACCEPT),
+            rule("from_sandbox_in", to_service,
+                 _match("==", _field("udp", "dport"), self.dns_port), _ACCEPT),
+            rule("from_sandbox_in", to_service,
+                 _match("==", _field("tcp", "dport"), self.dns_port), _ACCEPT),
+            rule("from_sandbox_in", to_service,
+                 _match("==", _field("tcp", "dport"), self.proxy_port), _ACCEPT),
+            rule("from_sandbox_in", to_service,
+                 _match("==", _field("icmp", "type"), "echo-request"), _ACCEPT),
+            rule("from_sandbox_in", _l4("tcp"), _TCP_RESET),
+            rule("from_sandbox_in", _REJECT),
+            # --- through the host: non-TCP only (TCP was redirected to the proxy).
+            {"add": {"chain": o(name="from_sandbox_fwd")}},
+            {"add": {"chain": o(name="to_sandbox_fwd")}},
+            base_chain("forward", "filter", "forward", 0),
+            rule("forward", sandbox_if, {"jump": {"target": "from_sandbox_fwd"}}),
+            rule("forward", _match("==", _meta("oifname"), "@sandbox_ifaces"),
+                 {"jump": {"target": "to_sandbox_fwd"}}),
+            rule("from_sandbox_fwd", ipv6, _DROP),
+            rule("from_sandbox_fwd", spoofed, _DROP),
+            rule("from_sandbox_fwd", established, _ACCEPT),
+            rule("from_sandbox_fwd", _match("==", _meta("oifname"), "@sandbox_ifaces"), _REJECT),
+            rule("from_sandbox_fwd", _l4("tcp"), _TCP_RESET),
+            rule("from_sandbox_fwd", _match("==", _field("ip", "daddr"), "@never_v4"), _REJECT),
+            rule("from_sandbox_fwd", _match("==", _field("ip6", "daddr"), "@never_v6"), _REJECT),
+            rule("from_sandbox_fwd", {"vmap": {"key": _meta("iifname"), "data": "@sandbox_chains"}}),
+            rule("from_sandbox_fwd", _REJECT),
+            # Nothing reaches a sandbox from outside except replies; the host's own processes
+            # (ingress) go through output, not here.
+            rule("to_sandbox_fwd", established, _ACCEPT),
+            rule("to_sandbox_fwd", _DROP),
+            # --- out to the world under the host's address.
+            base_chain("postrouting", "nat", "postrouting", 100),
+            rule("postrouting",
+                 _match("==", _field("ip", "saddr"), _net(self.subnet)),
+                 _match("!=", _meta("oifname"), "@sandbox_ifaces"),
+                 {"masquerade": None}),
+        ]  # fmt: skip
+
+    def _sandbox_commands(
+        self, sb: FirewallSandbox, previous: FirewallSandbox | None
+    ) -> list[dict[str, Any]]:
+        o = self._obj
+        chain = _chain_name(sb.sandbox_id)
+        commands: list[dict[str, Any]] = []
+        if previous is not None and (previous.iface, previous.address) != (sb.iface, sb.address):
+            commands += self._drop_membership(previous.iface, previous.address, chain)
+        commands += [
+            {"add": {"element": o(name="sandbox_ifaces", elem=[sb.iface])}},
+            {
+                "add": {
+                    "element": o(
+                        name="sandbox_addrs", elem=[{"concat": [sb.iface, str(sb.address)]}]
+                    )
+                }
+            },
+            {"add": {"chain": o(name=chain)}},
+            {"flush": {"chain": o(name=chain)}},
+        ]
+        for rule in sb.denies:
+            commands.append({"add": {"rule": o(chain=chain, expr=self._rule(rule, allow=False))}})
+        for rule in sb.forward:
+            commands.append({"add": {"rule": o(chain=chain, expr=self._rule(rule, allow=True))}})
+        commands.append(
+            {
+                "add": {
+                    "element": o(
+                        name="sandbox_chains", elem=[[sb.iface, {"jump": {"target": chain}}]]
+                    )
+                }
+            }
+        )
+        return commands
+
+    def _rule(self, rule: ForwardRule, *, allow: bool) -> list[dict[str, Any]]:
+        network = rule.network
+        v6 = network.version == 6
+        proto = "ip6" if v6 else "ip"
+        expr: list[dict[str, Any]] = []
+        if network.prefixlen == 0:
+            expr.append(_match("==", _meta("nfproto"), "ipv6" if v6 else "ipv4"))
+        else:
+            expr.append(_match("==", _field(proto, "daddr"), _net(network)))
+        if rule.except_private and allow:
+            expr.append(_match("!=", _field(proto, "daddr"), f"@private_v{network.version}"))
+        ports = _ports(rule.ports) if rule.ports is not None else None
+        if rule.protocol == "icmp":
+            expr.append(_l4("ipv6-icmp" if v6 else "icmp"))
+        elif rule.protocol == "udp":
+            if ports is None:
+                expr.append(_l4("udp"))
+            else:
+                expr.append(_match("==", _field("udp", "dport"), ports))
+        elif ports is not None:  # "any" with ports: every non-TCP protocol that has ports
+            expr.append(_match("==", _meta("l4proto"), {"set": list(_ANY_PORT_PROTOCOLS)}))
+            expr.append(_match("==", _field("th", "dport"), ports))
+        expr.append(_ACCEPT if allow else _REJECT)
+        return expr
+
+    def _drop_membership(
+        self, iface: str, address: IPv4Address, chain: str
+    ) -> list[dict[str, Any]]:
+        # Each element is added before it is deleted so the deletion cannot fail when it is
+        # already gone; the chain must exist for the map element to be added.
+        o = self._obj
+        pair = {"concat": [iface, str(address)]}
+        verdict = [iface, {"jump": {"target": chain}}]
+        return [
+            {"add": {"chain": o(name=chain)}},
+            {"add": {"element": o(name="sandbox_chains", elem=[verdict])}},
+            {"delete": {"element": o(name="sandbox_chains", elem=[iface])}},
+            {"add": {"element": o(name="sandbox_ifaces", elem=[iface])}},
+            {"delete": {"element": o(name="sandbox_ifaces", elem=[iface])}},
+            {"add": {"element": o(name="sandbox_addrs", elem=[pair])}},
+            {"delete": {"element": o(name="sandbox_addrs", elem=[pair])}},
+        ]
+
+    def _drop_chain(self, chain: str) -> list[dict[str, Any]]:
+        o = self._obj
+        return [
+            {"add": {"chain": o(name=chain)}},
+            {"flush": {"chain": o(name=chain)}},
+            {"delete": {"chain": o(name=chain)}},
+        ]
+
+    # ------------------------------------------------------------------ nft
+
+    async def _find_sandbox(self, sandbox_id: str) -> list[tuple[str, IPv4Address]] | None:
+        """(iface, address) pairs the table holds for ``sandbox_id``; None without a table."""
+        code, out, err = await self._exec(["-j", "list", "table", "inet", self.table], None)
+        if code != 0:
+            if "No such file or directory" in err:
+                return None
+            raise RuntimeFailure(f"listing firewall table {self.table} failed: {err.strip()}")
+        chain = _chain_name(sandbox_id)
+        ifaces: set[str] = set()
+        pairs: list[tuple[str, IPv4Address]] = []
+        items = json.loads(out).get("nftables", [])
+        for item in items:
+            m = item.get("map")
+            if m and m.get("name") == "sandbox_chains":
+                for key, value in m.get("elem", []):
+                    if value.get("jump", {}).get("target") == chain:
+                        ifaces.add(key)
+        for item in items:
+            s = item.get("set")
+            if s and s.get("name") == "sandbox_addrs":
+                for elem in s.get("elem", []):
+                    iface, address = elem["concat"]
+                    if iface in ifaces:
+                        pairs.append((iface, IPv4Address(address)))
+        # An interface in the map without an address pair still has to leave the sets.
+        for iface in ifaces - {p[0] for p in pairs}:
+            pairs.append((iface, IPv4Address(0)))
+        return pairs
+
+    async def _run(self, commands: list[dict[str, Any]], what: str) -> None:
+        payload = json.dumps({"nftables": commands}).encode()
+        code, _out, err = await self._exec(["-j", "-f", "-"], payload)
+        if code != 0:
+            raise RuntimeFailure(f"{what} failed: nft: {err.strip() or f'exit status {code}'}")
+
+    async def _exec(self, args: list[str], stdin: bytes | None) -> tuple[int, str, str]:
+        # The ruleset goes in as a memfd, not a pipe: under uvloop (uvicorn's loop) subprocess
+        # pipes are sockets, and nft's open("/dev/stdin") of a socket fails with ENXIO.
+        source = os.memfd_create("corral-nft", os.MFD_CLOEXEC) if stdin is not None else None
+        try:
+            if source is not None and stdin:
+                os.write(source, stdin)
+                os.lseek(source, 0, os.SEEK_SET)
+            proc = await asyncio.create_subprocess_exec(
+                self._nft,
+                *args,
+                stdin=source if source is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot run {self._nft}: {exc}") from exc
+        finally:
+            if source is not None:
+                os.close(source)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------- expressions
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _field(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _match(op: str, left: Any, right: Any) -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _l4(protocol: str) -> dict[str, Any]:
+    return _match("==", _meta("l4proto"), protocol)
+
+
+def _net(network: Network) -> Any:
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+
+
+def _ports(ranges: Iterable[tuple[int, int]]) -> Any:
+    """Port ranges as an nft value: one port, one range, or an anonymous set of them."""
+    merged: list[list[int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], high)
+        else:
+            merged.append([low, high])
+    items: list[Any] = [low if low == high else {"range": [low, high]} for low, high in merged]
+    if len(items) == 1:
+        return items[0]
+    return {"set": items}
+
+
+def _chain_name(sandbox_id: str) -> str:
+    return "sbx_" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:10]
+
+
+def _split_families(networks: Iterable[Network]) -> tuple[list[Network], list[Network]]:
+    networks = list(networks)
+    v4 = [n for n in networks if isinstance(n, IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, IPv6Network)]
+    # Overlapping intervals in one "add element" are an error; merge them first.
+    return list(ipaddress.collapse_addresses(v4)), list(ipaddress.collapse_addresses(v6))
+
+
+def _check_sandbox(sb: FirewallSandbox) -> None:
+    if not _IFACE.fullmatch(sb.iface):
+        raise InvalidRequestError(f"interface name {sb.iface!r} of sandbox {sb.sandbox_id}")
