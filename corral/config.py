@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import re
+import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "Limits", "ServerConfig"]
+__all__ = ["DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "Limits", "NetworkConfig", "ServerConfig"]
 
 DEFAULT_DATA_DIR = Path("/var/lib/corral")
 DEFAULT_LISTEN = "127.0.0.1:7700"
@@ -42,6 +46,67 @@ class Limits(BaseModel):
     pids_per_sandbox: int = 1024
 
 
+class NetworkConfig(BaseModel):
+    """Sandbox networking: addressing, the host-side resolver and proxy, and their names on the host.
+
+    Several servers may share one host (tests do) as long as each has its own ``subnet``,
+    ``prefix`` and ``nft_table``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    # Sandbox addresses; the first host address is the service address (gateway, resolver and
+    # proxy). Checked at start against the host's routes: it must not overlap any of them.
+    subnet: str = "10.201.0.0/16"
+    # Short tag for host objects: interfaces f"{prefix}svc" and f"{prefix}<hash>", netns names
+    # f"corral-{prefix}-<sandbox id>".
+    prefix: str = "cr"
+    nft_table: str = "corral"
+    # Resolvers the sandbox resolver and the proxy ask ("ip" or "ip:port"); empty = the host's
+    # /etc/resolv.conf.
+    dns_upstreams: list[str] = Field(default_factory=list)
+    dns_port: int = 53
+    proxy_port: int = 3128
+    # Per-sandbox egress rate limit when the policy sets none; 0 = unlimited.
+    default_egress_mbit: float = 1000.0
+    max_egress_mbit: float = 100000.0
+    # Host form of ingress URLs: "{port}-{sandbox}.{ingress_domain}" (None: path form only).
+    ingress_domain: str | None = None
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        net = ipaddress.IPv4Network(v, strict=True)
+        if net.prefixlen > 28:
+            raise ValueError(f"subnet {v} is too small (at most /28)")
+        return str(net)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,3}", v):
+            raise ValueError(
+                "prefix must be 1 to 4 lowercase letters or digits, starting with a letter"
+            )
+        return v
+
+    @field_validator("nft_table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", v):
+            raise ValueError("nft_table must be a plain identifier of at most 32 characters")
+        return v
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def service_ip(self) -> ipaddress.IPv4Address:
+        return self.network.network_address + 1
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,6 +121,20 @@ class ServerConfig(BaseModel):
     # How often the reaper looks for sandboxes past their timeout.
     reap_interval_s: float = 1.0
     limits: Limits = Field(default_factory=Limits)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: object) -> ServerConfig:
+        """From a TOML or JSON file (None: defaults), with ``overrides`` (e.g. from flags) on top.
+
+        Unknown keys are an error, as everywhere in the config.
+        """
+        data: dict[str, object] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            data = tomllib.loads(text) if Path(path).suffix == ".toml" else json.loads(text)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
 
     @property
     def db_path(self) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.fake_internet import FakeInternet, fake_internet
 from tests.integration.server_harness import RunningServer, running_server, shared_templates_dir
 
 RUN_CORRAL = Path("/run/corral")
+# Host interfaces corral and its tests make: sandbox veths and service dummies of the default
+# prefix and of test servers (t + 3 hex), and the fake internet's veth.
+_CORRAL_LINK = re.compile(r"^(cr|t[0-9a-f]{3}|cfi|ct)[0-9a-z]*$")
 
 
 def container_skip_reason() -> str | None:
@@ -92,11 +97,22 @@ class LeakSnapshot:
     netns: set[str] = field(default_factory=set)
     loops: set[str] = field(default_factory=set)
     files: set[str] = field(default_factory=set)
+    links: set[str] = field(default_factory=set)
+    nft: set[str] = field(default_factory=set)
 
     def minus(self, before: LeakSnapshot) -> dict[str, list[str]]:
         diff = {
             name: sorted(getattr(self, name) - getattr(before, name))
-            for name in ("processes", "mounts", "cgroups", "netns", "loops", "files")
+            for name in (
+                "processes",
+                "mounts",
+                "cgroups",
+                "netns",
+                "loops",
+                "files",
+                "links",
+                "nft",
+            )
         }
         return {k: v for k, v in diff.items() if v}
 
@@ -177,6 +193,19 @@ class LeakWatch:
                 ["ip", "netns", "list"], capture_output=True, text=True, timeout=10
             )
             snap.netns.update(line.split()[0] for line in out.stdout.splitlines() if line.strip())
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=10
+            )
+            for line in out.stdout.splitlines():
+                name = line.split(":", 2)[1].strip().split("@")[0] if ":" in line else ""
+                if _CORRAL_LINK.match(name):
+                    snap.links.add(name)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["nft", "list", "tables"], capture_output=True, text=True, timeout=10
+            )
+            snap.nft.update(line.strip() for line in out.stdout.splitlines() if " corral" in line)
         self._scan_paths(snap, self.roots)
         return snap
 
@@ -361,15 +390,39 @@ async def sandbox_put(
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """One real ``corral server`` for the session, in a private data dir sharing built templates."""
+def fake_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeInternet]:
+    """The fake internet (TEST-NET hosts, an authoritative DNS server that records every query)
+    in a network namespace of the session's own."""
+    why = container_skip_reason()
+    if why:
+        pytest.skip(why)
+    with fake_internet(tmp_path_factory.mktemp("fake-internet")) as net:
+        yield net
+
+
+@pytest.fixture(scope="session")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, fake_net: FakeInternet
+) -> Iterator[RunningServer]:
+    """One real ``corral server`` for the session, in a private data dir sharing built templates,
+    resolving through the fake internet's DNS server."""
     why = container_skip_reason()
     if why:
         pytest.skip(why)
     scratch = tmp_path_factory.mktemp("corral-server")
     templates = shared_templates_dir(scratch)
-    with running_server(scratch / "data", templates) as s:
+    with running_server(scratch / "data", templates, dns_upstream=fake_net.dns) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def base_template(server: RunningServer) -> str:
+    """The Debian ``base`` template (curl, python3) in the session server's templates, built once
+    per machine when ``make templates`` has not already built it."""
+    from corral.templates import build_in_data_dir
+
+    build_in_data_dir("base", (server.data_dir / "templates").resolve().parent)
+    return "base"
 
 
 @pytest.fixture

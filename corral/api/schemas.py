@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -11,8 +12,10 @@ from corral.core.sandboxes import Sandbox
 from corral.core.templates import TemplateInfo
 
 __all__ = [
+    "EgressEventOut",
     "ErrorBody",
     "FileInfoOut",
+    "NetworkOut",
     "ProcessOut",
     "SandboxOut",
     "TemplateOut",
@@ -26,6 +29,13 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class NetworkOut(BaseModel):
+    address: str | None
+    policy: dict[str, Any]
+    # An explicit HTTP(S) proxy for tools that want one; traffic is filtered either way.
+    proxy: str | None = None
 
 
 class SandboxOut(BaseModel):
@@ -45,9 +55,17 @@ class SandboxOut(BaseModel):
     expires_at: datetime | None
     ended_at: datetime | None
     error: str | None
+    network: NetworkOut | None = None
+    # Presented to reach the sandbox's ports through the server (unless public_ports).
+    access_token: str | None = None
+    public_ports: bool = False
+    # Set when the server also serves ports as "{port}-{id}.{ingress_domain}".
+    ingress_domain: str | None = None
 
     @classmethod
-    def of(cls, sb: Sandbox) -> SandboxOut:
+    def of(
+        cls, sb: Sandbox, proxy: str | None = None, ingress_domain: str | None = None
+    ) -> SandboxOut:
         return cls(
             id=sb.id,
             tenant_id=sb.tenant_id,
@@ -64,7 +82,28 @@ class SandboxOut(BaseModel):
             expires_at=sb.expires_at,
             ended_at=sb.ended_at,
             error=sb.error,
+            network=(
+                NetworkOut(address=sb.address, policy=dict(sb.network), proxy=proxy)
+                if sb.network is not None
+                else None
+            ),
+            access_token=sb.access_token,
+            public_ports=sb.public_ports,
+            ingress_domain=ingress_domain if sb.network is not None else None,
         )
+
+
+class EgressEventOut(BaseModel):
+    id: int
+    time: float
+    kind: str
+    decision: str
+    reason: str
+    name: str | None
+    ip: str | None
+    port: int | None
+    bytes_out: int
+    bytes_in: int
 
 
 class ProcessOut(BaseModel):

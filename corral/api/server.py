@@ -13,8 +13,14 @@ from corral.config import ServerConfig
 __all__ = ["run_server"]
 
 
-def run_server(listen: str, data_dir: Path, *, log_level: str = "info") -> None:
-    config = ServerConfig(listen=listen, data_dir=data_dir)
+def run_server(
+    listen: str | None,
+    data_dir: Path | None,
+    *,
+    config_file: Path | None = None,
+    log_level: str = "info",
+) -> None:
+    config = ServerConfig.load(config_file, listen=listen, data_dir=data_dir)
     host, port = config.listen_host_port()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -16,6 +16,7 @@ __all__ = [
     "SetTimeout",
     "SignalCommand",
     "StdinCommand",
+    "UpdateNetwork",
     "validate_sandbox_path",
 ]
 
@@ -45,6 +46,17 @@ class CreateSandbox(_Command):
     timeout: int | None = Field(default=None, gt=0, description="seconds until the server kills it")
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
+    # A ``corral.net.NetworkPolicy`` document; parsed by the network service so that errors
+    # name the offending rule. None: deny all.
+    network: dict[str, Any] | None = None
+    # Ingress to the sandbox's ports without its access token.
+    public_ports: bool = False
+
+
+class UpdateNetwork(_Command):
+    """Replace the sandbox's network policy (same document as at create)."""
+
+    policy: dict[str, Any]
 
 
 class SetTimeout(_Command):

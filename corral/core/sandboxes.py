@@ -7,12 +7,14 @@ the host so that the hot path (exec, files) never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import re
 import secrets
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +22,7 @@ from corral.agent import AgentClient
 from corral.config import ServerConfig
 from corral.core.commands import CreateSandbox
 from corral.core.lifecycle import LIVE_STATES, SandboxState, check_transition
+from corral.core.network import NetworkService
 from corral.core.templates import TemplateService
 from corral.core.tenants import Principal
 from corral.errors import (
@@ -58,6 +61,10 @@ class Sandbox:
     metadata: Mapping[str, str] = field(default_factory=dict)
     ended_at: datetime | None = None
     error: str | None = None
+    address: str | None = None
+    network: Mapping[str, Any] | None = None  # the policy document, as given and stored
+    access_token: str | None = None
+    public_ports: bool = False
 
     @classmethod
     def from_row(cls, row: SandboxRow) -> Sandbox:
@@ -77,6 +84,10 @@ class Sandbox:
             metadata=dict(row.meta or {}),
             ended_at=_aware(row.ended_at) if row.ended_at else None,
             error=row.error,
+            address=row.address,
+            network=dict(row.network) if row.network is not None else None,
+            access_token=row.access_token,
+            public_ports=bool(row.public_ports),
         )
 
 
@@ -91,9 +102,15 @@ def _now() -> datetime:
 
 class SandboxService:
     def __init__(
-        self, config: ServerConfig, store: Store, runtime: Runtime, templates: TemplateService
+        self,
+        config: ServerConfig,
+        store: Store,
+        runtime: Runtime,
+        templates: TemplateService,
+        network: NetworkService | None = None,
     ) -> None:
         self._config = config
+        self._network = network
         self._store = store
         self._runtime = runtime
         self._templates = templates
@@ -151,6 +168,14 @@ class SandboxService:
             log.warning("removing orphaned sandbox %s found on the host", orphan)
             with contextlib.suppress(CorralError):
                 await self._runtime.destroy(orphan)
+        if self._network is not None:
+            # Network state of everything not adopted goes too (the network service removes
+            # whatever of its own it finds on the host beyond this list).
+            await self._network.start(
+                (sb.id, sb.tenant_id, sb.address, sb.network)
+                for sid in adopted
+                if (sb := self._live[sid]).address is not None
+            )
 
     # --- queries ----------------------------------------------------------------------------
     async def get(self, who: Principal, sandbox_id: str) -> Sandbox:
@@ -246,6 +271,11 @@ class SandboxService:
 
     async def create(self, who: Principal, cmd: CreateSandbox) -> Sandbox:
         template, cpu, memory, disk, timeout = self._validate(cmd)
+        policy_doc: dict[str, Any] | None = None
+        if self._network is not None:
+            policy_doc = self._network.parse(cmd.network).model_dump(mode="json")
+        elif cmd.network is not None:
+            raise InvalidRequestError("networking is disabled on this server; omit 'network'")
         layers = self._templates.layers_for(template)
         live_for_tenant = sum(1 for s in self._live.values() if s.tenant_id == who.tenant_id)
         if live_for_tenant >= self._config.limits.max_sandboxes_per_tenant:
@@ -269,6 +299,9 @@ class SandboxService:
             expires_at=now + timedelta(seconds=timeout),
             env=dict(cmd.env),
             metadata=dict(cmd.metadata),
+            network=policy_doc,
+            access_token=secrets.token_urlsafe(24) if self._network is not None else None,
+            public_ports=cmd.public_ports,
         )
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
@@ -288,6 +321,9 @@ class SandboxService:
                     meta=dict(cmd.metadata),
                     created_at=now,
                     expires_at=sb.expires_at,
+                    network=policy_doc,
+                    access_token=sb.access_token,
+                    public_ports=int(cmd.public_ports),
                 )
             )
             spec = SandboxSpec(
@@ -306,6 +342,21 @@ class SandboxService:
                     **cmd.env,
                 },
             )
+            network = self._network
+            if network is not None:
+                policy = network.parse(policy_doc)
+
+                async def plumb(netns: Path) -> Path:
+                    nonlocal sb
+                    attachment = await network.attach(sid, who.tenant_id, policy, join=netns)
+                    sb = replace(sb, address=attachment.address)
+                    self._live[sid] = sb
+                    # Recorded before the sandbox runs, so that after a crash from here on
+                    # reconcile still finds it and frees the address.
+                    await self._store.update_sandbox(sid, address=attachment.address)
+                    return attachment.netns
+
+                spec = replace(spec, network=plumb, nameservers=(network.service_ip,))
             try:
                 await self._runtime.create(spec)
             except BaseException as e:
@@ -313,6 +364,9 @@ class SandboxService:
                 # destroy is idempotent belt and braces), not in the store.
                 with contextlib.suppress(Exception):
                     await self._runtime.destroy(sid)
+                if self._network is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._network.detach(sid, sb.address))
                 self._live.pop(sid, None)
                 self._locks.pop(sid, None)
                 await self._store.delete_sandbox(sid)
@@ -346,6 +400,59 @@ class SandboxService:
             )
             return sb
 
+    async def update_network(self, who: Principal, sandbox_id: str, document: Any) -> Sandbox:
+        """Replace a running sandbox's network policy; on failure the old one stays in force."""
+        if self._network is None:
+            raise InvalidRequestError("networking is disabled on this server")
+        policy = self._network.parse(document)
+        sb = await self.get(who, sandbox_id)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id, sb)
+            if sb.state is not SandboxState.RUNNING:
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {sb.state.value}, not running"
+                )
+            if sb.address is None:
+                raise InvalidRequestError(f"sandbox {sandbox_id} was created without a network")
+            await self._network.update(sandbox_id, policy)
+            doc = policy.model_dump(mode="json")
+            sb = replace(sb, network=doc)
+            self._live[sandbox_id] = sb
+            await self._store.update_sandbox(sandbox_id, network=doc)
+            return sb
+
+    async def network_log(
+        self, who: Principal, sandbox_id: str, *, after_id: int = 0, limit: int = 1000
+    ) -> builtins.list[dict[str, Any]]:
+        """The sandbox's egress decisions, oldest first, after event ``after_id``."""
+        sb = await self.get(who, sandbox_id)
+        if self._network is None:
+            return []
+        rows = await self._network.events(sb.id, after_id=after_id, limit=limit)
+        return [
+            {
+                "id": r.id,
+                "time": r.time,
+                "kind": r.kind,
+                "decision": r.decision,
+                "reason": r.reason,
+                "name": r.name,
+                "ip": r.ip,
+                "port": r.port,
+                "bytes_out": r.bytes_out,
+                "bytes_in": r.bytes_in,
+            }
+            for r in rows
+        ]
+
+    def sandbox_address(self, sandbox_id: str) -> str | None:
+        """Address of a live sandbox (for ingress), without tenancy checks."""
+        sb = self._live.get(sandbox_id)
+        return sb.address if sb is not None and sb.state is SandboxState.RUNNING else None
+
+    def live_sandbox(self, sandbox_id: str) -> Sandbox | None:
+        return self._live.get(sandbox_id)
+
     async def kill(self, who: Principal, sandbox_id: str) -> None:
         sb = await self.get(who, sandbox_id)
         await self._kill(sb.id, reason=None)
@@ -359,6 +466,8 @@ class SandboxService:
             await self._store.update_sandbox(sandbox_id, state=sb.state.value)
             try:
                 await self._runtime.destroy(sandbox_id)
+                if self._network is not None:
+                    await self._network.detach(sandbox_id, sb.address)
             except CorralError as e:
                 sb = self._transition(sb, SandboxState.ERROR, error=f"teardown failed: {e.message}")
                 await self._store.update_sandbox(sandbox_id, state=sb.state.value, error=sb.error)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from corral.config import ServerConfig
 from corral.core.files import FileService
+from corral.core.network import NetworkService
 from corral.core.processes import ProcessService
 from corral.core.sandboxes import SandboxService
 from corral.core.templates import TemplateService
@@ -37,6 +38,7 @@ class Services:
     sandboxes: SandboxService
     processes: ProcessService
     files: FileService
+    network: NetworkService | None
 
     @classmethod
     async def open(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
@@ -49,7 +51,8 @@ class Services:
         rt = runtime if runtime is not None else build_runtime(config)
         # Late-bound: the sandbox service that answers "in use?" is made just below.
         templates = TemplateService(config.data_dir, in_use=lambda name: sandboxes.template_in_use(name))
-        sandboxes = SandboxService(config, store, rt, templates)
+        network = NetworkService(config.network, store) if config.network.enabled else None
+        sandboxes = SandboxService(config, store, rt, templates, network)
         await sandboxes.start()
         return cls(
             config=config,
@@ -60,9 +63,12 @@ class Services:
             sandboxes=sandboxes,
             processes=ProcessService(sandboxes),
             files=FileService(sandboxes),
+            network=network,
         )
 
     async def close(self) -> None:
         await self.sandboxes.stop()
+        if self.network is not None:
+            await self.network.stop()
         await self.runtime.close()
         await self.store.close()

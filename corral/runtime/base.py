@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 __all__ = ["Runtime", "SandboxSpec"]
@@ -30,6 +31,13 @@ class SandboxSpec:
     hostname: str = "sandbox"
     # Environment every process in the sandbox starts with (exec may add to it).
     env: dict[str, str] = field(default_factory=dict)
+    # Corral's network layer. The runtime makes the sandbox's network namespace (it must belong
+    # to the sandbox's user namespace, which only the runtime knows), hands it to this hook as a
+    # path before anything runs in the sandbox, and starts the sandbox in the namespace the hook
+    # answers (the same one, now plumbed and bound at a stable path). Without a hook the sandbox
+    # gets a private namespace with only loopback. ``nameservers`` go into /etc/resolv.conf.
+    network: Callable[[Path], Awaitable[Path]] | None = None
+    nameservers: tuple[str, ...] = ()
 
 
 @runtime_checkable

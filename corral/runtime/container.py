@@ -49,7 +49,7 @@ from corral.host.disk import DiskImages, mount_disk, remove_disk, sparse_copy
 from corral.host.mounts import idmapped_clone, mount_overlay, unmount
 from corral.host.runc import Runc
 from corral.host.uidrange import SlotAllocator
-from corral.host.userns import open_userns
+from corral.host.userns import open_userns, open_userns_with_netns
 from corral.runtime.base import SandboxSpec
 from corral.runtime.oci import AGENT_PATH, IsolationProfile, build_config
 
@@ -82,7 +82,9 @@ def _make_traversable(directory: Path) -> None:
         os.chmod(directory, directory.stat().st_mode | 0o111)
 
 
-def _write_identity_files(upper: Path, hostname: str, host_id: int) -> None:
+def _write_identity_files(
+    upper: Path, hostname: str, host_id: int, nameservers: tuple[str, ...] = ()
+) -> None:
     """Give the sandbox an /etc/hostname and /etc/hosts naming itself, in its own upper layer.
 
     Without its own name in /etc/hosts, tools that resolve the local host name (sudo, Java,
@@ -99,6 +101,9 @@ def _write_identity_files(upper: Path, hostname: str, host_id: int) -> None:
             "::1\tlocalhost ip6-localhost ip6-loopback\n"
         ),
     }
+    if nameservers:
+        # The template's resolv.conf is the build host's; only corral's resolver is reachable.
+        files["resolv.conf"] = "".join(f"nameserver {ns}\n" for ns in nameservers)
     for name, text in files.items():
         fd = os.open(etc / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
@@ -284,53 +289,71 @@ class ContainerRuntime:
         (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
         for p in (upper / ".corral", upper / AGENT_PATH.lstrip("/")):
             os.lchown(p, host_id, host_id)
-        _write_identity_files(upper, spec.hostname, host_id)
+        _write_identity_files(upper, spec.hostname, host_id, spec.nameservers)
         step("storage")
 
-        userns = open_userns(host_id, _RANGE_SIZE)
+        netns_fd: int | None = None
+        if spec.network is not None:
+            userns, netns_fd = open_userns_with_netns(host_id, _RANGE_SIZE)
+        else:
+            userns = open_userns(host_id, _RANGE_SIZE)
         step("userns")
-        lowers: list[int] = []
         try:
-            for layer in reversed(spec.layers):  # overlayfs wants the topmost layer first
-                lowers.append(idmapped_clone(layer, userns))
-            step("idmap")
-            rootfs = self._rootfs(sid)
-            _make_traversable(self._mount_dir)
-            rootfs.mkdir(mode=0o755)
-            mount_overlay(lowers, upper, work, rootfs)
-        finally:
-            for fd in lowers:
-                os.close(fd)
-            os.close(userns)
-        step("overlay")
+            netns: Path | None = None
+            if spec.network is not None:
+                assert netns_fd is not None
+                try:
+                    netns = await spec.network(Path(f"/proc/{os.getpid()}/fd/{netns_fd}"))
+                finally:
+                    os.close(netns_fd)
+                step("network")
+            lowers: list[int] = []
+            try:
+                for layer in reversed(spec.layers):  # overlayfs wants the topmost layer first
+                    lowers.append(idmapped_clone(layer, userns))
+                step("idmap")
+                rootfs = self._rootfs(sid)
+                _make_traversable(self._mount_dir)
+                rootfs.mkdir(mode=0o755)
+                mount_overlay(lowers, upper, work, rootfs)
+            finally:
+                for fd in lowers:
+                    os.close(fd)
+            step("overlay")
 
-        config = build_config(
-            spec,
-            self._profile,
-            rootfs=rootfs,
-            agent_binary=self.agent_binary,
-            host_id=host_id,
-            id_count=_RANGE_SIZE,
-            cgroups_path=self._cgroup_name(sid),
-        )
-        (sdir / "config.json").write_text(json.dumps(config))
-        step("config")
-
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(str(self.agent_socket(sid)))
-            listener.listen(128)
-            step("socket")
-            await self._runc.run(
-                sid,
-                sdir,
-                listen_fd=listener.fileno(),
-                pid_file=sdir / "init.pid",
-                log_file=sdir / "runc.log",
+            config = build_config(
+                spec,
+                self._profile,
+                rootfs=rootfs,
+                agent_binary=self.agent_binary,
+                host_id=host_id,
+                id_count=_RANGE_SIZE,
+                cgroups_path=self._cgroup_name(sid),
+                # runc joins the user namespace we made (it owns the network namespace) through
+                # our descriptor, which stays open until runc has started the sandbox.
+                userns=f"/proc/{os.getpid()}/fd/{userns}" if netns is not None else None,
+                netns=netns,
             )
+            (sdir / "config.json").write_text(json.dumps(config))
+            step("config")
+
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                listener.bind(str(self.agent_socket(sid)))
+                listener.listen(128)
+                step("socket")
+                await self._runc.run(
+                    sid,
+                    sdir,
+                    listen_fd=listener.fileno(),
+                    pid_file=sdir / "init.pid",
+                    log_file=sdir / "runc.log",
+                )
+            finally:
+                listener.close()
+            step("runc_run")
         finally:
-            listener.close()
-        step("runc_run")
+            os.close(userns)
 
         pid = int((sdir / "init.pid").read_text())
         meta["init_pid"] = pid

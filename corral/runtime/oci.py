@@ -102,8 +102,13 @@ def build_config(
     host_id: int,
     id_count: int,
     cgroups_path: str,
+    userns: str | None = None,
+    netns: Path | None = None,
 ) -> dict[str, Any]:
-    """The complete ``config.json`` for ``spec`` (an OCI runtime-spec 1.0 document)."""
+    """The complete ``config.json`` for ``spec`` (an OCI runtime-spec 1.0 document).
+
+    ``userns``/``netns``: namespaces made beforehand for runc to join instead of creating them.
+    """
     caps = list(profile.capabilities)
     own_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     nofile = _NOFILE if own_hard == resource.RLIM_INFINITY else min(_NOFILE, own_hard)
@@ -188,11 +193,13 @@ def build_config(
             "gidMappings": mapping,
             "namespaces": [
                 {"type": "pid"},
-                {"type": "network"},
+                # Joined by path when corral's network layer plumbed one (made by the runtime
+                # inside the sandbox's user namespace, joined below by path as well).
+                {"type": "network", "path": str(netns)} if netns else {"type": "network"},
                 {"type": "ipc"},
                 {"type": "uts"},
                 {"type": "mount"},
-                {"type": "user"},
+                {"type": "user", "path": str(userns)} if userns else {"type": "user"},
                 {"type": "cgroup"},
             ],
             # ICMP echo through datagram sockets for every sandbox group, so ping works

@@ -12,7 +12,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from corral.store.models import ApiKeyRow, SandboxRow, TenantRow
+from corral.store.models import ApiKeyRow, EgressEventRow, SandboxRow, TenantRow
 
 __all__ = ["Store"]
 
@@ -113,6 +113,24 @@ class Store:
     async def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
         async with self._session() as s:
             return await s.get(SandboxRow, sandbox_id)
+
+    # egress log
+    async def add_egress_events(self, rows: Sequence[EgressEventRow]) -> None:
+        async with self._session.begin() as s:
+            s.add_all(list(rows))
+
+    async def egress_events(
+        self, sandbox_id: str, *, after_id: int = 0, limit: int = 1000
+    ) -> Sequence[EgressEventRow]:
+        """Oldest first, from after ``after_id`` (the id of the last event a reader has seen)."""
+        async with self._session() as s:
+            q = (
+                select(EgressEventRow)
+                .where(EgressEventRow.sandbox_id == sandbox_id, EgressEventRow.id > after_id)
+                .order_by(EgressEventRow.id)
+                .limit(limit)
+            )
+            return (await s.execute(q)).scalars().all()
 
     async def all_sandboxes(
         self, *, states: Sequence[str] | None = None, tenant_id: str | None = None

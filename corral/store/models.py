@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKeyRow", "Base", "SandboxRow", "TenantRow"]
+__all__ = ["ApiKeyRow", "Base", "EgressEventRow", "SandboxRow", "TenantRow"]
 
 
 class Base(DeclarativeBase):
@@ -53,3 +53,26 @@ class SandboxRow(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    network: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Guards ingress to the sandbox's ports (unless public_ports).
+    access_token: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    public_ports: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EgressEventRow(Base):
+    """One decision about traffic leaving a sandbox (see ``corral.net.view.EgressEvent``)."""
+
+    __tablename__ = "egress_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64))
+    time: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(8))
+    decision: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    ip: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)

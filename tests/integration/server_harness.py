@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,15 +54,41 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(data_dir: Path) -> RunningServer:
+_used_subnets: set[int] = set()
+
+
+def network_config_for_tests(dns_upstream: str | None) -> dict[str, object]:
+    """Network settings of one test server: its own subnet, host names and nft table, so that
+    servers of one session never share host objects; DNS only toward the fake internet (a dead
+    loopback port when there is none), never the host's real resolvers."""
+    n = next(i for i in range(20, 250) if i not in _used_subnets)
+    _used_subnets.add(n)
+    tag = secrets.token_hex(2)[:3]
+    return {
+        "subnet": f"10.250.{n}.0/24",
+        "prefix": f"t{tag}",
+        "nft_table": f"corral_t{tag}",
+        "dns_upstreams": [dns_upstream or "127.0.0.1:9"],
+        # Ingress host form: "{port}-{id}.corral.test" (tests send the Host header themselves).
+        "ingress_domain": "corral.test",
+    }
+
+
+def start_server(data_dir: Path, *, dns_upstream: str | None = None) -> RunningServer:
     port = _free_port()
+    config_path = data_dir / "server.json"
+    if not config_path.exists():
+        config_path.write_text(json.dumps({"network": network_config_for_tests(dns_upstream)}))
     code = (
         "import sys; from pathlib import Path; from corral.api.server import run_server; "
-        "run_server(sys.argv[1], Path(sys.argv[2]), log_level='warning')"
+        "run_server(sys.argv[1], Path(sys.argv[2]), config_file=Path(sys.argv[3]), "
+        "log_level='warning')"
     )
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, f"127.0.0.1:{port}", str(data_dir)], stdout=log, stderr=log
+        [sys.executable, "-c", code, f"127.0.0.1:{port}", str(data_dir), str(config_path)],
+        stdout=log,
+        stderr=log,
     )
     log.close()
     url = f"http://127.0.0.1:{port}"
@@ -101,15 +129,27 @@ def release_data_dir(data_dir: Path) -> None:
     from corral.runtime.container import ContainerRuntime
 
     asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
+    config_path = data_dir / "server.json"
+    if config_path.exists():
+        from corral.config import ServerConfig
+        from corral.core.network import purge_network
+
+        asyncio.run(purge_network(ServerConfig.load(config_path).network))
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, templates: Path) -> Iterator[RunningServer]:
+def running_server(
+    data_dir: Path, templates: Path, *, dns_upstream: str | None = None
+) -> Iterator[RunningServer]:
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "templates").exists():
         (data_dir / "templates").symlink_to(templates)
-    server = start_server(data_dir)
+    try:
+        server = start_server(data_dir, dns_upstream=dns_upstream)
+    except BaseException:
+        release_data_dir(data_dir)  # whatever a server that failed to start made goes too
+        raise
     try:
         yield server
     finally:

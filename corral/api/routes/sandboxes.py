@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Body, Query, Response
 
 from corral.api.deps import Caller, Svc
-from corral.api.schemas import SandboxOut
+from corral.api.schemas import EgressEventOut, NetworkOut, SandboxOut
 from corral.core import SandboxState
 from corral.core.commands import CreateSandbox, SetTimeout
+from corral.core.sandboxes import Sandbox
+from corral.core.services import Services
 from corral.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
 
+def _out(svc: Services, sb: Sandbox) -> SandboxOut:
+    proxy = svc.network.proxy_url if svc.network is not None else None
+    return SandboxOut.of(sb, proxy=proxy, ingress_domain=svc.config.network.ingress_domain)
+
+
 @router.post("", status_code=201)
 async def create_sandbox(cmd: CreateSandbox, who: Caller, svc: Svc) -> SandboxOut:
-    return SandboxOut.of(await svc.sandboxes.create(who, cmd))
+    return _out(svc, await svc.sandboxes.create(who, cmd))
 
 
 def _parse_filters(
@@ -47,20 +54,51 @@ async def list_sandboxes(
     metadata: Annotated[list[str] | None, Query()] = None,
 ) -> list[SandboxOut]:
     states, meta = _parse_filters(state, metadata)
-    return [SandboxOut.of(s) for s in await svc.sandboxes.list(who, states=states, metadata=meta)]
+    return [_out(svc, s) for s in await svc.sandboxes.list(who, states=states, metadata=meta)]
 
 
 @router.get("/{sandbox_id}")
 async def get_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
-    return SandboxOut.of(await svc.sandboxes.get(who, sandbox_id))
+    return _out(svc, await svc.sandboxes.get(who, sandbox_id))
 
 
 @router.post("/{sandbox_id}/timeout")
 async def set_timeout(sandbox_id: str, cmd: SetTimeout, who: Caller, svc: Svc) -> SandboxOut:
-    return SandboxOut.of(await svc.sandboxes.set_timeout(who, sandbox_id, cmd.timeout))
+    return _out(svc, await svc.sandboxes.set_timeout(who, sandbox_id, cmd.timeout))
 
 
 @router.delete("/{sandbox_id}", status_code=204)
 async def kill_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> Response:
     await svc.sandboxes.kill(who, sandbox_id)
     return Response(status_code=204)
+
+
+@router.get("/{sandbox_id}/network")
+async def get_network(sandbox_id: str, who: Caller, svc: Svc) -> NetworkOut:
+    out = _out(svc, await svc.sandboxes.get(who, sandbox_id))
+    if out.network is None:
+        raise InvalidRequestError(f"sandbox {sandbox_id} has no network")
+    return out.network
+
+
+@router.patch("/{sandbox_id}/network")
+async def update_network(
+    sandbox_id: str, who: Caller, svc: Svc, policy: Annotated[dict[str, Any], Body()]
+) -> NetworkOut:
+    """Replace the network policy (the same document as ``network`` at create)."""
+    sb = await svc.sandboxes.update_network(who, sandbox_id, policy)
+    out = _out(svc, sb)
+    assert out.network is not None
+    return out.network
+
+
+@router.get("/{sandbox_id}/network/log")
+async def network_log(
+    sandbox_id: str,
+    who: Caller,
+    svc: Svc,
+    after: Annotated[int, Query(ge=0, description="id of the last event already seen")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> list[EgressEventOut]:
+    rows = await svc.sandboxes.network_log(who, sandbox_id, after_id=after, limit=limit)
+    return [EgressEventOut(**r) for r in rows]

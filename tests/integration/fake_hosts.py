@@ -1,0 +1,233 @@
+"""The fake internet's servers; runs inside the test-made network namespace (see fake_internet.py).
+
+One process serves, on the addresses of ``fake_internet.HOSTS``:
+- DNS on 198.51.100.53:53 (UDP and TCP), authoritative for ``test.``, recording every query;
+- HTTP on :80 and HTTPS on :443 (certificates from a test CA) of every host address, recording
+  every request (server address, SNI, Host, path, bytes received);
+- a UDP echo on :9999, a server-speaks-first banner on :2222, a byte sink on :9000 and a
+  sendfile byte source on :9001 (the client sends a byte count and a newline).
+
+Records are JSON lines in ``<dir>/queries.log`` and ``<dir>/requests.log``.
+Usage: python -m tests.integration.fake_hosts DIR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import sys
+import time
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+ZONE = {
+    "allowed.test": "198.51.100.10",
+    "www.allowed.test": "198.51.100.10",
+    "api.allowed.test": "198.51.100.10",
+    "blocked.test": "198.51.100.11",
+    "other.test": "198.51.100.12",
+    "banner.test": "198.51.100.12",
+    "literal.test": "203.0.113.10",
+    # DNS rebinding: an allowed-looking name pointing at places no sandbox may reach.
+    "rebind-loopback.test": "127.0.0.1",
+    "rebind-private.test": "10.0.0.1",
+    "rebind-metadata.test": "169.254.169.254",
+}
+HOST_IPS = ("198.51.100.10", "198.51.100.11", "198.51.100.12", "203.0.113.10")
+DNS_IP = "198.51.100.53"
+# SNI seen in each TLS handshake, by id of the connection's SSLObject.
+SNI: dict[int, str | None] = {}
+
+
+class Recorder:
+    def __init__(self, path: Path) -> None:
+        self._f = path.open("a", buffering=1)
+
+    def write(self, **record: object) -> None:
+        self._f.write(json.dumps({"t": time.time(), **record}) + "\n")
+
+
+def answer(data: bytes, queries: Recorder) -> bytes | None:
+    try:
+        q = dns.message.from_wire(data)
+    except Exception:
+        return None
+    r = dns.message.make_response(q)
+    r.flags |= dns.flags.AA
+    for question in q.question:
+        name = question.name.to_text(omit_final_dot=True).lower()
+        queries.write(name=name, type=dns.rdatatype.to_text(question.rdtype))
+        ip = ZONE.get(name)
+        if ip is None:
+            r.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            r.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", ip))
+    return bytes(r.to_wire())
+
+
+class DnsUdp(asyncio.DatagramProtocol):
+    def __init__(self, queries: Recorder) -> None:
+        self.queries = queries
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        out = answer(data, self.queries)
+        if out is not None:
+            self.transport.sendto(out, addr)  # type: ignore[attr-defined]
+
+
+async def dns_tcp(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queries: Recorder
+) -> None:
+    try:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        out = answer(await reader.readexactly(size), queries)
+        if out is not None:
+            writer.write(len(out).to_bytes(2, "big") + out)
+            await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+
+async def http(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    requests: Recorder,
+    scheme: str,
+) -> None:
+    sock_ip = writer.get_extra_info("sockname")[0]
+    ssl_obj = writer.get_extra_info("ssl_object")
+    sni = SNI.pop(id(ssl_obj), None) if ssl_obj is not None else None
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+            length = int(headers.get("content-length", "0"))
+            received = 0
+            while received < length:
+                chunk = await reader.read(min(1 << 20, length - received))
+                if not chunk:
+                    break
+                received += len(chunk)
+            requests.write(
+                scheme=scheme,
+                server=sock_ip,
+                sni=sni,
+                host=headers.get("host"),
+                method=method,
+                path=target,
+                received=received,
+            )
+            if target.startswith("/bytes/"):
+                n = int(target.split("/")[2])
+                writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n".encode())
+                block = b"x" * (1 << 20)
+                while n > 0:
+                    writer.write(block[: min(n, len(block))])
+                    n -= min(n, len(block))
+                    await writer.drain()
+            else:
+                body = f"hello from {sock_ip} host={headers.get('host')} sni={sni}\n".encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
+
+
+async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"SSH-2.0-fake_banner\r\n")
+    await writer.drain()
+    data = await reader.read(100)
+    writer.write(b"got:" + data)
+    await writer.drain()
+    writer.close()
+
+
+async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    total = 0
+    start = time.monotonic()
+    while chunk := await reader.read(1 << 20):
+        total += len(chunk)
+    writer.write(f"{total} {time.monotonic() - start:.6f}\n".encode())
+    await writer.drain()
+    writer.close()
+
+
+async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, zeros: Path) -> None:
+    """Sends as many bytes as the first line asks for, with sendfile: never the bottleneck."""
+    try:
+        n = int((await reader.readline()).strip())
+        loop = asyncio.get_running_loop()
+        with zeros.open("rb") as f:
+            size = zeros.stat().st_size
+            while n > 0:
+                chunk = min(n, size)
+                await loop.sendfile(writer.transport, f, 0, chunk)
+                n -= chunk
+        writer.write_eof()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+
+async def main(directory: Path) -> None:
+    queries = Recorder(directory / "queries.log")
+    requests = Recorder(directory / "requests.log")
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(lambda: DnsUdp(queries), local_addr=(DNS_IP, 53))
+    await asyncio.start_server(lambda r, w: dns_tcp(r, w, queries), DNS_IP, 53)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(directory / "server.pem")
+
+    def remember_sni(obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        SNI[id(obj)] = name
+
+    tls.sni_callback = remember_sni
+    for ip in HOST_IPS:
+        await asyncio.start_server(lambda r, w: http(r, w, requests, "http"), ip, 80)
+        await asyncio.start_server(lambda r, w: http(r, w, requests, "https"), ip, 443, ssl=tls)
+        await loop.create_datagram_endpoint(Echo, local_addr=(ip, 9999))
+        await asyncio.start_server(banner, ip, 2222)
+        await asyncio.start_server(sink, ip, 9000)
+    zeros = directory / "zeros"
+    with zeros.open("wb") as f:
+        f.truncate(64 << 20)
+    for ip in HOST_IPS:
+        await asyncio.start_server(lambda r, w: source(r, w, zeros), ip, 9001)
+    (directory / "ready").touch()
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1])))
