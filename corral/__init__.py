@@ -18,14 +18,17 @@ if TYPE_CHECKING:
         AsyncPty,
         AsyncSandbox,
         Client,
+        EgressEvent,
         ExecResult,
         FileInfo,
+        NetworkInfo,
         Process,
         ProcessInfo,
         Pty,
         Sandbox,
         SandboxInfo,
         TemplateInfo,
+        network_policy,
     )
 
 __version__ = "0.1.0"
@@ -36,8 +39,10 @@ __all__ = [
     "AsyncPty",
     "AsyncSandbox",
     "Client",
+    "EgressEvent",
     "ExecResult",
     "FileInfo",
+    "NetworkInfo",
     "Process",
     "ProcessInfo",
     "Pty",
@@ -46,6 +51,7 @@ __all__ = [
     "TemplateInfo",
     "__version__",
     "errors",
+    "network_policy",
 ]
 
 _LAZY = frozenset(__all__) - {"__version__", "errors"}

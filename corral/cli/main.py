@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -118,6 +119,8 @@ app = typer.Typer(
 )
 template_app = typer.Typer(help="List and build templates.", no_args_is_help=True)
 app.add_typer(template_app, name="template")
+net_app = typer.Typer(help="A sandbox's network policy and egress log.", no_args_is_help=True)
+app.add_typer(net_app, name="net")
 
 
 class _Conn:
@@ -178,19 +181,114 @@ MetaOpt = Annotated[
 ]
 
 
+class Preset(StrEnum):
+    none = "none"
+    registries = "registries"
+    public = "public"
+
+
+_NET = "Network"
+AllowDomainOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-domain",
+        help="Allow a domain (example.com or *.example.com), repeatable.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+AllowCidrOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-cidr",
+        help="Allow a network (203.0.113.0/24) or address, repeatable.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+DenyDomainOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--deny-domain",
+        help="Deny a domain even if an allow matches, repeatable.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+DenyCidrOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--deny-cidr",
+        help="Deny a network even if an allow matches, repeatable.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+PortOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--port",
+        help="Limit the --allow-* rules to this port or range (443, 8000-8100), repeatable.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+PresetOpt = Annotated[
+    Preset | None,
+    typer.Option(
+        help="Rules to start from: none, registries (PyPI, npm, Debian, GitHub) or public.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+EgressOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Egress rate limit in Mbit/s (default: the server's).",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+PolicyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="The whole policy as a JSON document ('-': stdin); not with the other flags.",
+        show_default=False,
+        rich_help_panel=_NET,
+    ),
+]
+
+
 @app.command()
 def server(
-    listen: Annotated[str, typer.Option(help="Address and port to listen on.")] = "127.0.0.1:7700",
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Address and port to listen on [default: 127.0.0.1:7700].", show_default=False
+        ),
+    ] = None,
     data_dir: Annotated[
-        Path, typer.Option(help="State, keys and templates.", envvar="CORRAL_DATA_DIR")
-    ] = Path("/var/lib/corral"),
+        Path | None,
+        typer.Option(
+            help="State, keys and templates [default: /var/lib/corral].",
+            envvar="CORRAL_DATA_DIR",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Server settings (TOML or JSON; see docs/network.md).", exists=True),
+    ] = None,
 ) -> None:
     """Run the corral API server in the foreground."""
     try:
         from corral.api.server import run_server
     except ImportError as exc:
         raise CorralError(f"the corral server cannot start: {exc}") from exc
-    run_server(listen, data_dir)
+    try:
+        run_server(listen, data_dir, config_file=config)
+    except ValueError as exc:  # pydantic's ValidationError, a bad TOML/JSON file
+        raise CorralError(f"invalid server config: {exc}") from exc
 
 
 @app.command()
@@ -209,12 +307,39 @@ def create(
     ] = None,
     env: EnvOpt = None,
     metadata: MetaOpt = None,
+    allow_domain: AllowDomainOpt = None,
+    allow_cidr: AllowCidrOpt = None,
+    deny_domain: DenyDomainOpt = None,
+    deny_cidr: DenyCidrOpt = None,
+    port: PortOpt = None,
+    preset: PresetOpt = None,
+    egress_mbit: EgressOpt = None,
+    network_file: PolicyFileOpt = None,
+    public_ports: Annotated[
+        bool,
+        typer.Option(
+            "--public-ports",
+            help="Serve the sandbox's ports without its access token.",
+            rich_help_panel=_NET,
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a sandbox and print its id."""
+    """Start a sandbox and print its id. Egress is denied unless the network flags allow it."""
+    from corral.cli._net import policy_from_flags
     from corral.cli._output import print_json
     from corral.sdk.sandbox import Sandbox
 
+    policy = policy_from_flags(
+        file=network_file,
+        preset=None if preset is None else preset.value,
+        allow_domains=allow_domain,
+        allow_cidrs=allow_cidr,
+        deny_domains=deny_domain,
+        deny_cidrs=deny_cidr,
+        ports=port,
+        egress_mbit=egress_mbit,
+    )
     conn = _conn(ctx)
     sbx = Sandbox.create(
         template,
@@ -224,6 +349,8 @@ def create(
         timeout=timeout,
         env=_pairs(env, "--env"),
         metadata=_pairs(metadata, "--metadata"),
+        network=policy,
+        public_ports=public_ports,
         api_key=conn.api_key,
         base_url=conn.url,
     )
@@ -270,6 +397,9 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one sandbox."""
+    from rich.text import Text
+
+    from corral.cli._net import network_rows
     from corral.cli._output import console, print_json, sandbox_detail
     from corral.sdk.sandbox import Sandbox
 
@@ -282,7 +412,35 @@ def info(
     if as_json:
         print_json(dict(details.raw))
     else:
-        console().print(sandbox_detail(details))
+        table = sandbox_detail(details)
+        for key, value in network_rows(details):
+            table.add_row(key, Text(value))
+        console().print(table)
+
+
+@app.command()
+def url(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    port: Annotated[int, typer.Argument(metavar="PORT", min=1, max=65535)],
+    path: Annotated[str, typer.Option(help="Path (and query) inside the port.")] = "/",
+    with_token: Annotated[
+        bool,
+        typer.Option(
+            "--with-token",
+            help="Put the access token in the URL (it then ends up in logs and history).",
+        ),
+    ] = False,
+) -> None:
+    """Print the URL that reaches PORT inside a sandbox through the server."""
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        typer.echo(sbx.get_url(port, path, with_token=with_token))
+    finally:
+        sbx.close()
 
 
 @app.command("exec")
@@ -424,6 +582,134 @@ def kill(
         print_json(results)
     if failed:
         raise typer.Exit(EXIT_FAILURE)
+
+
+@net_app.command("show")
+def net_show(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a sandbox's address, policy and proxy."""
+    from corral.cli._net import network_table
+    from corral.cli._output import console, print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        net = sbx.network.info()
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(net.raw))
+    else:
+        console().print(network_table(net))
+
+
+@net_app.command("update")
+def net_update(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    allow_domain: AllowDomainOpt = None,
+    allow_cidr: AllowCidrOpt = None,
+    deny_domain: DenyDomainOpt = None,
+    deny_cidr: DenyCidrOpt = None,
+    port: PortOpt = None,
+    preset: PresetOpt = None,
+    egress_mbit: EgressOpt = None,
+    file: PolicyFileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace a sandbox's whole policy; on a bad rule the old one stays in force.
+
+    '--preset none' alone denies everything.
+    """
+    from corral.cli._net import network_table, policy_from_flags
+    from corral.cli._output import console, print_json
+    from corral.sdk.sandbox import Sandbox
+
+    policy = policy_from_flags(
+        file=file,
+        preset=None if preset is None else preset.value,
+        allow_domains=allow_domain,
+        allow_cidrs=allow_cidr,
+        deny_domains=deny_domain,
+        deny_cidrs=deny_cidr,
+        ports=port,
+        egress_mbit=egress_mbit,
+    )
+    if policy is None:
+        # An empty update would silently cut the sandbox off; make that an explicit choice.
+        raise InvalidRequestError(
+            "no policy given: use --file or the --allow-*/--deny-*/--preset flags "
+            "('--preset none' alone denies everything)"
+        )
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        net = sbx.network.update(policy)
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(net.raw))
+    else:
+        console().print(network_table(net))
+
+
+@net_app.command("log")
+def net_log(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing new events until the sandbox ends."),
+    ] = False,
+    after: Annotated[int, typer.Option(min=0, help="Only events after this event id.")] = 0,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10000, help="At most this many events per request.")
+    ] = 1000,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between polls with --follow.")
+    ] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a sandbox's egress decisions (DNS queries and connections), oldest first.
+
+    With --json: a JSON list, or one JSON object a line with --follow.
+    """
+    import json
+
+    from corral.cli._net import egress_table, follow_log
+    from corral.cli._output import console, print_json
+    from corral.sdk.models import EgressEvent
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        events = sbx.network.log(after=after, limit=limit)
+        if not follow:
+            if as_json:
+                print_json([dict(e.raw) for e in events])
+            elif events:
+                console().print(egress_table(events))
+            return
+        header = True
+
+        def emit(batch: list[EgressEvent]) -> None:
+            nonlocal header
+            if as_json:
+                for e in batch:
+                    sys.stdout.write(json.dumps(dict(e.raw), default=str) + "\n")
+                sys.stdout.flush()
+            else:
+                console().print(egress_table(batch, header=header))
+                header = False
+
+        follow_log(sbx, events, after=after, limit=limit, interval=interval, emit=emit)
+    finally:
+        sbx.close()
 
 
 @template_app.command("list")

@@ -6,35 +6,41 @@
 
 from __future__ import annotations
 
+from corral.sdk._wire import network_policy
 from corral.sdk.async_sandbox import (
     AsyncClient,
     AsyncFiles,
+    AsyncNetwork,
     AsyncProcess,
     AsyncProcesses,
     AsyncPty,
     AsyncSandbox,
 )
 from corral.sdk.models import (
+    EgressEvent,
     ExecEvent,
     ExecExit,
     ExecOutput,
     ExecResult,
     ExecStart,
     FileInfo,
+    NetworkInfo,
     ProcessInfo,
     SandboxInfo,
     TemplateInfo,
 )
-from corral.sdk.sandbox import Client, Files, Process, Processes, Pty, Sandbox
+from corral.sdk.sandbox import Client, Files, Network, Process, Processes, Pty, Sandbox
 
 __all__ = [
     "AsyncClient",
     "AsyncFiles",
+    "AsyncNetwork",
     "AsyncProcess",
     "AsyncProcesses",
     "AsyncPty",
     "AsyncSandbox",
     "Client",
+    "EgressEvent",
     "ExecEvent",
     "ExecExit",
     "ExecOutput",
@@ -42,6 +48,8 @@ __all__ = [
     "ExecStart",
     "FileInfo",
     "Files",
+    "Network",
+    "NetworkInfo",
     "Process",
     "ProcessInfo",
     "Processes",
@@ -49,4 +57,5 @@ __all__ = [
     "Sandbox",
     "SandboxInfo",
     "TemplateInfo",
+    "network_policy",
 ]

@@ -13,7 +13,7 @@ import codecs
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -30,7 +30,7 @@ from corral.errors import (
     TimeoutError,
     error_from_code,
 )
-from corral.sdk.models import ExecEvent, ExecExit, ExecOutput, ExecResult, ExecStart
+from corral.sdk.models import ExecEvent, ExecExit, ExecOutput, ExecResult, ExecStart, SandboxInfo
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -39,7 +39,9 @@ __all__ = [
     "WS_MAX_SIZE",
     "Call",
     "ExecCollector",
+    "Names",
     "NdjsonDecoder",
+    "PolicyLike",
     "PtyState",
     "TextCallback",
     "auth_headers",
@@ -47,6 +49,10 @@ __all__ = [
     "error_from_response",
     "error_from_transport",
     "error_from_ws_open",
+    "ingress_token",
+    "ingress_url",
+    "network_document",
+    "network_policy",
     "parse_exec_event",
     "parse_exists",
     "parse_file_count",
@@ -138,6 +144,8 @@ class calls:
         timeout: int | None,
         env: Mapping[str, str] | None,
         metadata: Mapping[str, str] | None,
+        network: Mapping[str, Any] | None = None,
+        public_ports: bool = False,
     ) -> Call:
         body = _drop_none(
             {
@@ -148,6 +156,9 @@ class calls:
                 "timeout": timeout,
                 "env": None if env is None else dict(env),
                 "metadata": None if metadata is None else dict(metadata),
+                # Omitted rather than null: the server's default for no policy is deny-all.
+                "network": None if network is None else dict(network),
+                "public_ports": True if public_ports else None,
             }
         )
         return Call("POST", "/v1/sandboxes", body=body)
@@ -171,6 +182,22 @@ class calls:
     @staticmethod
     def delete_sandbox(sandbox_id: str) -> Call:
         return Call("DELETE", _sb(sandbox_id))
+
+    @staticmethod
+    def get_network(sandbox_id: str) -> Call:
+        return Call("GET", f"{_sb(sandbox_id)}/network")
+
+    @staticmethod
+    def update_network(sandbox_id: str, policy: Mapping[str, Any]) -> Call:
+        return Call("PATCH", f"{_sb(sandbox_id)}/network", body=dict(policy))
+
+    @staticmethod
+    def network_log(sandbox_id: str, after: int, limit: int) -> Call:
+        return Call(
+            "GET",
+            f"{_sb(sandbox_id)}/network/log",
+            params=(("after", str(int(after))), ("limit", str(int(limit)))),
+        )
 
     @staticmethod
     def exec(
@@ -305,6 +332,166 @@ class calls:
             params=(("force", _bool(force)),),
             read_timeout=None,
         )
+
+
+class _ModelDump(Protocol):
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+# A policy document as a plain mapping, or a pydantic model of one (the server's NetworkPolicy).
+PolicyLike = Mapping[str, Any] | _ModelDump
+
+Names = str | Sequence[str]
+
+
+def _names(value: Names | None, what: str) -> list[str]:
+    # A lone string is one name, not a sequence of one-letter names.
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise InvalidRequestError(f"{what}: {item!r} is not a domain or CIDR string")
+    return items
+
+
+def network_policy(
+    preset: str | None = None,
+    *,
+    allow_domains: Names | None = None,
+    allow_cidrs: Names | None = None,
+    deny_domains: Names | None = None,
+    deny_cidrs: Names | None = None,
+    ports: int | str | Sequence[int | str] | None = None,
+    egress_mbit: float | None = None,
+) -> dict[str, Any]:
+    """A network policy document (docs/sdk.md, Networking) from the common cases.
+
+    ``preset`` is ``"none"`` (the default), ``"registries"`` or ``"public"``. Domains are exact
+    (``"pypi.org"``) or a wildcard suffix (``"*.github.com"``); CIDRs may be one address.
+    ``ports`` (443, ``"8000-8100"`` or a list of them) restricts the allow rules built here;
+    deny rules cover every port. The server checks the document and names any bad rule.
+    Nothing given: deny all.
+    """
+    if isinstance(ports, bool):
+        raise InvalidRequestError(f"ports: {ports!r} is not a port number or range")
+    port_list = None if ports is None else [ports] if isinstance(ports, int | str) else list(ports)
+    extra = {} if port_list is None else {"ports": port_list}
+    allow = [{"domain": d, **extra} for d in _names(allow_domains, "allow_domains")]
+    allow += [{"cidr": c, **extra} for c in _names(allow_cidrs, "allow_cidrs")]
+    deny = [{"domain": d} for d in _names(deny_domains, "deny_domains")]
+    deny += [{"cidr": c} for c in _names(deny_cidrs, "deny_cidrs")]
+    if port_list is not None and not allow:
+        raise InvalidRequestError("ports restricts allow_domains/allow_cidrs; none were given")
+    doc: dict[str, Any] = {}
+    if preset is not None:
+        doc["preset"] = preset
+    if allow:
+        doc["allow"] = allow
+    if deny:
+        doc["deny"] = deny
+    if egress_mbit is not None:
+        doc["egress_mbit"] = egress_mbit
+    return doc
+
+
+def _as_document(policy: PolicyLike) -> dict[str, Any]:
+    if isinstance(policy, Mapping):
+        return dict(policy)
+    dump = getattr(policy, "model_dump", None)
+    if callable(dump):
+        doc = dump(mode="json")
+        if isinstance(doc, dict):
+            return doc
+    raise InvalidRequestError(
+        f"a network policy must be a mapping (see corral.network_policy), "
+        f"not {type(policy).__name__}"
+    )
+
+
+def network_document(
+    policy: PolicyLike | None,
+    *,
+    preset: str | None = None,
+    allow_domains: Names | None = None,
+    allow_cidrs: Names | None = None,
+    deny_domains: Names | None = None,
+    deny_cidrs: Names | None = None,
+    ports: int | str | Sequence[int | str] | None = None,
+    egress_mbit: float | None = None,
+) -> dict[str, Any] | None:
+    """The document to send: ``policy`` as given, or one built from the shortcut arguments;
+    None when neither was given. Both at once is ambiguous, so refused."""
+    shortcuts = {
+        "preset": preset,
+        "allow_domains": allow_domains,
+        "allow_cidrs": allow_cidrs,
+        "deny_domains": deny_domains,
+        "deny_cidrs": deny_cidrs,
+        "ports": ports,
+        "egress_mbit": egress_mbit,
+    }
+    given = [name for name, value in shortcuts.items() if value is not None]
+    if policy is not None:
+        if given:
+            raise InvalidRequestError(
+                f"give either a whole policy or {'/'.join(given)}, not both "
+                "(build one document with corral.network_policy)"
+            )
+        return _as_document(policy)
+    if not given:
+        return None
+    return network_policy(
+        preset,
+        allow_domains=allow_domains,
+        allow_cidrs=allow_cidrs,
+        deny_domains=deny_domains,
+        deny_cidrs=deny_cidrs,
+        ports=ports,
+        egress_mbit=egress_mbit,
+    )
+
+
+def ingress_token(info: SandboxInfo) -> str | None:
+    """The token a request to the sandbox's ports must carry; None when they are public (the
+    server may still hold one, but handing it out then would only spread it)."""
+    return None if info.public_ports else info.access_token
+
+
+def ingress_url(
+    base_url: str,
+    sandbox_id: str,
+    port: int,
+    path: str = "/",
+    *,
+    ingress_domain: str | None = None,
+    token: str | None = None,
+) -> str:
+    """The URL of a sandbox port through the server.
+
+    Host form ``{scheme}://{port}-{id}.{ingress_domain}[:{server port}]/path`` when the server
+    has an ingress domain (scheme and port of ``base_url``), else the path form
+    ``{base_url}/sandboxes/{id}/ports/{port}/path``. ``token`` is appended as ``corral_token``.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidRequestError(f"port {port!r} is not a port number (1-65535)")
+    if not isinstance(path, str):
+        raise InvalidRequestError(f"path {path!r} is not a string")
+    rest, has_fragment, fragment = path.partition("#")
+    route, _, query = rest.partition("?")
+    # "//x" would otherwise read as a host name to whoever parses the URL.
+    route = "/" + route.lstrip("/")
+    if token is not None:
+        query = (f"{query}&" if query else "") + urlencode({"corral_token": token})
+    tail = route + (f"?{query}" if query else "") + (f"#{fragment}" if has_fragment else "")
+    if not ingress_domain:
+        return f"{base_url.rstrip('/')}/sandboxes/{_seg(sandbox_id)}/ports/{port}{tail}"
+    parts = urlsplit(base_url)
+    label = f"{port}-{sandbox_id}".lower()
+    if not all((c.isascii() and c.isalnum()) or c == "-" for c in label):
+        raise InvalidRequestError(f"sandbox id {sandbox_id!r} cannot be part of a host name")
+    server_port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{label}.{ingress_domain.strip('.')}{server_port}{tail}"
 
 
 def pty_path(sandbox_id: str) -> str:

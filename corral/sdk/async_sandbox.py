@@ -28,9 +28,14 @@ from corral.sdk._wire import (
     USER_AGENT,
     WS_MAX_SIZE,
     ExecCollector,
+    Names,
+    PolicyLike,
     PtyState,
     calls,
     error_from_ws_open,
+    ingress_token,
+    ingress_url,
+    network_document,
     parse_exists,
     parse_file_count,
     parse_list,
@@ -42,9 +47,11 @@ from corral.sdk._wire import (
     ws_url,
 )
 from corral.sdk.models import (
+    EgressEvent,
     ExecEvent,
     ExecResult,
     FileInfo,
+    NetworkInfo,
     ProcessInfo,
     SandboxInfo,
     TemplateInfo,
@@ -53,6 +60,7 @@ from corral.sdk.models import (
 __all__ = [
     "AsyncClient",
     "AsyncFiles",
+    "AsyncNetwork",
     "AsyncProcess",
     "AsyncProcesses",
     "AsyncPty",
@@ -232,6 +240,42 @@ class AsyncFiles:
                 await chunks.aclose()
 
 
+class AsyncNetwork:
+    """The sandbox's network policy and egress log; see ``corral.sdk.sandbox.Network``."""
+
+    def __init__(self, http: AsyncHttp, sandbox_id: str) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+
+    async def info(self) -> NetworkInfo:
+        return NetworkInfo.from_json(await self._http.json(calls.get_network(self._sandbox_id)))
+
+    async def update(
+        self,
+        policy: PolicyLike | None = None,
+        *,
+        preset: str | None = None,
+        allow_domains: Names | None = None,
+        allow_cidrs: Names | None = None,
+        deny_domains: Names | None = None,
+        deny_cidrs: Names | None = None,
+        ports: int | str | Sequence[int | str] | None = None,
+        egress_mbit: float | None = None,
+    ) -> NetworkInfo:
+        """Replace the whole policy (nothing given: deny all); see ``Network.update``."""
+        doc = network_document(
+            policy, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs,
+            deny_domains=deny_domains, deny_cidrs=deny_cidrs, ports=ports,
+            egress_mbit=egress_mbit,
+        )  # fmt: skip
+        call = calls.update_network(self._sandbox_id, doc or {})
+        return NetworkInfo.from_json(await self._http.json(call))
+
+    async def log(self, after: int = 0, limit: int = 1000) -> builtins.list[EgressEvent]:
+        obj = await self._http.json(calls.network_log(self._sandbox_id, after, limit))
+        return [EgressEvent.from_json(e) for e in parse_list(obj, "egress event")]
+
+
 class AsyncPty:
     """An interactive terminal; output goes to ``on_data`` from a reader task."""
 
@@ -385,6 +429,7 @@ class AsyncSandbox:
         self._info = info
         self.files = AsyncFiles(http, sandbox_id)
         self.processes = AsyncProcesses(http, sandbox_id)
+        self.network = AsyncNetwork(http, sandbox_id)
 
     @classmethod
     async def create(
@@ -397,12 +442,24 @@ class AsyncSandbox:
         timeout: int | None = None,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
+        network: PolicyLike | None = None,
+        allow_domains: Names | None = None,
+        allow_cidrs: Names | None = None,
+        preset: str | None = None,
+        public_ports: bool = False,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> AsyncSandbox:
+        """See ``Sandbox.create``."""
+        doc = network_document(
+            network, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs
+        )
         http = AsyncHttp(resolve_config(api_key, base_url))
         try:
-            call = calls.create_sandbox(template, cpu, memory_mb, disk_mb, timeout, env, metadata)
+            call = calls.create_sandbox(
+                template, cpu, memory_mb, disk_mb, timeout, env, metadata,
+                network=doc, public_ports=public_ports,
+            )  # fmt: skip
             info = SandboxInfo.from_json(await http.json(call))
         except BaseException:
             await http.close()
@@ -447,6 +504,26 @@ class AsyncSandbox:
     async def info(self) -> SandboxInfo:
         self._info = SandboxInfo.from_json(await self._http.json(calls.get_sandbox(self._id)))
         return self._info
+
+    def _known(self) -> SandboxInfo:
+        # Set by create/connect; the token and ingress domain never change afterwards.
+        if self._info is None:
+            raise CorralError(f"nothing known about sandbox {self._id} yet; await info() first")
+        return self._info
+
+    @property
+    def access_token(self) -> str | None:
+        """See ``Sandbox.access_token``."""
+        return ingress_token(self._known())
+
+    def get_url(self, port: int, path: str = "/", *, with_token: bool = False) -> str:
+        """See ``Sandbox.get_url``; not awaited, it only needs what create/connect answered."""
+        info = self._known()
+        return ingress_url(
+            self._http.config.base_url, self._id, port, path,
+            ingress_domain=info.ingress_domain,
+            token=ingress_token(info) if with_token else None,
+        )  # fmt: skip
 
     @overload
     async def exec(

@@ -10,12 +10,14 @@ from typing import Any, Literal
 from corral.errors import CorralError
 
 __all__ = [
+    "EgressEvent",
     "ExecEvent",
     "ExecExit",
     "ExecOutput",
     "ExecResult",
     "ExecStart",
     "FileInfo",
+    "NetworkInfo",
     "ProcessInfo",
     "SandboxInfo",
     "TemplateInfo",
@@ -54,6 +56,35 @@ def _str_map(value: object) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """A sandbox's network: its address, the policy in force, and the explicit proxy."""
+
+    address: str | None
+    # The policy document as the server stores it (defaults filled in), see ``network_policy``.
+    policy: dict[str, Any]
+    # An HTTP(S) proxy URL for tools that want one; traffic is filtered with or without it.
+    proxy: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> NetworkInfo:
+        d = _obj("network", obj)
+        policy = d.get("policy")
+        if not isinstance(policy, Mapping):
+            raise _malformed("network", obj)
+        return cls(
+            address=_opt_str(d.get("address")),
+            policy=dict(policy),
+            proxy=_opt_str(d.get("proxy")),
+            raw=dict(d),
+        )
+
+
 @dataclass(frozen=True)
 class SandboxInfo:
     id: str
@@ -69,6 +100,15 @@ class SandboxInfo:
     created_at: datetime | None = None
     expires_at: datetime | None = None
     error: str | None = None
+    # The sandbox's address inside the corral subnet (None: created without a network).
+    address: str | None = None
+    # The network policy document in force (None: the server has networking disabled).
+    network: dict[str, Any] | None = None
+    # Presented to reach the sandbox's ports through the server; None when they are public.
+    access_token: str | None = None
+    public_ports: bool = False
+    # Set when the server also serves ports as "{port}-{id}.{ingress_domain}".
+    ingress_domain: str | None = None
     # The object exactly as the server sent it, for --json output and fields newer than this SDK.
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -76,6 +116,7 @@ class SandboxInfo:
     def from_json(cls, obj: object) -> SandboxInfo:
         d = _obj("sandbox", obj)
         try:
+            net = None if d.get("network") is None else NetworkInfo.from_json(d["network"])
             return cls(
                 id=str(d["id"]),
                 state=str(d["state"]),
@@ -90,6 +131,11 @@ class SandboxInfo:
                 created_at=_time(d.get("created_at")),
                 expires_at=_time(d.get("expires_at")),
                 error=None if d.get("error") is None else str(d["error"]),
+                address=None if net is None else net.address,
+                network=None if net is None else net.policy,
+                access_token=_opt_str(d.get("access_token")),
+                public_ports=bool(d.get("public_ports")),
+                ingress_domain=_opt_str(d.get("ingress_domain")) or None,
                 raw=dict(d),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -195,6 +241,47 @@ class TemplateInfo:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _malformed("template", obj) from exc
+
+
+@dataclass(frozen=True)
+class EgressEvent:
+    """One decision about traffic leaving a sandbox: a DNS query or a connection."""
+
+    id: int  # increasing; pass the last one seen as ``after`` to get only newer events
+    time: datetime | None
+    kind: str  # "dns", "tcp" or "udp"
+    decision: str  # "allow" or "deny"
+    reason: str  # which rule decided, or why nothing could allow it
+    name: str | None = None  # the DNS name, TLS SNI or HTTP Host, when there is one
+    ip: str | None = None
+    port: int | None = None
+    bytes_out: int = 0  # sandbox -> world
+    bytes_in: int = 0  # world -> sandbox
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision == "allow"
+
+    @classmethod
+    def from_json(cls, obj: object) -> EgressEvent:
+        d = _obj("egress event", obj)
+        try:
+            return cls(
+                id=int(d["id"]),
+                time=_time(d.get("time")),
+                kind=str(d.get("kind") or ""),
+                decision=str(d.get("decision") or ""),
+                reason=str(d.get("reason") or ""),
+                name=_opt_str(d.get("name")),
+                ip=_opt_str(d.get("ip")),
+                port=None if d.get("port") is None else int(d["port"]),
+                bytes_out=int(d.get("bytes_out") or 0),
+                bytes_in=int(d.get("bytes_in") or 0),
+                raw=dict(d),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("egress event", obj) from exc
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,15 @@ from corral.sdk._wire import (
     USER_AGENT,
     WS_MAX_SIZE,
     ExecCollector,
+    Names,
+    PolicyLike,
     PtyState,
     TextCallback,
     calls,
     error_from_ws_open,
+    ingress_token,
+    ingress_url,
+    network_document,
     parse_exists,
     parse_file_count,
     parse_list,
@@ -47,15 +52,17 @@ from corral.sdk._wire import (
     ws_url,
 )
 from corral.sdk.models import (
+    EgressEvent,
     ExecEvent,
     ExecResult,
     FileInfo,
+    NetworkInfo,
     ProcessInfo,
     SandboxInfo,
     TemplateInfo,
 )
 
-__all__ = ["Client", "Files", "Process", "Processes", "Pty", "Sandbox"]
+__all__ = ["Client", "Files", "Network", "Process", "Processes", "Pty", "Sandbox"]
 
 DataCallback = Callable[[bytes], object]
 
@@ -207,6 +214,52 @@ class Files:
         archive can land outside it. Answers the number of entries written."""
         with self._http.stream(calls.get_tar(self._sandbox_id, remote_dir)) as resp:
             return extract_tar(ChunkReader(self._http.iter_bytes(resp)), local_dir)
+
+
+class Network:
+    """The sandbox's network policy and egress log (``sbx.network``)."""
+
+    def __init__(self, http: SyncHttp, sandbox_id: str) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+
+    def info(self) -> NetworkInfo:
+        """The sandbox's address, the policy in force and the explicit proxy URL."""
+        return NetworkInfo.from_json(self._http.json(calls.get_network(self._sandbox_id)))
+
+    def update(
+        self,
+        policy: PolicyLike | None = None,
+        *,
+        preset: str | None = None,
+        allow_domains: Names | None = None,
+        allow_cidrs: Names | None = None,
+        deny_domains: Names | None = None,
+        deny_cidrs: Names | None = None,
+        ports: int | str | Sequence[int | str] | None = None,
+        egress_mbit: float | None = None,
+    ) -> NetworkInfo:
+        """Replace the whole policy (nothing given: deny all); new connections follow it.
+
+        A bad rule raises ``InvalidRequestError`` naming it, and the old policy stays in force.
+        """
+        doc = network_document(
+            policy,
+            preset=preset,
+            allow_domains=allow_domains,
+            allow_cidrs=allow_cidrs,
+            deny_domains=deny_domains,
+            deny_cidrs=deny_cidrs,
+            ports=ports,
+            egress_mbit=egress_mbit,
+        )
+        call = calls.update_network(self._sandbox_id, doc or {})
+        return NetworkInfo.from_json(self._http.json(call))
+
+    def log(self, after: int = 0, limit: int = 1000) -> builtins.list[EgressEvent]:
+        """Egress decisions oldest first, those with an id above ``after`` (at most ``limit``)."""
+        obj = self._http.json(calls.network_log(self._sandbox_id, after, limit))
+        return [EgressEvent.from_json(e) for e in parse_list(obj, "egress event")]
 
 
 class Pty:
@@ -369,6 +422,7 @@ class Sandbox:
         self._info = info
         self.files = Files(http, sandbox_id)
         self.processes = Processes(http, sandbox_id)
+        self.network = Network(http, sandbox_id)
 
     @classmethod
     def create(
@@ -381,16 +435,37 @@ class Sandbox:
         timeout: int | None = None,
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
+        network: PolicyLike | None = None,
+        allow_domains: Names | None = None,
+        allow_cidrs: Names | None = None,
+        preset: str | None = None,
+        public_ports: bool = False,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Sandbox:
         """Start a sandbox; it is running and answering when this returns.
 
-        ``timeout`` is its lifetime in seconds (the server's default when None).
+        ``timeout`` is its lifetime in seconds (the server's default when None). Egress is
+        denied unless ``network`` (a policy document, see ``corral.network_policy``) or the
+        ``allow_domains``/``allow_cidrs``/``preset`` shortcuts allow it. ``public_ports`` lets
+        anyone reach its ports through the server without the access token.
         """
+        doc = network_document(
+            network, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs
+        )
         http = SyncHttp(resolve_config(api_key, base_url))
         try:
-            call = calls.create_sandbox(template, cpu, memory_mb, disk_mb, timeout, env, metadata)
+            call = calls.create_sandbox(
+                template,
+                cpu,
+                memory_mb,
+                disk_mb,
+                timeout,
+                env,
+                metadata,
+                network=doc,
+                public_ports=public_ports,
+            )
             info = SandboxInfo.from_json(http.json(call))
         except BaseException:
             http.close()
@@ -434,6 +509,34 @@ class Sandbox:
     def info(self) -> SandboxInfo:
         self._info = SandboxInfo.from_json(self._http.json(calls.get_sandbox(self._id)))
         return self._info
+
+    def _known(self) -> SandboxInfo:
+        # The token and ingress domain never change, so the answer of create/connect will do.
+        return self._info if self._info is not None else self.info()
+
+    @property
+    def access_token(self) -> str | None:
+        """What ``get_url`` appends with ``with_token=True`` (send it as the
+        ``X-Corral-Access-Token`` header instead where you can); None when ports are public."""
+        return ingress_token(self._known())
+
+    def get_url(self, port: int, path: str = "/", *, with_token: bool = False) -> str:
+        """The URL of ``port`` inside the sandbox, served through the corral server.
+
+        The host form ``{port}-{id}.{domain}`` when the server has an ingress domain, else the
+        path form ``{base_url}/sandboxes/{id}/ports/{port}/``. Unless the sandbox was created
+        with ``public_ports``, requests need ``access_token``; ``with_token`` puts it in the URL
+        (as ``corral_token``), which is handy for browsers but lands in logs and history.
+        """
+        info = self._known()
+        return ingress_url(
+            self._http.config.base_url,
+            self._id,
+            port,
+            path,
+            ingress_domain=info.ingress_domain,
+            token=ingress_token(info) if with_token else None,
+        )
 
     @overload
     def exec(
