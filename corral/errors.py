@@ -18,6 +18,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PortUnreachableError",
     "QuotaExceededError",
     "RuntimeFailure",
     "SandboxNotRunningError",
@@ -79,6 +80,13 @@ class TimeoutError(CorralError, builtins.TimeoutError):
     status = 504
 
 
+class PortUnreachableError(CorralError):
+    """Nothing usable answers on a sandbox's port (ingress): refused, reset, or not HTTP."""
+
+    code = "port_unreachable"
+    status = 502  # Bad Gateway: the server is fine, the sandbox's side is not
+
+
 class RuntimeFailure(CorralError):
     """The isolation layer (OCI runtime, kernel, QEMU) failed; the message carries its words."""
 
@@ -98,6 +106,7 @@ _BY_CODE: dict[str, type[CorralError]] = {
         SandboxNotRunningError,
         QuotaExceededError,
         TimeoutError,
+        PortUnreachableError,
         RuntimeFailure,
     )
 }

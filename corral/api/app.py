@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
-from corral.api.routes import files, processes, sandboxes, templates, tenants
+from corral.api.routes import files, ports, processes, sandboxes, templates, tenants
 from corral.config import ServerConfig
+from corral.core.ingress import IngressService
 from corral.core.services import Services
 from corral.errors import CorralError
 from corral.runtime.base import Runtime
@@ -55,9 +56,11 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await Services.open(config, runtime)
         app.state.services = services
+        app.state.ingress = ingress = IngressService(services.sandboxes)
         try:
             yield
         finally:
+            await ingress.close()
             await services.close()
 
     app = FastAPI(title="corral", version=__version__, lifespan=lifespan)
@@ -82,6 +85,15 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    for r in (sandboxes.router, processes.router, files.router, templates.router, tenants.router):
+    for r in (
+        sandboxes.router,
+        processes.router,
+        files.router,
+        templates.router,
+        tenants.router,
+        ports.router,
+    ):
         app.include_router(r)
+    if config.network.ingress_domain:
+        app.add_middleware(ports.HostIngress, domain=config.network.ingress_domain)
     return app
