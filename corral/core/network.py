@@ -138,7 +138,14 @@ class NetworkService:
                 f"egress_mbit must be between 0 (unlimited) and {self._cfg.max_egress_mbit}, "
                 f"got {rate}"
             )
-        return compile_policy(policy, self._guard)
+        compiled = compile_policy(policy, self._guard)
+        for i, rule in enumerate(policy.allow, 1):
+            if rule.cidr is not None and ipaddress.ip_network(rule.cidr, strict=False).version == 6:
+                raise InvalidRequestError(
+                    f"allow rule {i}: IPv6 egress is not available yet (sandboxes have IPv4 "
+                    f"only, so {rule.cidr} could never be reached)"
+                )
+        return compiled
 
     def _rate(self, policy: NetworkPolicy) -> float:
         return (

@@ -323,6 +323,7 @@ class DnsResolver:
         burst: float = 400.0,
         tcp_idle_timeout: float = 10.0,
         max_tcp_per_source: int = 32,
+        ipv6: bool = False,
     ) -> None:
         self._registry = registry
         self._upstream = upstream
@@ -334,6 +335,7 @@ class DnsResolver:
         self._unknown_limiter = _RateLimiter(_UNKNOWN_RATE, 2 * _UNKNOWN_RATE, max_keys=1)
         self._tcp_idle = tcp_idle_timeout
         self._max_tcp_per_source = max_tcp_per_source
+        self._ipv6 = ipv6
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_protocol = _UdpProtocol(self)
         self._tcp: asyncio.Server | None = None
@@ -500,6 +502,10 @@ class DnsResolver:
         if not decision.allowed:
             self._emit(sandbox, "deny", decision.reason, name=name)
             return _render(_reply(query, dns.rcode.NXDOMAIN), limit)
+        if question.rdtype == dns.rdatatype.AAAA and not self._ipv6:
+            # Sandboxes have no IPv6 route: an empty answer sends clients straight to IPv4
+            # instead of through a failed IPv6 attempt first.
+            return _render(_reply(query, dns.rcode.NOERROR), limit)
         inflight = self._inflight.get(source, 0)
         if inflight >= _MAX_INFLIGHT_PER_SOURCE:
             return _render(_reply(query, dns.rcode.REFUSED), limit)

@@ -9,9 +9,9 @@ same for every tier.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
 __all__ = ["Runtime", "SandboxSpec"]

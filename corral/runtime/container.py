@@ -276,50 +276,46 @@ class ContainerRuntime:
         self._write_meta(sid, meta)
         step("claim")
 
-        sparse_copy(golden, sdir / "disk.img")
-        store = sdir / "disk"
-        store.mkdir(mode=0o700)
-        mount_disk(sdir / "disk.img", store)
-        upper, work = store / "upper", store / "work"
-        upper.mkdir(mode=0o755)
-        os.chown(upper, host_id, host_id)
-        work.mkdir(mode=0o700)
-        # runc would otherwise create the agent's mount point itself, from inside the sandbox.
-        (upper / ".corral").mkdir(mode=0o755)
-        (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
-        for p in (upper / ".corral", upper / AGENT_PATH.lstrip("/")):
-            os.lchown(p, host_id, host_id)
-        _write_identity_files(upper, spec.hostname, host_id, spec.nameservers)
-        step("storage")
-
         netns_fd: int | None = None
         if spec.network is not None:
             userns, netns_fd = open_userns_with_netns(host_id, _RANGE_SIZE)
         else:
             userns = open_userns(host_id, _RANGE_SIZE)
         step("userns")
+        plumbing: asyncio.Future[Path] | None = None
         try:
-            netns: Path | None = None
             if spec.network is not None:
-                assert netns_fd is not None
-                try:
-                    netns = await spec.network(Path(f"/proc/{os.getpid()}/fd/{netns_fd}"))
-                finally:
-                    os.close(netns_fd)
-                step("network")
-            lowers: list[int] = []
+                # The network layer plumbs the namespace while the disk is being prepared.
+                plumbing = asyncio.ensure_future(
+                    spec.network(Path(f"/proc/{os.getpid()}/fd/{netns_fd}"))
+                )
             try:
-                for layer in reversed(spec.layers):  # overlayfs wants the topmost layer first
-                    lowers.append(idmapped_clone(layer, userns))
-                step("idmap")
-                rootfs = self._rootfs(sid)
-                _make_traversable(self._mount_dir)
-                rootfs.mkdir(mode=0o755)
-                mount_overlay(lowers, upper, work, rootfs)
+                upper, work = await asyncio.to_thread(
+                    self._prepare_storage, spec, sdir, golden, host_id
+                )
+                step("storage")
+                lowers: list[int] = []
+                try:
+                    for layer in reversed(spec.layers):  # overlayfs wants the topmost first
+                        lowers.append(idmapped_clone(layer, userns))
+                    step("idmap")
+                    rootfs = self._rootfs(sid)
+                    _make_traversable(self._mount_dir)
+                    rootfs.mkdir(mode=0o755)
+                    mount_overlay(lowers, upper, work, rootfs)
+                finally:
+                    for fd in lowers:
+                        os.close(fd)
+                step("overlay")
+                netns = await plumbing if plumbing is not None else None
+                step("network")
             finally:
-                for fd in lowers:
-                    os.close(fd)
-            step("overlay")
+                # Never leave the plumbing running behind a failure: the caller's cleanup
+                # removes the network and must find it complete.
+                if plumbing is not None and not plumbing.done():
+                    await asyncio.gather(plumbing, return_exceptions=True)
+                if netns_fd is not None:
+                    os.close(netns_fd)
 
             config = build_config(
                 spec,
@@ -365,6 +361,26 @@ class ContainerRuntime:
         step("agent_ready")
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
+
+    def _prepare_storage(
+        self, spec: SandboxSpec, sdir: Path, golden: Path, host_id: int
+    ) -> tuple[Path, Path]:
+        """The sandbox's own disk, mounted, with its overlay upper and work dirs: (upper, work)."""
+        sparse_copy(golden, sdir / "disk.img")
+        store = sdir / "disk"
+        store.mkdir(mode=0o700)
+        mount_disk(sdir / "disk.img", store)
+        upper, work = store / "upper", store / "work"
+        upper.mkdir(mode=0o755)
+        os.chown(upper, host_id, host_id)
+        work.mkdir(mode=0o700)
+        # runc would otherwise create the agent's mount point itself, from inside the sandbox.
+        (upper / ".corral").mkdir(mode=0o755)
+        (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
+        for p in (upper / ".corral", upper / AGENT_PATH.lstrip("/")):
+            os.lchown(p, host_id, host_id)
+        _write_identity_files(upper, spec.hostname, host_id, spec.nameservers)
+        return upper, work
 
     async def _wait_ready(self, sandbox_id: str) -> None:
         async def opener() -> Streams:
