@@ -150,6 +150,8 @@ async def http(
                     + body
                 )
                 await writer.drain()
+            if headers.get("connection", "").lower() == "close":
+                break
     except Exception:
         pass
     finally:

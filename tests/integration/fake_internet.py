@@ -70,6 +70,12 @@ class FakeInternet:
 
 @contextlib.contextmanager
 def fake_internet(directory: Path) -> Iterator[FakeInternet]:
+    taken = subprocess.run(
+        ["ip", "route", "show", "198.51.100.0/24"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    if taken:
+        # Its addresses are fixed (the fake DNS zone names them), so one per host at a time.
+        raise RuntimeError(f"another fake internet already runs on this host ({taken})")
     tag = secrets.token_hex(3)
     netns, veth = f"cfi-{tag}", f"cfi{tag}"
     directory.mkdir(parents=True, exist_ok=True)
