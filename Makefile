@@ -67,3 +67,4 @@ bench: install templates
 	bash bench/setup-peers.sh
 	$(PY) -m bench.peers --data-dir $(DATA_DIR)
 	$(PY) -m bench.bench_sandbox --templates-from $(DATA_DIR)
+	$(PY) -m bench.bench_network --templates-from $(DATA_DIR)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ from bench import (
     table,
 )
 from corral.agent.build import agent_binary_path
+from corral.config import NetworkConfig
+from corral.core.network import purge_network
 from corral.runtime.container import ContainerRuntime
 from corral.templates import build_in_data_dir, is_built, rootfs_path
 from corral.templates.fs import remove_tree
@@ -69,13 +72,17 @@ def _corral_cmd() -> list[str]:
 
 
 @contextlib.contextmanager
-def _server(data_dir: Path, log: Path) -> Iterator[tuple[str, str, int]]:
+def _server(
+    data_dir: Path, log: Path, config: Path | None = None
+) -> Iterator[tuple[str, str, int]]:
     """``corral server`` on a free port: (url, admin key, server pid)."""
     import httpx
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [*_corral_cmd(), "server", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+    if config is not None:
+        argv += ["--config", str(config)]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
@@ -394,8 +401,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_name)
         data_dir = _prepare_data_dir(args, tmp, templates)
         tracker = _Tracker()
+        # Its own subnet, host interface names and nft table: never those of a real server
+        # on this host. DNS goes nowhere (these sandboxes are deny-all).
+        network = NetworkConfig(
+            subnet="10.252.0.0/22",
+            prefix="bsdk",
+            nft_table="corral_bench",
+            dns_upstreams=["127.0.0.1:9"],
+        )
+        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
         try:
-            with _server(data_dir, tmp / "server.log") as (url, key, server_pid):
+            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (
+                url,
+                key,
+                server_pid,
+            ):
                 os.environ["CORRAL_URL"] = url
                 os.environ["CORRAL_API_KEY"] = key
                 try:
@@ -415,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The runtime's host state (loop disks, its mount dir under /run/corral) goes too.
                 asyncio.run(ContainerRuntime(tmp / "data", agent_binary_path()).purge())
                 remove_tree(tmp / "data")
+            asyncio.run(purge_network(network))
     rows = _with_targets(rows)
     publish("corral", "corral", "python -m bench.bench_sandbox", rows, write=not args.no_write)
     return 0
