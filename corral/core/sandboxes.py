@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -381,11 +381,9 @@ class SandboxService:
             await self._store.update_sandbox(sid, state=sb.state.value, expires_at=sb.expires_at)
             return sb
 
-    async def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> Sandbox:
-        if seconds > self._config.limits.max_timeout_s:
-            raise InvalidRequestError(
-                f"timeout must be at most {self._config.limits.max_timeout_s} seconds, got {seconds}"
-            )
+    @contextlib.asynccontextmanager
+    async def _running(self, who: Principal, sandbox_id: str) -> AsyncIterator[Sandbox]:
+        """The tenant's sandbox, held under its lock, provided it is running."""
         sb = await self.get(who, sandbox_id)
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
             sb = self._live.get(sandbox_id, sb)
@@ -393,6 +391,14 @@ class SandboxService:
                 raise SandboxNotRunningError(
                     f"sandbox {sandbox_id} is {sb.state.value}, not running"
                 )
+            yield sb
+
+    async def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> Sandbox:
+        if seconds > self._config.limits.max_timeout_s:
+            raise InvalidRequestError(
+                f"timeout must be at most {self._config.limits.max_timeout_s} seconds, got {seconds}"
+            )
+        async with self._running(who, sandbox_id) as sb:
             sb = replace(sb, timeout=seconds, expires_at=_now() + timedelta(seconds=seconds))
             self._live[sandbox_id] = sb
             await self._store.update_sandbox(
@@ -405,13 +411,7 @@ class SandboxService:
         if self._network is None:
             raise InvalidRequestError("networking is disabled on this server")
         policy = self._network.parse(document)
-        sb = await self.get(who, sandbox_id)
-        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
-            sb = self._live.get(sandbox_id, sb)
-            if sb.state is not SandboxState.RUNNING:
-                raise SandboxNotRunningError(
-                    f"sandbox {sandbox_id} is {sb.state.value}, not running"
-                )
+        async with self._running(who, sandbox_id) as sb:
             if sb.address is None:
                 raise InvalidRequestError(f"sandbox {sandbox_id} was created without a network")
             await self._network.update(sandbox_id, policy)
