@@ -181,6 +181,14 @@ class NetworkService:
                 f"the sandbox subnet {self._subnet} overlaps host routes ({', '.join(clash)}); "
                 "choose another network.subnet"
             )
+        forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+        if forwarding.exists() and forwarding.read_text().strip() == "0":
+            # TCP (through the proxy) and DNS never forward; only UDP/ICMP opened by a CIDR rule
+            # do, and their replies come in through the uplink, which routes only with this on.
+            log.warning(
+                "net.ipv4.ip_forward is 0: UDP and ICMP allowed by CIDR rules will not get "
+                "through (TCP and DNS are unaffected); set it to 1 to enable them"
+            )
         adopted: list[tuple[SandboxNet, FirewallSandbox]] = []
         keep: set[str] = set()
         for sid, tenant, address, document in live:

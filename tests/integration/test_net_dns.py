@@ -561,3 +561,12 @@ def test_upstreams_from_resolv_conf(tmp_path: Path) -> None:
     )
     assert upstreams_from_resolv_conf(conf) == [("192.0.2.53", 53), ("2001:db8::53", 53)]
     assert upstreams_from_resolv_conf(tmp_path / "missing") == []
+
+
+async def test_aaaa_is_answered_empty_without_upstream(env: Env) -> None:
+    # Sandboxes are IPv4-only: an empty AAAA answer sends clients straight to IPv4.
+    reply = await env.ask("allowed.test", "AAAA")
+    assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
+    assert env.upstream.seen == []
+    reply = await env.ask("blocked.test", "AAAA")
+    assert reply.rcode() == dns.rcode.NXDOMAIN
