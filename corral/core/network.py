@@ -18,6 +18,7 @@ from typing import Any
 
 from corral.config import NetworkConfig
 from corral.errors import ConflictError, InvalidRequestError, QuotaExceededError, RuntimeFailure
+from corral.net.conntrack import forget_flows
 from corral.net.dns import DnsResolver, Upstream, upstreams_from_resolv_conf
 from corral.net.firewall import Firewall, FirewallSandbox
 from corral.net.hostinfo import overlapping_routes
@@ -306,6 +307,12 @@ class NetworkService:
             await asyncio.to_thread(self._plumbing.destroy, sandbox_id)
         except RuntimeFailure as exc:
             errors.append(exc.message)
+        if address:
+            # Its conntrack entries would otherwise meet the next sandbox given this address.
+            try:
+                await asyncio.to_thread(forget_flows, ipaddress.IPv4Address(address))
+            except RuntimeFailure as exc:
+                errors.append(exc.message)
         if errors:
             raise RuntimeFailure("; ".join(errors))
         if address:
@@ -334,6 +341,15 @@ class NetworkService:
         # one must not outlive it.
         net.policy = compiled
         net.pins.clear()
+        # UDP flows already in conntrack would otherwise outlive a narrowed policy (the forward
+        # chain accepts established flows first). Proxied TCP is left alone: its entries belong
+        # to connections that were allowed when they started, and deleting them breaks them.
+        try:
+            await asyncio.to_thread(
+                forget_flows, ipaddress.IPv4Address(str(net.address)), keep_tcp=True
+            )
+        except RuntimeFailure as exc:  # the policy itself is in force already
+            log.warning("sandbox %s: %s", sandbox_id, exc.message)
 
     def connections(self, sandbox_id: str) -> int:
         return self._proxy.connections(sandbox_id) if self._proxy is not None else 0
