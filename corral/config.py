@@ -73,6 +73,8 @@ class NetworkConfig(BaseModel):
     max_egress_mbit: float = 100000.0
     # Host form of ingress URLs: "{port}-{sandbox}.{ingress_domain}" (None: path form only).
     ingress_domain: str | None = None
+    # NFLOG group the firewall logs UDP/ICMP decisions to (0: none); one per server on a host.
+    nflog_group: int = Field(default=7301, ge=0, le=65535)
 
     @field_validator("subnet")
     @classmethod

@@ -22,6 +22,7 @@ from corral.net.conntrack import forget_flows
 from corral.net.dns import DnsResolver, Upstream, upstreams_from_resolv_conf
 from corral.net.firewall import Firewall, FirewallSandbox
 from corral.net.hostinfo import overlapping_routes
+from corral.net.nflog import NflogListener
 from corral.net.plumbing import Plumbing
 from corral.net.policy import (
     AddressGuard,
@@ -116,7 +117,9 @@ class NetworkService:
             dns_port=config.dns_port,
             proxy_port=config.proxy_port,
             guard=self._guard,
+            nflog_group=config.nflog_group,
         )
+        self._nflog: NflogListener | None = None
         self._upstream: Upstream | None = None
         self._resolver: DnsResolver | None = None
         self._proxy: EgressProxy | None = None
@@ -213,6 +216,10 @@ class NetworkService:
         await self._firewall.reset([fw for _, fw in adopted])
         for net, _ in adopted:
             self.registry.add(net)
+        if self._cfg.nflog_group:
+            # Before the resolver and proxy start: a group in use leaves nothing running.
+            self._nflog = NflogListener(self._cfg.nflog_group, self.registry, self._sink)
+            await self._nflog.start()
 
         servers = [parse_upstream(u) for u in self._cfg.dns_upstreams]
         if not servers:
@@ -245,6 +252,8 @@ class NetworkService:
             await self._resolver.stop()
         if self._upstream is not None:
             await self._upstream.close()
+        if self._nflog is not None:
+            await self._nflog.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,6 +14,8 @@ Shape of the table::
     forward    (filter, 0)       from a sandbox: non-TCP only, never-networks refused, then the
                                  sandbox's own chain (denies, then allows); to a sandbox:
                                  replies only
+    forward_log(filter, 100)     the first packet of each flow the forward chain let through,
+                                 logged to NFLOG (it only sees what was accepted)
     postrouting(nat, srcnat)     the subnet is masqueraded out of non-sandbox interfaces
 
 The filter chains sit at priority 0 (``filter``): after conntrack and after DNAT, so they see
@@ -21,6 +23,14 @@ the proxy and resolver ports the traffic was redirected to. Refusals are ``rejec
 or ICMP admin-prohibited) so clients fail at once instead of hanging; silent drops are kept
 for packets that must not get any answer (forged sources, IPv6, unsolicited traffic to a
 sandbox).
+
+Non-TCP decisions of the forward chain go to NFLOG group ``nflog_group`` (0: none) for the egress
+log (:mod:`corral.net.nflog` reads them): the first packet of each accepted flow with prefix
+:data:`LOG_ALLOW`, refusals with :data:`LOG_NEVER` (a never-reachable network or another sandbox)
+or :data:`LOG_DENY` (no CIDR rule). Only the packet's first bytes are copied and each sandbox
+address has its own rate limit (plus one for all together), so a flood costs a few log messages.
+A deny rule's refusal is not logged: it ends the sandbox's one rule per policy entry, and a
+rate-limited log needs a rule of its own (``limit`` stops the rule it is in).
 """
 
 from __future__ import annotations
@@ -42,7 +52,21 @@ from corral.errors import InvalidRequestError, RuntimeFailure
 if TYPE_CHECKING:
     from corral.net.policy import ForwardRule
 
-__all__ = ["Firewall", "FirewallSandbox", "NetworkLists"]
+__all__ = [
+    "DEFAULT_NFLOG_GROUP",
+    "LOG_ALLOW",
+    "LOG_DENY",
+    "LOG_NEVER",
+    "Firewall",
+    "FirewallSandbox",
+    "NetworkLists",
+]
+
+DEFAULT_NFLOG_GROUP = 7301
+# NFLOG prefixes: what the forward chain decided about a sandbox's non-TCP packet.
+LOG_ALLOW = "corral:a"  # the first packet of a flow a CIDR rule let through
+LOG_DENY = "corral:d"  # refused: no CIDR rule allows it
+LOG_NEVER = "corral:n"  # refused: a never-reachable network, or another sandbox
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 _IFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -51,6 +75,12 @@ _REJECT: dict[str, Any] = {"reject": {"type": "icmpx", "expr": "admin-prohibited
 _TCP_RESET: dict[str, Any] = {"reject": {"type": "tcp reset"}}
 _ACCEPT: dict[str, Any] = {"accept": None}
 _DROP: dict[str, Any] = {"drop": None}
+# What the listener reads of a logged packet: the longest IPv4 header (60 bytes, with options)
+# and the UDP or ICMP header after it.
+_LOG_SNAPLEN = 80
+_LOG_RATE, _LOG_BURST = 50, 100  # per second, per sandbox address
+_LOG_TOTAL_RATE, _LOG_TOTAL_BURST = 1000, 2000  # per second, per log rule, every sandbox at once
+_LOG_BUDGETS = 65536  # sandbox addresses with a rate limit at once (a /16 subnet)
 
 Network = IPv4Network | IPv6Network
 
@@ -88,15 +118,19 @@ class Firewall:
         dns_port: int,
         proxy_port: int,
         guard: NetworkLists,
+        nflog_group: int = DEFAULT_NFLOG_GROUP,
         nft: str = "nft",
     ) -> None:
         if not _TABLE_NAME.fullmatch(table):
             raise InvalidRequestError(f"nft table name {table!r} is not a plain identifier")
+        if not 0 <= nflog_group <= 0xFFFF:
+            raise InvalidRequestError(f"NFLOG group {nflog_group} is not between 0 and 65535")
         self.table = table
         self.service_ip = service_ip
         self.subnet = subnet
         self.dns_port = dns_port
         self.proxy_port = proxy_port
+        self.nflog_group = nflog_group
         self._never = _split_families(guard.never_networks)
         self._private = _split_families(guard.private_networks)
         self._nft = nft
@@ -206,6 +240,36 @@ class Firewall:
                 out.append({"add": {"element": o(name=name, elem=[_net(n) for n in networks])}})
             return out
 
+        logged = self.nflog_group != 0
+        # Refusals that are logged go through a chain of their own: a rate-limited log needs a
+        # rule without the verdict, since ``limit`` stops the rule it is in once over its rate.
+        refuse_never = {"goto": {"target": "refuse_never"}} if logged else _REJECT
+        refuse = {"goto": {"target": "refuse"}} if logged else _REJECT
+        log_rules: list[dict[str, Any]] = []
+        if logged:
+            # The set gets nft's "dynamic" flag from the rules updating it, which nft only sees
+            # when they are in the same transaction (1.0.6's JSON cannot name the flag).
+            budgets = o(name="log_budget", type="ipv4_addr", size=_LOG_BUDGETS,
+                        flags=["timeout"], timeout=60)  # fmt: skip
+            log_rules = [
+                {"add": {"set": budgets}},
+                {"add": {"chain": o(name="refuse_never")}},
+                rule("refuse_never", *self._log(LOG_NEVER)),
+                rule("refuse_never", _REJECT),
+                {"add": {"chain": o(name="refuse")}},
+                rule("refuse", *self._log(LOG_DENY)),
+                rule("refuse", _REJECT),
+                # After every filter (priority 0, and security at 50): only what was let
+                # through gets here. A flow's first packet is the only one whose conntrack entry
+                # is not confirmed yet; "ct state new" alone would also match every packet of a
+                # flow that never got a reply.
+                base_chain("forward_log", "filter", "forward", 100),
+                rule("forward_log", sandbox_if,
+                     _match("in", {"ct": {"key": "state"}}, "new"),
+                     _match("!", {"ct": {"key": "status"}}, "confirmed"),
+                     *self._log(LOG_ALLOW)),
+            ]  # fmt: skip
+
         return [
             {"add": {"set": o(name="sandbox_ifaces", type="ifname")}},
             {"add": {"set": o(name="sandbox_addrs", type=["ifname", "ipv4_addr"])}},
@@ -214,6 +278,7 @@ class Firewall:
             *interval_set("never_v6", "ipv6_addr", self._never[1]),
             *interval_set("private_v4", "ipv4_addr", self._private[0]),
             *interval_set("private_v6", "ipv6_addr", self._private[1]),
+            *log_rules,
             # --- DNAT: every DNS query to the resolver, every other TCP connection to the proxy.
             base_chain("prerouting", "nat", "prerouting", -100),
             rule("prerouting", sandbox_if, ipv4, _match("==", _field("udp", "dport"), 53),
@@ -248,12 +313,15 @@ class Firewall:
             rule("from_sandbox_fwd", ipv6, _DROP),
             rule("from_sandbox_fwd", spoofed, _DROP),
             rule("from_sandbox_fwd", established, _ACCEPT),
-            rule("from_sandbox_fwd", _match("==", _meta("oifname"), "@sandbox_ifaces"), _REJECT),
+            rule("from_sandbox_fwd", _match("==", _meta("oifname"), "@sandbox_ifaces"),
+                 refuse_never),
             rule("from_sandbox_fwd", _l4("tcp"), _TCP_RESET),
-            rule("from_sandbox_fwd", _match("==", _field("ip", "daddr"), "@never_v4"), _REJECT),
-            rule("from_sandbox_fwd", _match("==", _field("ip6", "daddr"), "@never_v6"), _REJECT),
+            rule("from_sandbox_fwd", _match("==", _field("ip", "daddr"), "@never_v4"),
+                 refuse_never),
+            rule("from_sandbox_fwd", _match("==", _field("ip6", "daddr"), "@never_v6"),
+                 refuse_never),
             rule("from_sandbox_fwd", {"vmap": {"key": _meta("iifname"), "data": "@sandbox_chains"}}),
-            rule("from_sandbox_fwd", _REJECT),
+            rule("from_sandbox_fwd", refuse),
             # Nothing reaches a sandbox from outside except replies; the host's own processes
             # (ingress) go through output, not here.
             rule("to_sandbox_fwd", established, _ACCEPT),
@@ -265,6 +333,22 @@ class Firewall:
                  _match("!=", _meta("oifname"), "@sandbox_ifaces"),
                  {"masquerade": None}),
         ]  # fmt: skip
+
+    def _log(self, prefix: str) -> list[dict[str, Any]]:
+        """Statements logging a sandbox's packet to NFLOG within its address's rate limit and
+        the overall one (a rule breaks off at the first limit that is over)."""
+        return [
+            {
+                "set": {
+                    "op": "update",
+                    "elem": _field("ip", "saddr"),
+                    "set": "@log_budget",
+                    "stmt": [{"limit": {"rate": _LOG_RATE, "burst": _LOG_BURST, "per": "second"}}],
+                }
+            },
+            {"limit": {"rate": _LOG_TOTAL_RATE, "burst": _LOG_TOTAL_BURST, "per": "second"}},
+            {"log": {"prefix": prefix, "group": self.nflog_group, "snaplen": _LOG_SNAPLEN}},
+        ]
 
     def _sandbox_commands(
         self, sb: FirewallSandbox, previous: FirewallSandbox | None

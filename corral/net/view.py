@@ -27,7 +27,7 @@ class EgressEvent:
     """One decision about traffic leaving a sandbox (a DNS query or a connection)."""
 
     sandbox_id: str
-    kind: Literal["dns", "tcp", "udp"]
+    kind: Literal["dns", "tcp", "udp", "icmp"]
     decision: Literal["allow", "deny"]
     reason: str
     name: str | None = None  # the DNS name, SNI or Host, when there is one

@@ -69,6 +69,7 @@ def network_config_for_tests(dns_upstream: str | None) -> dict[str, object]:
         "prefix": f"t{tag}",
         "nft_table": f"corral_t{tag}",
         "dns_upstreams": [dns_upstream or "127.0.0.1:9"],
+        "nflog_group": 20000 + n,
         # Ingress host form: "{port}-{id}.corral.test" (tests send the Host header themselves).
         "ingress_domain": "corral.test",
     }
