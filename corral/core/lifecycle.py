@@ -12,6 +12,8 @@ __all__ = ["LIVE_STATES", "SandboxState", "check_transition"]
 class SandboxState(StrEnum):
     CREATING = "creating"
     RUNNING = "running"
+    # Every process frozen: no CPU, memory kept; resumes exactly where it stopped.
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     ERROR = "error"
@@ -21,7 +23,12 @@ _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
     SandboxState.CREATING: frozenset(
         {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
     ),
-    SandboxState.RUNNING: frozenset({SandboxState.STOPPING, SandboxState.ERROR}),
+    SandboxState.RUNNING: frozenset(
+        {SandboxState.PAUSED, SandboxState.STOPPING, SandboxState.ERROR}
+    ),
+    SandboxState.PAUSED: frozenset(
+        {SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
+    ),
     # A failed teardown leaves ERROR; a later kill, or reconcile at the next server start,
     # tries again. A finished teardown is final.
     SandboxState.STOPPING: frozenset({SandboxState.STOPPED, SandboxState.ERROR}),
@@ -31,7 +38,13 @@ _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
 
 # States in which something may still exist on the host.
 LIVE_STATES = frozenset(
-    {SandboxState.CREATING, SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
+    {
+        SandboxState.CREATING,
+        SandboxState.RUNNING,
+        SandboxState.PAUSED,
+        SandboxState.STOPPING,
+        SandboxState.ERROR,
+    }
 )
 
 

@@ -58,6 +58,18 @@ class Runtime(Protocol):
         """Kill everything of the sandbox and remove every trace; idempotent."""
         ...
 
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process of the sandbox: no CPU at all, memory and state kept."""
+        ...
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Let a paused sandbox's processes run again, exactly where they stopped."""
+        ...
+
+    async def cpu_seconds(self, sandbox_id: str) -> float:
+        """CPU time every process of the sandbox has used so far (for idle detection)."""
+        ...
+
     async def is_running(self, sandbox_id: str) -> bool:
         """Whether the sandbox's init (the agent) is alive."""
         ...

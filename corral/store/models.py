@@ -58,6 +58,13 @@ class SandboxRow(Base):
     # Guards ingress to the sandbox's ports (unless public_ports).
     access_token: Mapped[str | None] = mapped_column(String(128), nullable=True)
     public_ports: Mapped[int] = mapped_column(Integer, default=0)
+    # Lifetime left when paused: the timeout clock stops while a sandbox is paused.
+    paused_remaining_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    on_timeout: Mapped[str] = mapped_column(String(16), default="kill")
+    idle_timeout_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    on_idle: Mapped[str] = mapped_column(String(16), default="pause")
+    auto_resume: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class EgressEventRow(Base):
