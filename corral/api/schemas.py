@@ -61,6 +61,11 @@ class SandboxOut(BaseModel):
     public_ports: bool = False
     # Set when the server also serves ports as "{port}-{id}.{ingress_domain}".
     ingress_domain: str | None = None
+    paused_at: datetime | None = None
+    on_timeout: str = "kill"
+    idle_timeout: int | None = None
+    on_idle: str = "pause"
+    auto_resume: bool = True
 
     @classmethod
     def of(
@@ -90,6 +95,11 @@ class SandboxOut(BaseModel):
             access_token=sb.access_token,
             public_ports=sb.public_ports,
             ingress_domain=ingress_domain if sb.network is not None else None,
+            paused_at=sb.paused_at,
+            on_timeout=sb.on_timeout,
+            idle_timeout=sb.idle_timeout,
+            on_idle=sb.on_idle,
+            auto_resume=sb.auto_resume,
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -51,6 +51,13 @@ class CreateSandbox(_Command):
     network: dict[str, Any] | None = None
     # Ingress to the sandbox's ports without its access token.
     public_ports: bool = False
+    # What happens when the timeout is reached: killed, or paused (resumable, memory kept).
+    on_timeout: Literal["kill", "pause"] = "kill"
+    # Seconds with no API activity, no attached exec/terminal and < 5 % CPU, then ``on_idle``.
+    idle_timeout: int | None = Field(default=None, gt=0)
+    on_idle: Literal["pause", "kill"] = "pause"
+    # A paused sandbox resumes by itself on any exec, file, process or port request.
+    auto_resume: bool = True
 
 
 class UpdateNetwork(_Command):

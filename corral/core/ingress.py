@@ -35,6 +35,7 @@ from corral.errors import (
     NotFoundError,
     PermissionDeniedError,
     PortUnreachableError,
+    SandboxNotRunningError,
     TimeoutError,
 )
 
@@ -279,15 +280,21 @@ class IngressService:
         self._connect_timeout = connect_timeout
         self._http: httpx.AsyncClient | None = None
 
-    def authorize(self, sandbox_id: str, port: str | int, token: str | None) -> Target:
-        """The target of a request for ``port`` of a sandbox, if ``token`` opens it.
+    async def authorize(self, sandbox_id: str, port: str | int, token: str | None) -> Target:
+        """The target of a request for ``port`` of a sandbox, if ``token`` opens it; a paused
+        sandbox is resumed (after the token checked out) unless it was made without
+        ``auto_resume``.
 
         Unknown, stopped and other tenants' sandboxes look alike (the token is the only
         credential, so there is no tenant to tell them apart by).
         """
         number = parse_port(port)
         sb = self._sandboxes.live_sandbox(sandbox_id)
-        if sb is None or sb.state is not SandboxState.RUNNING or sb.address is None:
+        if (
+            sb is None
+            or sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED)
+            or sb.address is None
+        ):
             raise NotFoundError(f"no running sandbox {sandbox_id!r} with a network")
         if not sb.public_ports:
             if token is None:
@@ -299,7 +306,10 @@ class IngressService:
             expected = (sb.access_token or "").encode()
             if not expected or not hmac.compare_digest(token.encode(), expected):
                 raise PermissionDeniedError(f"wrong access token for sandbox {sb.id}")
-        return Target(sb.id, sb.address, number, sb.public_ports)
+        running = await self._sandboxes.ingress_target(sb.id)
+        if running is None or running.address is None:
+            raise SandboxNotRunningError(f"sandbox {sb.id} is paused (auto_resume is off)")
+        return Target(running.id, running.address, number, running.public_ports)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from corral.agent import AgentClient, ExecRequest, OutputEvent, ProcessInfo
@@ -32,9 +32,60 @@ class RunningExec:
 
 
 async def _guard(
-    agent: AgentClient, pid: int, events: AsyncIterator[OutputEvent], timeout: float | None
+    agent: AgentClient,
+    pid: int,
+    events: AsyncIterator[OutputEvent],
+    timeout: float | None,
+    busy: contextlib.AbstractContextManager[None] | None = None,
 ) -> AsyncIterator[OutputEvent | ExecTimedOut]:
-    """Yield the process's events; kill it on timeout, and when the consumer goes away early."""
+    """Yield the process's events; kill it on timeout, and when the consumer goes away early.
+
+    ``busy`` is held for as long as someone follows the process (the sandbox is not idle).
+    """
+    with busy or contextlib.nullcontext():
+        # aclosing: a consumer leaving early must reach _guarded's cleanup (it kills the process).
+        async with contextlib.aclosing(_guarded(agent, pid, events, timeout)) as guarded:
+            async for ev in guarded:
+                yield ev
+
+
+class _Following:
+    """A process's events while a client follows them; ``release`` runs once when they end,
+    fail, are closed, or are dropped unread (the sandbox is busy until then)."""
+
+    def __init__(self, events: AsyncIterator[OutputEvent], release: Callable[[], None]) -> None:
+        self._events = events
+        self._release: Callable[[], None] | None = release
+
+    def __aiter__(self) -> _Following:
+        return self
+
+    async def __anext__(self) -> OutputEvent:
+        try:
+            return await anext(self._events)
+        except BaseException:
+            self._finish()
+            raise
+
+    async def aclose(self) -> None:
+        self._finish()
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+    def _finish(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        self._finish()
+
+
+async def _guarded(
+    agent: AgentClient, pid: int, events: AsyncIterator[OutputEvent], timeout: float | None
+) -> AsyncGenerator[OutputEvent | ExecTimedOut, None]:
     finished = False
     try:
         if timeout is None:
@@ -98,7 +149,9 @@ class ProcessService:
                 # it running with an attach connection nobody owns.
                 await events.aclose()
                 raise
-        return RunningExec(pid, _guard(agent, pid, events, cmd.timeout))
+        return RunningExec(
+            pid, _guard(agent, pid, events, cmd.timeout, self._sandboxes.busy(sandbox_id))
+        )
 
     async def start_background(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> int:
         agent = await self._sandboxes.agent(who, sandbox_id)
@@ -135,7 +188,9 @@ class ProcessService:
         env = {"TERM": "xterm-256color", **cmd.env}
         req = self._request(cmd.model_copy(update={"env": env}), pty=(rows, cols))
         pid, events = await agent.exec_stream(req)
-        return agent, RunningExec(pid, _guard(agent, pid, events, cmd.timeout))
+        return agent, RunningExec(
+            pid, _guard(agent, pid, events, cmd.timeout, self._sandboxes.busy(sandbox_id))
+        )
 
     async def list(self, who: Principal, sandbox_id: str) -> list[ProcessInfo]:
         return await (await self._sandboxes.agent(who, sandbox_id)).list_processes()
@@ -144,8 +199,17 @@ class ProcessService:
         self, who: Principal, sandbox_id: str, pid: int, *, replay: bool = True
     ) -> AsyncIterator[OutputEvent]:
         agent = await self._sandboxes.agent(who, sandbox_id)
-        # Peeked so that an unknown pid fails as a 404, not as a broken stream.
-        return await peek(agent.attach(pid, replay=replay))
+        # Busy from now: the first event may be minutes away (a quiet process), and the
+        # follower must not find its sandbox paused under it meanwhile.
+        hold = contextlib.ExitStack()
+        hold.enter_context(self._sandboxes.busy(sandbox_id))
+        try:
+            # Peeked so that an unknown pid fails as a 404, not as a broken stream.
+            events = await peek(agent.attach(pid, replay=replay))
+        except BaseException:
+            hold.close()
+            raise
+        return _Following(events, hold.close)
 
     async def write_stdin(
         self, who: Principal, sandbox_id: str, pid: int, data: bytes, eof: bool

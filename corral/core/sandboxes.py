@@ -12,7 +12,8 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from corral.core.network import NetworkService
 from corral.core.templates import TemplateService
 from corral.core.tenants import Principal
 from corral.errors import (
+    ConflictError,
     CorralError,
     InvalidRequestError,
     NotFoundError,
@@ -42,6 +44,9 @@ log = logging.getLogger("corral.sandboxes")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Idle means, besides no API use: under this share of one core, measured over this window.
+_IDLE_CPU_SHARE = 0.05
+_IDLE_CPU_WINDOW_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,12 @@ class Sandbox:
     network: Mapping[str, Any] | None = None  # the policy document, as given and stored
     access_token: str | None = None
     public_ports: bool = False
+    paused_at: datetime | None = None
+    paused_remaining_s: float | None = None
+    on_timeout: str = "kill"
+    idle_timeout: int | None = None
+    on_idle: str = "pause"
+    auto_resume: bool = True
 
     @classmethod
     def from_row(cls, row: SandboxRow) -> Sandbox:
@@ -88,6 +99,12 @@ class Sandbox:
             network=dict(row.network) if row.network is not None else None,
             access_token=row.access_token,
             public_ports=bool(row.public_ports),
+            paused_at=_aware(row.paused_at) if row.paused_at else None,
+            paused_remaining_s=row.paused_remaining_s,
+            on_timeout=row.on_timeout or "kill",
+            idle_timeout=row.idle_timeout_s,
+            on_idle=row.on_idle or "pause",
+            auto_resume=bool(row.auto_resume),
         )
 
 
@@ -118,6 +135,11 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Idle detection: monotonic time of the last API use, attached streams, and the CPU
+        # reading (monotonic time, CPU seconds) that starts the current low-CPU window.
+        self._activity: dict[str, float] = {}
+        self._busy: dict[str, int] = {}
+        self._cpu_mark: dict[str, tuple[float, float]] = {}
 
     # --- start and stop of the service ------------------------------------------------------
     async def start(self) -> None:
@@ -148,7 +170,7 @@ class SandboxService:
         for row in await self._store.all_sandboxes(states=[s.value for s in LIVE_STATES]):
             sb = Sandbox.from_row(row)
             if (
-                sb.state is SandboxState.RUNNING
+                sb.state in (SandboxState.RUNNING, SandboxState.PAUSED)
                 and sb.id in on_host
                 and await self._runtime.is_running(sb.id)
             ):
@@ -213,11 +235,48 @@ class SandboxService:
         return any(sb.template == name for sb in self._live.values())
 
     async def agent(self, who: Principal, sandbox_id: str) -> AgentClient:
-        """The agent of a running sandbox of this tenant."""
+        """The agent of a running sandbox of this tenant (a paused one is resumed first, unless
+        it was created with ``auto_resume`` off)."""
         sb = await self.get(who, sandbox_id)
+        if sb.state is SandboxState.PAUSED and sb.auto_resume:
+            sb = await self.resume(who, sandbox_id)
         if sb.state is not SandboxState.RUNNING:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is {sb.state.value}, not running")
+        self.touch(sandbox_id)
         return AgentClient(lambda: self._runtime.open_agent(sandbox_id))
+
+    def touch(self, sandbox_id: str) -> None:
+        """Record use of the sandbox through the API (it is not idle)."""
+        self._activity[sandbox_id] = time.monotonic()
+        self._cpu_mark.pop(sandbox_id, None)
+
+    @contextlib.contextmanager
+    def busy(self, sandbox_id: str) -> Iterator[None]:
+        """Held while a client follows a process or terminal: the sandbox is not idle."""
+        self._busy[sandbox_id] = self._busy.get(sandbox_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._busy.get(sandbox_id, 1) - 1
+            if left > 0:
+                self._busy[sandbox_id] = left
+            else:
+                self._busy.pop(sandbox_id, None)
+            self.touch(sandbox_id)
+
+    async def ingress_target(self, sandbox_id: str) -> Sandbox | None:
+        """A live sandbox for a request to one of its ports (no tenancy: the port's token is
+        the credential); a paused one is resumed first when it allows that."""
+        sb = self._live.get(sandbox_id)
+        if sb is not None and sb.state is SandboxState.PAUSED and sb.auto_resume:
+            async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+                sb = self._live.get(sandbox_id)
+                if sb is not None and sb.state is SandboxState.PAUSED:
+                    sb = await self._resume_locked(sb)
+        if sb is None or sb.state is not SandboxState.RUNNING:
+            return None
+        self.touch(sandbox_id)
+        return sb
 
     # --- commands ---------------------------------------------------------------------------
     def _validate(self, cmd: CreateSandbox) -> tuple[str, float, int, int, int]:
@@ -302,6 +361,10 @@ class SandboxService:
             network=policy_doc,
             access_token=secrets.token_urlsafe(24) if self._network is not None else None,
             public_ports=cmd.public_ports,
+            on_timeout=cmd.on_timeout,
+            idle_timeout=cmd.idle_timeout,
+            on_idle=cmd.on_idle,
+            auto_resume=cmd.auto_resume,
         )
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
@@ -324,6 +387,10 @@ class SandboxService:
                     network=policy_doc,
                     access_token=sb.access_token,
                     public_ports=int(cmd.public_ports),
+                    on_timeout=cmd.on_timeout,
+                    idle_timeout_s=cmd.idle_timeout,
+                    on_idle=cmd.on_idle,
+                    auto_resume=int(cmd.auto_resume),
                 )
             )
             spec = SandboxSpec(
@@ -381,13 +448,77 @@ class SandboxService:
             await self._store.update_sandbox(sid, state=sb.state.value, expires_at=sb.expires_at)
             return sb
 
-    @contextlib.asynccontextmanager
-    async def _running(self, who: Principal, sandbox_id: str) -> AsyncIterator[Sandbox]:
-        """The tenant's sandbox, held under its lock, provided it is running."""
+    async def pause(self, who: Principal, sandbox_id: str) -> Sandbox:
+        """Freeze the sandbox: zero CPU, memory kept; its timeout clock stops until resumed."""
         sb = await self.get(who, sandbox_id)
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
             sb = self._live.get(sandbox_id, sb)
+            if sb.state is SandboxState.PAUSED:
+                raise ConflictError(f"sandbox {sandbox_id} is already paused")
             if sb.state is not SandboxState.RUNNING:
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {sb.state.value}, not running"
+                )
+            return await self._pause_locked(sb)
+
+    async def _pause_locked(self, sb: Sandbox) -> Sandbox:
+        await self._runtime.pause(sb.id)
+        now = _now()
+        remaining = (
+            max(0.0, (sb.expires_at - now).total_seconds()) if sb.expires_at is not None else None
+        )
+        sb = self._transition(
+            sb, SandboxState.PAUSED, paused_at=now, paused_remaining_s=remaining, expires_at=None
+        )
+        await self._store.update_sandbox(
+            sb.id,
+            state=sb.state.value,
+            paused_at=now,
+            paused_remaining_s=remaining,
+            expires_at=None,
+        )
+        return sb
+
+    async def resume(self, who: Principal, sandbox_id: str) -> Sandbox:
+        """Thaw a paused sandbox (a running one is left as it is)."""
+        sb = await self.get(who, sandbox_id)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id, sb)
+            if sb.state is SandboxState.RUNNING:
+                return sb
+            if sb.state is not SandboxState.PAUSED:
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} is {sb.state.value}")
+            return await self._resume_locked(sb)
+
+    async def _resume_locked(self, sb: Sandbox) -> Sandbox:
+        await self._runtime.resume(sb.id)
+        now = _now()
+        remaining = sb.paused_remaining_s
+        # Paused by its own timeout (on_timeout="pause"): a resume starts a fresh lifetime.
+        if remaining is None or remaining <= 0:
+            remaining = float(sb.timeout)
+        expires = now + timedelta(seconds=remaining)
+        sb = self._transition(
+            sb, SandboxState.RUNNING, expires_at=expires, paused_at=None, paused_remaining_s=None
+        )
+        await self._store.update_sandbox(
+            sb.id, state=sb.state.value, expires_at=expires, paused_at=None, paused_remaining_s=None
+        )
+        self.touch(sb.id)
+        return sb
+
+    @contextlib.asynccontextmanager
+    async def _running(
+        self, who: Principal, sandbox_id: str, *, paused_too: bool = False
+    ) -> AsyncIterator[Sandbox]:
+        """The tenant's sandbox, held under its lock, provided it is running (or paused)."""
+        sb = await self.get(who, sandbox_id)
+        allowed = (
+            {SandboxState.RUNNING, SandboxState.PAUSED} if paused_too else {SandboxState.RUNNING}
+        )
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id, sb)
+            if sb.state not in allowed:
                 raise SandboxNotRunningError(
                     f"sandbox {sandbox_id} is {sb.state.value}, not running"
                 )
@@ -398,12 +529,19 @@ class SandboxService:
             raise InvalidRequestError(
                 f"timeout must be at most {self._config.limits.max_timeout_s} seconds, got {seconds}"
             )
-        async with self._running(who, sandbox_id) as sb:
-            sb = replace(sb, timeout=seconds, expires_at=_now() + timedelta(seconds=seconds))
+        async with self._running(who, sandbox_id, paused_too=True) as sb:
+            if sb.state is SandboxState.PAUSED:
+                # The clock stays stopped: the new lifetime starts counting at resume.
+                sb = replace(sb, timeout=seconds, paused_remaining_s=float(seconds))
+                await self._store.update_sandbox(
+                    sandbox_id, timeout_s=seconds, paused_remaining_s=float(seconds)
+                )
+            else:
+                sb = replace(sb, timeout=seconds, expires_at=_now() + timedelta(seconds=seconds))
+                await self._store.update_sandbox(
+                    sandbox_id, timeout_s=seconds, expires_at=sb.expires_at
+                )
             self._live[sandbox_id] = sb
-            await self._store.update_sandbox(
-                sandbox_id, timeout_s=seconds, expires_at=sb.expires_at
-            )
             return sb
 
     async def update_network(self, who: Principal, sandbox_id: str, document: Any) -> Sandbox:
@@ -411,7 +549,7 @@ class SandboxService:
         if self._network is None:
             raise InvalidRequestError("networking is disabled on this server")
         policy = self._network.parse(document)
-        async with self._running(who, sandbox_id) as sb:
+        async with self._running(who, sandbox_id, paused_too=True) as sb:
             if sb.address is None:
                 raise InvalidRequestError(f"sandbox {sandbox_id} was created without a network")
             await self._network.update(sandbox_id, policy)
@@ -477,6 +615,8 @@ class SandboxService:
                 sandbox_id, state=SandboxState.STOPPED.value, ended_at=_now(), error=reason
             )
             self._live.pop(sandbox_id, None)
+            for book in (self._activity, self._busy, self._cpu_mark):
+                book.pop(sandbox_id, None)
         self._locks.pop(sandbox_id, None)
 
     def _transition(self, sb: Sandbox, target: SandboxState, **changes: Any) -> Sandbox:
@@ -505,15 +645,60 @@ class SandboxService:
         """Tear down sandboxes past their timeout, and those whose init died under them."""
         now = _now()
         for sb in list(self._live.values()):
-            if sb.state is not SandboxState.RUNNING:
+            if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 continue
-            if sb.expires_at is not None and sb.expires_at <= now:
-                self.spawn_task(self._expire(sb.id, "timeout reached"), f"expire-{sb.id}")
-            elif not await self._runtime.is_running(sb.id):
+            if not await self._runtime.is_running(sb.id):
                 # Killed from the host or by the OOM killer: what is left must still go, and
                 # callers must see why instead of a sandbox that is "running" but never answers.
                 reason = "the sandbox's init process exited (killed, or out of memory)"
                 self.spawn_task(self._expire(sb.id, reason), f"dead-{sb.id}")
+            elif sb.state is not SandboxState.RUNNING:
+                continue
+            elif sb.expires_at is not None and sb.expires_at <= now:
+                if sb.on_timeout == "pause":
+                    self.spawn_task(self._auto_pause(sb.id, "timeout"), f"pause-{sb.id}")
+                else:
+                    self.spawn_task(self._expire(sb.id, "timeout reached"), f"expire-{sb.id}")
+            elif sb.idle_timeout is not None and await self._idle(sb):
+                if sb.on_idle == "kill":
+                    self.spawn_task(self._expire(sb.id, "idle"), f"idle-{sb.id}")
+                else:
+                    self.spawn_task(self._auto_pause(sb.id, "idle"), f"pause-{sb.id}")
+
+    async def _idle(self, sb: Sandbox) -> bool:
+        """No API use for ``idle_timeout`` s, nobody attached, and < 5 % of a core since."""
+        assert sb.idle_timeout is not None
+        mono = time.monotonic()
+        last = self._activity.setdefault(sb.id, mono)
+        if self._busy.get(sb.id) or mono - last < sb.idle_timeout:
+            return False
+        try:
+            cpu = await self._runtime.cpu_seconds(sb.id)
+        except CorralError:
+            return False
+        mark = self._cpu_mark.get(sb.id)
+        if mark is None:
+            self._cpu_mark[sb.id] = (mono, cpu)
+            return False
+        window = mono - mark[0]
+        if window < _IDLE_CPU_WINDOW_S:
+            return False
+        if (cpu - mark[1]) / window >= _IDLE_CPU_SHARE:
+            self._cpu_mark[sb.id] = (mono, cpu)  # busy on its own: look again later
+            return False
+        return True
+
+    async def _auto_pause(self, sandbox_id: str, why: str) -> None:
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id)
+            if sb is None or sb.state is not SandboxState.RUNNING:
+                return
+            try:
+                await self._pause_locked(sb)
+            except CorralError:
+                log.exception("could not pause sandbox %s (%s)", sandbox_id, why)
+                return
+        log.info("paused sandbox %s (%s)", sandbox_id, why)
 
     async def _expire(self, sandbox_id: str, reason: str) -> None:
         try:

@@ -50,7 +50,9 @@ class Services:
         await tenants.ensure_admin(config.admin_key_path)
         rt = runtime if runtime is not None else build_runtime(config)
         # Late-bound: the sandbox service that answers "in use?" is made just below.
-        templates = TemplateService(config.data_dir, in_use=lambda name: sandboxes.template_in_use(name))
+        templates = TemplateService(
+            config.data_dir, in_use=lambda name: sandboxes.template_in_use(name)
+        )
         network = NetworkService(config.network, store) if config.network.enabled else None
         sandboxes = SandboxService(config, store, rt, templates, network)
         await sandboxes.start()

@@ -299,6 +299,15 @@ def test_udp_needs_a_cidr_rule_and_quic_is_dropped(make: Any) -> None:
     assert "got b'echo:ping'" in out, out
     _, out = py(sbx, probe.replace("PORT", "443"))  # QUIC's port: not in the rule
     assert "failed" in out, out
+    # Both decisions are in the sandbox's egress log (the firewall reports them via NFLOG).
+    deadline = time.monotonic() + 5
+    seen: set[tuple[str, str, int | None]] = set()
+    while time.monotonic() < deadline:
+        seen = {(e.kind, e.decision, e.port) for e in sbx.network.log() if e.kind == "udp"}
+        if {("udp", "allow", 9999), ("udp", "deny", 443)} <= seen:
+            break
+        time.sleep(0.2)
+    assert {("udp", "allow", 9999), ("udp", "deny", 443), ("udp", "deny", 9999)} <= seen, seen
 
 
 # --------------------------------------------------------------------- rate limit

@@ -154,7 +154,7 @@ async def relay_http(
         creds = take_credentials(
             sandbox_id, request.scope["headers"], request.scope["query_string"]
         )
-        target = _ingress(request).authorize(sandbox_id, port, creds.token)
+        target = await _ingress(request).authorize(sandbox_id, port, creds.token)
     except CorralError as e:
         return _error(e)
     headers = upstream_headers(
@@ -223,7 +223,7 @@ async def relay_websocket(ws: WebSocket, sandbox_id: str, port: str, path: bytes
     ingress = _ingress(ws)
     try:
         creds = take_credentials(sandbox_id, ws.scope["headers"], ws.scope["query_string"])
-        target = ingress.authorize(sandbox_id, port, creds.token)
+        target = await ingress.authorize(sandbox_id, port, creds.token)
     except CorralError as e:
         await _refuse(ws, e)
         return

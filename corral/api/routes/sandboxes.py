@@ -67,6 +67,18 @@ async def set_timeout(sandbox_id: str, cmd: SetTimeout, who: Caller, svc: Svc) -
     return _out(svc, await svc.sandboxes.set_timeout(who, sandbox_id, cmd.timeout))
 
 
+@router.post("/{sandbox_id}/pause")
+async def pause_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
+    """Freeze every process (no CPU, memory kept); 409 if already paused."""
+    return _out(svc, await svc.sandboxes.pause(who, sandbox_id))
+
+
+@router.post("/{sandbox_id}/resume")
+async def resume_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
+    """Thaw a paused sandbox; a running one is answered as it is."""
+    return _out(svc, await svc.sandboxes.resume(who, sandbox_id))
+
+
 @router.delete("/{sandbox_id}", status_code=204)
 async def kill_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> Response:
     await svc.sandboxes.kill(who, sandbox_id)
