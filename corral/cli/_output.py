@@ -82,6 +82,18 @@ def sandbox_table(items: Sequence[SandboxInfo]) -> Table:
     )
 
 
+def _expires(s: SandboxInfo) -> str:
+    if s.state == "running":
+        return f"{_when(s.expires_at)} ({_left(s.expires_at)})"
+    return "- (clock stopped while paused)" if s.paused else "-"
+
+
+def _idle(s: SandboxInfo) -> str:
+    if s.idle_timeout is None:
+        return "-"
+    return f"{s.on_idle} after {s.idle_timeout} s unused"
+
+
 def sandbox_detail(s: SandboxInfo) -> Table:
     rows = [
         ("id", s.id),
@@ -93,10 +105,11 @@ def sandbox_detail(s: SandboxInfo) -> Table:
         ("disk", f"{s.disk_mb} MB"),
         ("timeout", f"{s.timeout} s"),
         ("created", _when(s.created_at)),
-        (
-            "expires",
-            f"{_when(s.expires_at)} ({_left(s.expires_at)})" if s.state == "running" else "-",
-        ),
+        ("expires", _expires(s)),
+        *([("paused", _when(s.paused_at))] if s.paused else []),
+        ("on timeout", s.on_timeout),
+        ("idle", _idle(s)),
+        ("auto resume", "yes" if s.auto_resume else "no"),
         ("metadata", _pairs(s.metadata)),
         ("env", ",".join(s.env_keys) or "-"),
     ]

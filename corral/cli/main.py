@@ -249,6 +249,21 @@ EgressOpt = Annotated[
         rich_help_panel=_NET,
     ),
 ]
+
+
+class OnTimeoutChoice(StrEnum):
+    kill = "kill"
+    pause = "pause"
+
+
+class OnIdleChoice(StrEnum):
+    pause = "pause"
+    kill = "kill"
+
+
+_LIFE = "Lifecycle"
+
+
 PolicyFileOpt = Annotated[
     Path | None,
     typer.Option(
@@ -323,12 +338,49 @@ def create(
             rich_help_panel=_NET,
         ),
     ] = False,
+    on_timeout: Annotated[
+        OnTimeoutChoice | None,
+        typer.Option(
+            help="At the timeout: kill (the default) or pause it (resumable, memory kept).",
+            show_default=False,
+            rich_help_panel=_LIFE,
+        ),
+    ] = None,
+    idle_timeout: Annotated[
+        int | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=1,
+            help="After this long unused (no calls, nothing attached, no CPU): --on-idle.",
+            show_default=False,
+            rich_help_panel=_LIFE,
+        ),
+    ] = None,
+    on_idle: Annotated[
+        OnIdleChoice | None,
+        typer.Option(
+            help="When idle: pause (the default) or kill; needs --idle-timeout.",
+            show_default=False,
+            rich_help_panel=_LIFE,
+        ),
+    ] = None,
+    no_auto_resume: Annotated[
+        bool,
+        typer.Option(
+            "--no-auto-resume",
+            help="Calls on it while paused fail instead of resuming it.",
+            rich_help_panel=_LIFE,
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a sandbox and print its id. Egress is denied unless the network flags allow it."""
     from corral.cli._net import policy_from_flags
     from corral.cli._output import print_json
     from corral.sdk.sandbox import Sandbox
+
+    if on_idle is not None and idle_timeout is None:
+        raise InvalidRequestError("--on-idle needs --idle-timeout (how long idle is)")
 
     policy = policy_from_flags(
         file=network_file,
@@ -351,6 +403,10 @@ def create(
         metadata=_pairs(metadata, "--metadata"),
         network=policy,
         public_ports=public_ports,
+        on_timeout=None if on_timeout is None else on_timeout.value,
+        idle_timeout=idle_timeout,
+        on_idle=None if on_idle is None else on_idle.value,
+        auto_resume=not no_auto_resume,
         api_key=conn.api_key,
         base_url=conn.url,
     )
@@ -416,6 +472,42 @@ def info(
         for key, value in network_rows(details):
             table.add_row(key, Text(value))
         console().print(table)
+
+
+def _pause_or_resume(ctx: typer.Context, sandbox_id: str, as_json: bool, resume: bool) -> None:
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        after = sbx.resume() if resume else sbx.pause()
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(after.raw))
+    else:
+        typer.echo(after.state)
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze a sandbox (no CPU, memory kept, timeout clock stopped); print its new state."""
+    _pause_or_resume(ctx, sandbox_id, as_json, resume=False)
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Thaw a paused sandbox where it stopped; print its new state."""
+    _pause_or_resume(ctx, sandbox_id, as_json, resume=True)
 
 
 @app.command()

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from corral.sdk._wire import network_policy
+from corral.sdk._wire import OnIdle, OnTimeout, network_policy
 from corral.sdk.async_sandbox import (
     AsyncClient,
     AsyncFiles,
@@ -50,6 +50,8 @@ __all__ = [
     "Files",
     "Network",
     "NetworkInfo",
+    "OnIdle",
+    "OnTimeout",
     "Process",
     "ProcessInfo",
     "Processes",

@@ -13,7 +13,7 @@ import codecs
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -41,6 +41,8 @@ __all__ = [
     "ExecCollector",
     "Names",
     "NdjsonDecoder",
+    "OnIdle",
+    "OnTimeout",
     "PolicyLike",
     "PtyState",
     "TextCallback",
@@ -73,6 +75,10 @@ CONNECT_TIMEOUT: Final = 10.0
 WS_MAX_SIZE: Final = 16 << 20
 
 TextCallback = Callable[[str], object]
+
+# What a sandbox's timeout does, and what being idle for ``idle_timeout`` seconds does.
+OnTimeout = Literal["kill", "pause"]
+OnIdle = Literal["pause", "kill"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,10 @@ class calls:
         metadata: Mapping[str, str] | None,
         network: Mapping[str, Any] | None = None,
         public_ports: bool = False,
+        on_timeout: OnTimeout | None = None,
+        idle_timeout: int | None = None,
+        on_idle: OnIdle | None = None,
+        auto_resume: bool = True,
     ) -> Call:
         body = _drop_none(
             {
@@ -159,6 +169,12 @@ class calls:
                 # Omitted rather than null: the server's default for no policy is deny-all.
                 "network": None if network is None else dict(network),
                 "public_ports": True if public_ports else None,
+                # The lifecycle policy: None leaves the server's default (kill at the timeout,
+                # never idle, pause when idle, auto-resume on).
+                "on_timeout": on_timeout,
+                "idle_timeout": idle_timeout,
+                "on_idle": on_idle,
+                "auto_resume": None if auto_resume else False,
             }
         )
         return Call("POST", "/v1/sandboxes", body=body)
@@ -178,6 +194,14 @@ class calls:
     @staticmethod
     def set_timeout(sandbox_id: str, seconds: int) -> Call:
         return Call("POST", f"{_sb(sandbox_id)}/timeout", body={"timeout": seconds})
+
+    @staticmethod
+    def pause_sandbox(sandbox_id: str) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/pause")
+
+    @staticmethod
+    def resume_sandbox(sandbox_id: str) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/resume")
 
     @staticmethod
     def delete_sandbox(sandbox_id: str) -> Call:

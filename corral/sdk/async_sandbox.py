@@ -29,6 +29,8 @@ from corral.sdk._wire import (
     WS_MAX_SIZE,
     ExecCollector,
     Names,
+    OnIdle,
+    OnTimeout,
     PolicyLike,
     PtyState,
     calls,
@@ -447,6 +449,10 @@ class AsyncSandbox:
         allow_cidrs: Names | None = None,
         preset: str | None = None,
         public_ports: bool = False,
+        on_timeout: OnTimeout | None = None,
+        idle_timeout: int | None = None,
+        on_idle: OnIdle | None = None,
+        auto_resume: bool = True,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> AsyncSandbox:
@@ -458,7 +464,8 @@ class AsyncSandbox:
         try:
             call = calls.create_sandbox(
                 template, cpu, memory_mb, disk_mb, timeout, env, metadata,
-                network=doc, public_ports=public_ports,
+                network=doc, public_ports=public_ports, on_timeout=on_timeout,
+                idle_timeout=idle_timeout, on_idle=on_idle, auto_resume=auto_resume,
             )  # fmt: skip
             info = SandboxInfo.from_json(await http.json(call))
         except BaseException:
@@ -620,6 +627,17 @@ class AsyncSandbox:
 
     async def set_timeout(self, seconds: int) -> SandboxInfo:
         obj = await self._http.json(calls.set_timeout(self._id, seconds))
+        self._info = SandboxInfo.from_json(obj)
+        return self._info
+
+    async def pause(self) -> SandboxInfo:
+        """See ``Sandbox.pause``."""
+        self._info = SandboxInfo.from_json(await self._http.json(calls.pause_sandbox(self._id)))
+        return self._info
+
+    async def resume(self) -> SandboxInfo:
+        """See ``Sandbox.resume``."""
+        obj = await self._http.json(calls.resume_sandbox(self._id))
         self._info = SandboxInfo.from_json(obj)
         return self._info
 

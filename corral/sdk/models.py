@@ -109,6 +109,16 @@ class SandboxInfo:
     public_ports: bool = False
     # Set when the server also serves ports as "{port}-{id}.{ingress_domain}".
     ingress_domain: str | None = None
+    # When it was paused (None unless state is "paused"); ``expires_at`` is None meanwhile,
+    # because the timeout clock stands still while paused.
+    paused_at: datetime | None = None
+    # What the timeout does: "kill" (the default) or "pause".
+    on_timeout: str = "kill"
+    # Seconds without use before ``on_idle`` ("pause" or "kill") happens; None: never idle.
+    idle_timeout: int | None = None
+    on_idle: str = "pause"
+    # Whether an exec, file, process or port request resumes a paused sandbox by itself.
+    auto_resume: bool = True
     # The object exactly as the server sent it, for --json output and fields newer than this SDK.
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -136,10 +146,20 @@ class SandboxInfo:
                 access_token=_opt_str(d.get("access_token")),
                 public_ports=bool(d.get("public_ports")),
                 ingress_domain=_opt_str(d.get("ingress_domain")) or None,
+                paused_at=_time(d.get("paused_at")),
+                on_timeout=str(d.get("on_timeout") or "kill"),
+                idle_timeout=None if d.get("idle_timeout") is None else int(d["idle_timeout"]),
+                on_idle=str(d.get("on_idle") or "pause"),
+                # Absent only from servers older than pause/resume: the default then.
+                auto_resume=bool(d.get("auto_resume", True)),
                 raw=dict(d),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _malformed("sandbox", obj) from exc
+
+    @property
+    def paused(self) -> bool:
+        return self.state == "paused"
 
 
 @dataclass(frozen=True)
@@ -249,7 +269,7 @@ class EgressEvent:
 
     id: int  # increasing; pass the last one seen as ``after`` to get only newer events
     time: datetime | None
-    kind: str  # "dns", "tcp" or "udp"
+    kind: str  # "dns", "tcp", "udp" or "icmp"
     decision: str  # "allow" or "deny"
     reason: str  # which rule decided, or why nothing could allow it
     name: str | None = None  # the DNS name, TLS SNI or HTTP Host, when there is one

@@ -33,6 +33,8 @@ from corral.sdk._wire import (
     WS_MAX_SIZE,
     ExecCollector,
     Names,
+    OnIdle,
+    OnTimeout,
     PolicyLike,
     PtyState,
     TextCallback,
@@ -440,6 +442,10 @@ class Sandbox:
         allow_cidrs: Names | None = None,
         preset: str | None = None,
         public_ports: bool = False,
+        on_timeout: OnTimeout | None = None,
+        idle_timeout: int | None = None,
+        on_idle: OnIdle | None = None,
+        auto_resume: bool = True,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Sandbox:
@@ -449,6 +455,12 @@ class Sandbox:
         denied unless ``network`` (a policy document, see ``corral.network_policy``) or the
         ``allow_domains``/``allow_cidrs``/``preset`` shortcuts allow it. ``public_ports`` lets
         anyone reach its ports through the server without the access token.
+
+        ``on_timeout="pause"`` pauses it at the timeout instead of killing it (a resume then
+        grants a fresh ``timeout``). ``idle_timeout`` seconds without API use, attached
+        streams or CPU use make it ``on_idle`` (``"pause"``, the default, or ``"kill"``).
+        ``auto_resume=False`` makes calls on a paused sandbox raise
+        ``SandboxNotRunningError`` instead of resuming it.
         """
         doc = network_document(
             network, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs
@@ -465,6 +477,10 @@ class Sandbox:
                 metadata,
                 network=doc,
                 public_ports=public_ports,
+                on_timeout=on_timeout,
+                idle_timeout=idle_timeout,
+                on_idle=on_idle,
+                auto_resume=auto_resume,
             )
             info = SandboxInfo.from_json(http.json(call))
         except BaseException:
@@ -654,6 +670,20 @@ class Sandbox:
     def set_timeout(self, seconds: int) -> SandboxInfo:
         """Let the sandbox live ``seconds`` more from now."""
         self._info = SandboxInfo.from_json(self._http.json(calls.set_timeout(self._id, seconds)))
+        return self._info
+
+    def pause(self) -> SandboxInfo:
+        """Freeze every process (no CPU, memory kept); the timeout clock stops until resumed.
+
+        ``ConflictError`` if already paused, ``SandboxNotRunningError`` if it has stopped.
+        """
+        self._info = SandboxInfo.from_json(self._http.json(calls.pause_sandbox(self._id)))
+        return self._info
+
+    def resume(self) -> SandboxInfo:
+        """Thaw a paused sandbox where it stopped, with the lifetime it had left (a fresh
+        ``timeout`` if its timeout paused it); a running one is answered as it is."""
+        self._info = SandboxInfo.from_json(self._http.json(calls.resume_sandbox(self._id)))
         return self._info
 
     def kill(self) -> None:
