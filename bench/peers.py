@@ -554,6 +554,7 @@ def _engine_suite(engine: Engine, plan: Plan, images: dict[str, str]) -> list[Ro
             rows.append(Row.latency("run --rm /bin/true", engine.label, template, samples))
         if samples:
             rows += _engine_exec(engine, plan, template, image, name())
+            rows += _engine_pause(engine, plan, template, image, name())
     if not any(r.value != "**fails**" for r in rows):
         return rows
     template, image = next(iter(images.items()))
@@ -580,6 +581,28 @@ def _engine_suite(engine: Engine, plan: Plan, images: dict[str, str]) -> list[Ro
         )
     )
     return rows
+
+
+def _engine_pause(engine: Engine, plan: Plan, template: str, image: str, name: str) -> list[Row]:
+    """``pause`` and ``unpause`` of a running container (the peer of corral's pause/resume)."""
+    started = engine.start(image, name)
+    if started.returncode != 0:
+        return [Row.failed("pause", f"{engine.label} pause", template, started.stderr)]
+    try:
+        paused: list[float] = []
+        resumed: list[float] = []
+        for _ in range(plan.engine_runs):
+            for verb, samples in (("pause", paused), ("unpause", resumed)):
+                ms, proc = _timed(engine.argv(verb, name))
+                if proc.returncode != 0:
+                    return [Row.failed(verb, f"{engine.label} {verb}", template, proc.stderr)]
+                samples.append(ms)
+        return [
+            Row.latency("pause", f"{engine.label} pause", template, paused),
+            Row.latency("resume", f"{engine.label} unpause", template, resumed),
+        ]
+    finally:
+        engine.remove(name)
 
 
 def _engine_exec(engine: Engine, plan: Plan, template: str, image: str, name: str) -> list[Row]:

@@ -1,0 +1,134 @@
+"""Pause and resume of a sandbox: through the SDK (HTTP + server), and the runtime's own share.
+
+Starts ``corral server`` on a temporary data dir (templates linked from ``--templates-from``),
+creates one ``minimal`` sandbox with a process spinning on the CPU (the freezer has to stop a
+busy task, not an idle one), then times ``pause()`` and ``resume()`` ``--runs`` times each.
+The runtime's own share is timed in-process on a second data dir. Peers (``docker
+pause/unpause``) are measured by ``python -m bench.peers``.
+
+Usage: ``python -m bench.bench_pause [--templates-from /var/lib/corral] [--runs 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import Row, publish
+from bench.bench_sandbox import _prepare_data_dir, _server, _Tracker
+from corral.agent import AgentClient, ExecRequest
+from corral.agent.build import agent_binary_path
+from corral.config import NetworkConfig
+from corral.core.network import purge_network
+from corral.runtime import ContainerRuntime, SandboxSpec
+from corral.templates import rootfs_path
+from corral.templates.fs import remove_tree
+
+__all__ = ["main"]
+
+_SPIN = ["/bin/sh", "-c", "while :; do :; done"]
+
+
+def _sdk(tracker: _Tracker, runs: int) -> list[Row]:
+    paused: list[float] = []
+    resumed: list[float] = []
+    try:
+        sbx = tracker.create("minimal", timeout=600, cpu=0.5)
+        sbx.exec(_SPIN, background=True)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sbx.pause()
+            t1 = time.perf_counter()
+            sbx.resume()
+            t2 = time.perf_counter()
+            paused.append((t1 - t0) * 1000)
+            resumed.append((t2 - t1) * 1000)
+    except Exception as exc:
+        return [Row.failed("pause", "corral (SDK)", "minimal", f"{type(exc).__name__}: {exc}")]
+    finally:
+        tracker.kill_all()
+    return [
+        Row.latency("pause", "corral (SDK)", "minimal", paused, "target ≤ 20 ms"),
+        Row.latency("resume", "corral (SDK)", "minimal", resumed, "target ≤ 20 ms"),
+    ]
+
+
+async def _runtime(data_dir: Path, templates: Path, runs: int) -> list[Row]:
+    rt = ContainerRuntime(data_dir, agent_binary_path())
+    paused: list[float] = []
+    resumed: list[float] = []
+    try:
+        await rt.create(SandboxSpec("bench-pause", (rootfs_path(templates, "minimal"),), cpu=0.5))
+        await AgentClient(lambda: rt.open_agent("bench-pause")).spawn(ExecRequest(argv=_SPIN))
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            await rt.pause("bench-pause")
+            t1 = time.perf_counter()
+            await rt.resume("bench-pause")
+            t2 = time.perf_counter()
+            paused.append((t1 - t0) * 1000)
+            resumed.append((t2 - t1) * 1000)
+    finally:
+        await rt.purge()
+    note = "cgroup v1 freezer, written and polled in-process"
+    return [
+        Row.latency("pause", "corral runtime (in-process)", "minimal", paused, note),
+        Row.latency("resume", "corral runtime (in-process)", "minimal", resumed, note),
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_pause")
+    p.add_argument("--templates-from", default="/var/lib/corral", help="data dir with templates")
+    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--no-write", action="store_true", help="print only, do not update results")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rows: list[Row] = []
+    network = NetworkConfig(
+        subnet="10.252.8.0/24",
+        prefix="bpau",
+        nft_table="corral_bpause",
+        dns_upstreams=["127.0.0.1:9"],
+    )
+    with tempfile.TemporaryDirectory(prefix="corral-bench-pause-") as tmp_name:
+        tmp = Path(tmp_name)
+        data_dir = _prepare_data_dir(args, tmp, ["minimal"])
+        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
+        tracker = _Tracker()
+        try:
+            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
+                os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
+                rows += _sdk(tracker, args.runs)
+            rows += asyncio.run(_runtime(tmp / "runtime", Path(args.templates_from), args.runs))
+        except RuntimeError as exc:
+            rows.append(Row.failed("server start", "corral", "-", str(exc)))
+        finally:
+            tracker.kill_all()
+            asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
+            asyncio.run(purge_network(network))
+            remove_tree(data_dir)
+    publish(
+        "pause",
+        "corral pause and resume",
+        "python -m bench.bench_pause",
+        rows,
+        write=not args.no_write,
+    )
+    print("(peers: python -m bench.peers measures docker pause/unpause)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
