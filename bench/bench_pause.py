@@ -1,4 +1,5 @@
-"""Pause and resume of a sandbox: through the SDK (HTTP + server), and the runtime's own share.
+"""Pause/resume and hibernate/wake of a sandbox: through the SDK (HTTP + server), and the
+runtime's own share of pause/resume.
 
 Starts ``corral server`` on a temporary data dir (templates linked from ``--templates-from``),
 creates one ``minimal`` sandbox with a process spinning on the CPU (the freezer has to stop a
@@ -60,6 +61,32 @@ def _sdk(tracker: _Tracker, runs: int) -> list[Row]:
     ]
 
 
+def _hibernate_wake(tracker: _Tracker, template: str, runs: int) -> list[Row]:
+    """hibernate(), then the exec that wakes it (what a user waits for)."""
+    slept: list[float] = []
+    woke: list[float] = []
+    try:
+        sbx = tracker.create(template, timeout=600)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sbx.hibernate()
+            t1 = time.perf_counter()
+            sbx.exec(["/bin/true"])
+            t2 = time.perf_counter()
+            slept.append((t1 - t0) * 1000)
+            woke.append((t2 - t1) * 1000)
+    except Exception as exc:
+        return [Row.failed("hibernate", "corral (SDK)", template, f"{type(exc).__name__}: {exc}")]
+    finally:
+        tracker.kill_all()
+    return [
+        Row.latency("hibernate", "corral (SDK)", template, slept),
+        Row.latency(
+            "wake → first exec", "corral (SDK)", template, woke, "target ≤ 300 ms for base"
+        ),
+    ]
+
+
 async def _runtime(data_dir: Path, templates: Path, runs: int) -> list[Row]:
     rt = ContainerRuntime(data_dir, agent_binary_path())
     paused: list[float] = []
@@ -104,13 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="corral-bench-pause-") as tmp_name:
         tmp = Path(tmp_name)
-        data_dir = _prepare_data_dir(args, tmp, ["minimal"])
+        data_dir = _prepare_data_dir(args, tmp, ["minimal", "base"])
         (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
         tracker = _Tracker()
         try:
             with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
                 os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
                 rows += _sdk(tracker, args.runs)
+                for template in ("minimal", "base"):
+                    rows += _hibernate_wake(tracker, template, max(10, args.runs // 5))
             rows += asyncio.run(_runtime(tmp / "runtime", Path(args.templates_from), args.runs))
         except RuntimeError as exc:
             rows.append(Row.failed("server start", "corral", "-", str(exc)))

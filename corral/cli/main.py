@@ -254,10 +254,12 @@ EgressOpt = Annotated[
 class OnTimeoutChoice(StrEnum):
     kill = "kill"
     pause = "pause"
+    hibernate = "hibernate"
 
 
 class OnIdleChoice(StrEnum):
     pause = "pause"
+    hibernate = "hibernate"
     kill = "kill"
 
 
@@ -341,7 +343,7 @@ def create(
     on_timeout: Annotated[
         OnTimeoutChoice | None,
         typer.Option(
-            help="At the timeout: kill (the default) or pause it (resumable, memory kept).",
+            help="At the timeout: kill (the default), pause (memory kept) or hibernate (disk kept).",
             show_default=False,
             rich_help_panel=_LIFE,
         ),
@@ -359,7 +361,7 @@ def create(
     on_idle: Annotated[
         OnIdleChoice | None,
         typer.Option(
-            help="When idle: pause (the default) or kill; needs --idle-timeout.",
+            help="When idle: pause (the default), hibernate or kill; needs --idle-timeout.",
             show_default=False,
             rich_help_panel=_LIFE,
         ),
@@ -474,14 +476,14 @@ def info(
         console().print(table)
 
 
-def _pause_or_resume(ctx: typer.Context, sandbox_id: str, as_json: bool, resume: bool) -> None:
+def _pause_or_resume(ctx: typer.Context, sandbox_id: str, as_json: bool, verb: str) -> None:
     from corral.cli._output import print_json
     from corral.sdk.sandbox import Sandbox
 
     conn = _conn(ctx)
     sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
     try:
-        after = sbx.resume() if resume else sbx.pause()
+        after = {"resume": sbx.resume, "pause": sbx.pause, "hibernate": sbx.hibernate}[verb]()
     finally:
         sbx.close()
     if as_json:
@@ -497,7 +499,7 @@ def pause(
     as_json: JsonOpt = False,
 ) -> None:
     """Freeze a sandbox (no CPU, memory kept, timeout clock stopped); print its new state."""
-    _pause_or_resume(ctx, sandbox_id, as_json, resume=False)
+    _pause_or_resume(ctx, sandbox_id, as_json, "pause")
 
 
 @app.command()
@@ -506,8 +508,18 @@ def resume(
     sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Thaw a paused sandbox where it stopped; print its new state."""
-    _pause_or_resume(ctx, sandbox_id, as_json, resume=True)
+    """Thaw a paused sandbox where it stopped, or wake a hibernated one; print its new state."""
+    _pause_or_resume(ctx, sandbox_id, as_json, "resume")
+
+
+@app.command()
+def hibernate(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a sandbox's processes and free its memory, keeping its disk; print its new state."""
+    _pause_or_resume(ctx, sandbox_id, as_json, "hibernate")
 
 
 @app.command()

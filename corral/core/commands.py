@@ -51,12 +51,14 @@ class CreateSandbox(_Command):
     network: dict[str, Any] | None = None
     # Ingress to the sandbox's ports without its access token.
     public_ports: bool = False
-    # What happens when the timeout is reached: killed, or paused (resumable, memory kept).
-    on_timeout: Literal["kill", "pause"] = "kill"
+    # What happens when the timeout is reached: killed, paused (memory kept) or hibernated
+    # (only the disk kept); the last two wake on resume.
+    on_timeout: Literal["kill", "pause", "hibernate"] = "kill"
     # Seconds with no API activity, no attached exec/terminal and < 5 % CPU, then ``on_idle``.
     idle_timeout: int | None = Field(default=None, gt=0)
-    on_idle: Literal["pause", "kill"] = "pause"
-    # A paused sandbox resumes by itself on any exec, file, process or port request.
+    on_idle: Literal["pause", "hibernate", "kill"] = "pause"
+    # A paused or hibernated sandbox resumes by itself on any exec, file, process or port
+    # request.
     auto_resume: bool = True
 
 

@@ -14,6 +14,8 @@ class SandboxState(StrEnum):
     RUNNING = "running"
     # Every process frozen: no CPU, memory kept; resumes exactly where it stopped.
     PAUSED = "paused"
+    # Processes gone, memory freed, only the disk kept (survives a host reboot); wakes afresh.
+    HIBERNATED = "hibernated"
     STOPPING = "stopping"
     STOPPED = "stopped"
     ERROR = "error"
@@ -24,9 +26,12 @@ _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
         {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
     ),
     SandboxState.RUNNING: frozenset(
-        {SandboxState.PAUSED, SandboxState.STOPPING, SandboxState.ERROR}
+        {SandboxState.PAUSED, SandboxState.HIBERNATED, SandboxState.STOPPING, SandboxState.ERROR}
     ),
     SandboxState.PAUSED: frozenset(
+        {SandboxState.RUNNING, SandboxState.HIBERNATED, SandboxState.STOPPING, SandboxState.ERROR}
+    ),
+    SandboxState.HIBERNATED: frozenset(
         {SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
     ),
     # A failed teardown leaves ERROR; a later kill, or reconcile at the next server start,
@@ -42,6 +47,7 @@ LIVE_STATES = frozenset(
         SandboxState.CREATING,
         SandboxState.RUNNING,
         SandboxState.PAUSED,
+        SandboxState.HIBERNATED,
         SandboxState.STOPPING,
         SandboxState.ERROR,
     }

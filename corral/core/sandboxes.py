@@ -13,7 +13,15 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -177,6 +185,16 @@ class SandboxService:
                 self._live[sb.id] = sb
                 adopted.add(sb.id)
                 continue
+            if sb.state is SandboxState.HIBERNATED and sb.id in on_host:
+                # Its disk is all it has; make sure nothing else is left (a crash during the
+                # hibernation, or a host reboot that left stale state), then keep it.
+                try:
+                    await self._runtime.hibernate(sb.id)
+                except CorralError as e:
+                    log.warning("hibernated sandbox %s: %s", sb.id, e.message)
+                self._live[sb.id] = sb
+                adopted.add(sb.id)
+                continue
             with contextlib.suppress(CorralError):
                 await self._runtime.destroy(sb.id)
             was = "was running" if sb.state is SandboxState.RUNNING else f"was {sb.state.value}"
@@ -238,7 +256,7 @@ class SandboxService:
         """The agent of a running sandbox of this tenant (a paused one is resumed first, unless
         it was created with ``auto_resume`` off)."""
         sb = await self.get(who, sandbox_id)
-        if sb.state is SandboxState.PAUSED and sb.auto_resume:
+        if sb.state in (SandboxState.PAUSED, SandboxState.HIBERNATED) and sb.auto_resume:
             sb = await self.resume(who, sandbox_id)
         if sb.state is not SandboxState.RUNNING:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is {sb.state.value}, not running")
@@ -267,11 +285,12 @@ class SandboxService:
     async def ingress_target(self, sandbox_id: str) -> Sandbox | None:
         """A live sandbox for a request to one of its ports (no tenancy: the port's token is
         the credential); a paused one is resumed first when it allows that."""
+        asleep = (SandboxState.PAUSED, SandboxState.HIBERNATED)
         sb = self._live.get(sandbox_id)
-        if sb is not None and sb.state is SandboxState.PAUSED and sb.auto_resume:
+        if sb is not None and sb.state in asleep and sb.auto_resume:
             async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
                 sb = self._live.get(sandbox_id)
-                if sb is not None and sb.state is SandboxState.PAUSED:
+                if sb is not None and sb.state in asleep:
                     sb = await self._resume_locked(sb)
         if sb is None or sb.state is not SandboxState.RUNNING:
             return None
@@ -393,37 +412,7 @@ class SandboxService:
                     auto_resume=int(cmd.auto_resume),
                 )
             )
-            spec = SandboxSpec(
-                sandbox_id=sid,
-                layers=layers,
-                cpu=cpu,
-                memory_mb=memory,
-                disk_mb=disk,
-                pids_max=self._config.limits.pids_per_sandbox,
-                hostname=sid,
-                env={
-                    "PATH": DEFAULT_PATH,
-                    "LANG": "C.UTF-8",
-                    "CORRAL_SANDBOX": "1",
-                    "CORRAL_SANDBOX_ID": sid,
-                    **cmd.env,
-                },
-            )
-            network = self._network
-            if network is not None:
-                policy = network.parse(policy_doc)
-
-                async def plumb(netns: Path) -> Path:
-                    nonlocal sb
-                    attachment = await network.attach(sid, who.tenant_id, policy, join=netns)
-                    sb = replace(sb, address=attachment.address)
-                    self._live[sid] = sb
-                    # Recorded before the sandbox runs, so that after a crash from here on
-                    # reconcile still finds it and frees the address.
-                    await self._store.update_sandbox(sid, address=attachment.address)
-                    return attachment.netns
-
-                spec = replace(spec, network=plumb, nameservers=(network.service_ip,))
+            spec = self._spec(sb, layers)
             try:
                 await self._runtime.create(spec)
             except BaseException as e:
@@ -432,14 +421,16 @@ class SandboxService:
                 with contextlib.suppress(Exception):
                     await self._runtime.destroy(sid)
                 if self._network is not None:
+                    address = self._live.get(sid, sb).address
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(self._network.detach(sid, sb.address))
+                        await asyncio.shield(self._network.detach(sid, address))
                 self._live.pop(sid, None)
                 self._locks.pop(sid, None)
                 await self._store.delete_sandbox(sid)
                 if isinstance(e, CorralError | asyncio.CancelledError):
                     raise
                 raise RuntimeFailure(f"sandbox create failed: {e}") from e
+            sb = self._live[sid]  # with the address the network layer gave it
             # The timeout counts from when the sandbox is usable, not from when it was asked for.
             started = _now()
             sb = self._transition(
@@ -486,12 +477,18 @@ class SandboxService:
             sb = self._live.get(sandbox_id, sb)
             if sb.state is SandboxState.RUNNING:
                 return sb
-            if sb.state is not SandboxState.PAUSED:
+            if sb.state not in (SandboxState.PAUSED, SandboxState.HIBERNATED):
                 raise SandboxNotRunningError(f"sandbox {sandbox_id} is {sb.state.value}")
             return await self._resume_locked(sb)
 
     async def _resume_locked(self, sb: Sandbox) -> Sandbox:
+        if sb.state is SandboxState.HIBERNATED:
+            return await self._wake_locked(sb)
         await self._runtime.resume(sb.id)
+        return await self._running_again(sb)
+
+    async def _running_again(self, sb: Sandbox) -> Sandbox:
+        """Back to RUNNING after a pause or a hibernation: the stopped clock goes on."""
         now = _now()
         remaining = sb.paused_remaining_s
         # Paused by its own timeout (on_timeout="pause"): a resume starts a fresh lifetime.
@@ -523,6 +520,104 @@ class SandboxService:
                     f"sandbox {sandbox_id} is {sb.state.value}, not running"
                 )
             yield sb
+
+    def _spec(self, sb: Sandbox, layers: tuple[Path, ...]) -> SandboxSpec:
+        """What the runtime needs to start ``sb`` (at create, and again at wake)."""
+        spec = SandboxSpec(
+            sandbox_id=sb.id,
+            layers=layers,
+            cpu=sb.cpu,
+            memory_mb=sb.memory_mb,
+            disk_mb=sb.disk_mb,
+            pids_max=self._config.limits.pids_per_sandbox,
+            hostname=sb.id,
+            env={
+                "PATH": DEFAULT_PATH,
+                "LANG": "C.UTF-8",
+                "CORRAL_SANDBOX": "1",
+                "CORRAL_SANDBOX_ID": sb.id,
+                **sb.env,
+            },
+        )
+        network = self._network
+        if network is None:
+            return spec
+        policy = network.parse(sb.network)
+
+        async def plumb(netns: Path) -> Path:
+            attachment = await network.attach(sb.id, sb.tenant_id, policy, join=netns)
+            self._live[sb.id] = replace(self._live[sb.id], address=attachment.address)
+            # Recorded before the sandbox runs, so that after a crash from here on reconcile
+            # still finds it and frees the address.
+            await self._store.update_sandbox(sb.id, address=attachment.address)
+            return attachment.netns
+
+        return replace(spec, network=plumb, nameservers=(network.service_ip,))
+
+    async def hibernate(self, who: Principal, sandbox_id: str) -> Sandbox:
+        """Stop every process and free the sandbox's memory, keeping its disk; the timeout
+        clock stops as for a pause. Wake it with ``resume``."""
+        sb = await self.get(who, sandbox_id)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id, sb)
+            if sb.state is SandboxState.HIBERNATED:
+                raise ConflictError(f"sandbox {sandbox_id} is already hibernated")
+            if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {sb.state.value}, not running"
+                )
+            return await self._hibernate_locked(sb)
+
+    async def _hibernate_locked(self, sb: Sandbox) -> Sandbox:
+        now = _now()
+        remaining = sb.paused_remaining_s
+        if sb.state is SandboxState.RUNNING and sb.expires_at is not None:
+            remaining = max(0.0, (sb.expires_at - now).total_seconds())
+        try:
+            await self._runtime.hibernate(sb.id)
+            if self._network is not None:
+                await self._network.detach(sb.id, sb.address)
+        except CorralError as e:
+            sb = self._transition(sb, SandboxState.ERROR, error=f"hibernate failed: {e.message}")
+            await self._store.update_sandbox(sb.id, state=sb.state.value, error=sb.error)
+            raise
+        sb = self._transition(
+            sb,
+            SandboxState.HIBERNATED,
+            address=None,
+            expires_at=None,
+            paused_at=now,
+            paused_remaining_s=remaining,
+        )
+        await self._store.update_sandbox(
+            sb.id,
+            state=sb.state.value,
+            address=None,
+            expires_at=None,
+            paused_at=now,
+            paused_remaining_s=remaining,
+        )
+        for book in (self._busy, self._cpu_mark):
+            book.pop(sb.id, None)
+        return sb
+
+    async def _wake_locked(self, sb: Sandbox) -> Sandbox:
+        """Start a hibernated sandbox again on its disk (its processes start afresh)."""
+        spec = self._spec(sb, self._templates.layers_for(sb.template))
+        try:
+            await self._runtime.wake(spec)
+        except BaseException:
+            # The runtime left it hibernated; its network must go too.
+            if self._network is not None:
+                address = self._live.get(sb.id, sb).address
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._network.detach(sb.id, address))
+            self._live[sb.id] = replace(self._live.get(sb.id, sb), address=None)
+            with contextlib.suppress(Exception):
+                await self._store.update_sandbox(sb.id, address=None)
+            raise
+        sb = self._live[sb.id]
+        return await self._running_again(sb)
 
     async def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> Sandbox:
         if seconds > self._config.limits.max_timeout_s:
@@ -595,11 +690,21 @@ class SandboxService:
         sb = await self.get(who, sandbox_id)
         await self._kill(sb.id, reason=None)
 
-    async def _kill(self, sandbox_id: str, *, reason: str | None) -> None:
+    async def _kill(
+        self,
+        sandbox_id: str,
+        *,
+        reason: str | None,
+        still: Callable[[Sandbox], Awaitable[bool]] | None = None,
+    ) -> None:
+        """Tear the sandbox down; ``still``: re-checked under the lock, so that a reason seen
+        without it (by the reaper) still holds — another operation may have run meanwhile."""
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
             sb = self._live.get(sandbox_id)
             if sb is None:
                 return  # already stopped: kill is idempotent
+            if still is not None and not await still(sb):
+                return
             sb = self._transition(sb, SandboxState.STOPPING)
             await self._store.update_sandbox(sandbox_id, state=sb.state.value)
             try:
@@ -647,23 +752,51 @@ class SandboxService:
         for sb in list(self._live.values()):
             if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 continue
+            lock = self._locks.get(sb.id)
+            if lock is not None and lock.locked():
+                continue  # an operation is changing it (hibernate stops its init on purpose)
             if not await self._runtime.is_running(sb.id):
                 # Killed from the host or by the OOM killer: what is left must still go, and
                 # callers must see why instead of a sandbox that is "running" but never answers.
                 reason = "the sandbox's init process exited (killed, or out of memory)"
-                self.spawn_task(self._expire(sb.id, reason), f"dead-{sb.id}")
+                self.spawn_task(self._expire(sb.id, reason, self._init_dead), f"dead-{sb.id}")
             elif sb.state is not SandboxState.RUNNING:
                 continue
             elif sb.expires_at is not None and sb.expires_at <= now:
-                if sb.on_timeout == "pause":
-                    self.spawn_task(self._auto_pause(sb.id, "timeout"), f"pause-{sb.id}")
+                if sb.on_timeout in ("pause", "hibernate"):
+                    self.spawn_task(
+                        self._auto_pause(sb.id, "timeout", sb.on_timeout), f"pause-{sb.id}"
+                    )
                 else:
-                    self.spawn_task(self._expire(sb.id, "timeout reached"), f"expire-{sb.id}")
+                    self.spawn_task(
+                        self._expire(sb.id, "timeout reached", self._expired), f"expire-{sb.id}"
+                    )
             elif sb.idle_timeout is not None and await self._idle(sb):
                 if sb.on_idle == "kill":
-                    self.spawn_task(self._expire(sb.id, "idle"), f"idle-{sb.id}")
+                    self.spawn_task(self._expire(sb.id, "idle", self._still_idle), f"idle-{sb.id}")
                 else:
-                    self.spawn_task(self._auto_pause(sb.id, "idle"), f"pause-{sb.id}")
+                    self.spawn_task(self._auto_pause(sb.id, "idle", sb.on_idle), f"pause-{sb.id}")
+
+    async def _init_dead(self, sb: Sandbox) -> bool:
+        return sb.state in (
+            SandboxState.RUNNING,
+            SandboxState.PAUSED,
+        ) and not await self._runtime.is_running(sb.id)
+
+    async def _expired(self, sb: Sandbox) -> bool:
+        return (
+            sb.state is SandboxState.RUNNING
+            and sb.expires_at is not None
+            and sb.expires_at <= _now()
+        )
+
+    async def _still_idle(self, sb: Sandbox) -> bool:
+        unused = time.monotonic() - self._activity.get(sb.id, 0.0)
+        return (
+            sb.state is SandboxState.RUNNING
+            and not self._busy.get(sb.id)
+            and unused >= (sb.idle_timeout or 0)
+        )
 
     async def _idle(self, sb: Sandbox) -> bool:
         """No API use for ``idle_timeout`` s, nobody attached, and < 5 % of a core since."""
@@ -688,20 +821,31 @@ class SandboxService:
             return False
         return True
 
-    async def _auto_pause(self, sandbox_id: str, why: str) -> None:
+    async def _auto_pause(self, sandbox_id: str, why: str, how: str) -> None:
+        """Pause or hibernate (``how``) a sandbox on its own idle or timeout policy."""
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
             sb = self._live.get(sandbox_id)
             if sb is None or sb.state is not SandboxState.RUNNING:
                 return
-            try:
-                await self._pause_locked(sb)
-            except CorralError:
-                log.exception("could not pause sandbox %s (%s)", sandbox_id, why)
+            # Seen without the lock: someone may have used it, or extended it, meanwhile.
+            if not await (self._expired(sb) if why == "timeout" else self._still_idle(sb)):
                 return
-        log.info("paused sandbox %s (%s)", sandbox_id, why)
+            try:
+                if how == "hibernate":
+                    await self._hibernate_locked(sb)
+                else:
+                    await self._pause_locked(sb)
+            except CorralError:
+                log.exception("could not %s sandbox %s (%s)", how, sandbox_id, why)
+                return
+        log.info(
+            "%s sandbox %s (%s)", "hibernated" if how == "hibernate" else "paused", sandbox_id, why
+        )
 
-    async def _expire(self, sandbox_id: str, reason: str) -> None:
+    async def _expire(
+        self, sandbox_id: str, reason: str, still: Callable[[Sandbox], Awaitable[bool]]
+    ) -> None:
         try:
-            await self._kill(sandbox_id, reason=reason)
+            await self._kill(sandbox_id, reason=reason, still=still)
         except CorralError:
             log.exception("could not tear down expired sandbox %s", sandbox_id)

@@ -70,6 +70,16 @@ class Runtime(Protocol):
         """CPU time every process of the sandbox has used so far (for idle detection)."""
         ...
 
+    async def hibernate(self, sandbox_id: str) -> None:
+        """Stop every process and free the sandbox's memory and host objects, keeping only its
+        disk (and what identifies it on the host) — enough to survive a host reboot."""
+        ...
+
+    async def wake(self, spec: SandboxSpec) -> None:
+        """Start a hibernated sandbox again on its kept disk, agent answering; on failure it is
+        left hibernated, disk untouched."""
+        ...
+
     async def is_running(self, sandbox_id: str) -> bool:
         """Whether the sandbox's init (the agent) is alive."""
         ...

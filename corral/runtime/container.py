@@ -241,7 +241,8 @@ class ContainerRuntime:
                     raise
                 raise RuntimeFailure(f"create of {sid} failed: {exc}") from exc
 
-    async def _create(self, spec: SandboxSpec) -> None:
+    async def _create(self, spec: SandboxSpec, *, wake: bool = False) -> None:
+        """Start ``spec``; ``wake``: from its kept disk and id range (it was hibernated)."""
         sid = spec.sandbox_id
         sdir = self._dir(sid)
         timings: dict[str, float] = {}
@@ -260,23 +261,31 @@ class ContainerRuntime:
             raise RuntimeFailure(f"agent binary {self.agent_binary} does not exist")
         if self._profile is None:
             self._profile = IsolationProfile.load()
-        self._sandboxes.mkdir(parents=True, exist_ok=True, mode=0o700)
-        disk_bytes = spec.disk_mb * _MiB
-        free = os.statvfs(self._sandboxes)
-        if free.f_bavail * free.f_frsize < disk_bytes + _HOST_DISK_RESERVE:
-            raise QuotaExceededError(
-                f"the host has less than {spec.disk_mb} MiB of free disk for a new sandbox"
-            )
-        golden = await asyncio.to_thread(self._disks.golden, disk_bytes)
-        step("prepare")
+        golden: Path | None = None
+        if wake:
+            meta = self._read_meta(sid)
+            host_id = int(meta["host_id"])
+            meta.pop("hibernated", None)
+            self._write_meta(sid, meta)
+            step("claim")
+        else:
+            self._sandboxes.mkdir(parents=True, exist_ok=True, mode=0o700)
+            disk_bytes = spec.disk_mb * _MiB
+            free = os.statvfs(self._sandboxes)
+            if free.f_bavail * free.f_frsize < disk_bytes + _HOST_DISK_RESERVE:
+                raise QuotaExceededError(
+                    f"the host has less than {spec.disk_mb} MiB of free disk for a new sandbox"
+                )
+            golden = await asyncio.to_thread(self._disks.golden, disk_bytes)
+            step("prepare")
 
-        sdir.mkdir(mode=0o700)
-        slot = self._slots.claim(sid)
-        host_id = self._slots.host_id(slot)
-        cgroups = [str(d) for d in sandbox_cgroup_dirs(self._cgroup_name(sid))]
-        meta: dict[str, Any] = {"slot": slot, "host_id": host_id, "cgroups": cgroups}
-        self._write_meta(sid, meta)
-        step("claim")
+            sdir.mkdir(mode=0o700)
+            slot = self._slots.claim(sid)
+            host_id = self._slots.host_id(slot)
+            cgroups = [str(d) for d in sandbox_cgroup_dirs(self._cgroup_name(sid))]
+            meta = {"slot": slot, "host_id": host_id, "cgroups": cgroups}
+            self._write_meta(sid, meta)
+            step("claim")
 
         netns_fd: int | None = None
         if spec.network is not None:
@@ -292,9 +301,12 @@ class ContainerRuntime:
                     spec.network(Path(f"/proc/{os.getpid()}/fd/{netns_fd}"))
                 )
             try:
-                upper, work = await asyncio.to_thread(
-                    self._prepare_storage, spec, sdir, golden, host_id
-                )
+                if golden is None:
+                    upper, work = await asyncio.to_thread(self._mount_kept_storage, sdir)
+                else:
+                    upper, work = await asyncio.to_thread(
+                        self._prepare_storage, spec, sdir, golden, host_id
+                    )
                 step("storage")
                 lowers: list[int] = []
                 try:
@@ -364,6 +376,13 @@ class ContainerRuntime:
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
 
+    def _mount_kept_storage(self, sdir: Path) -> tuple[Path, Path]:
+        """A hibernated sandbox's own disk, mounted again: (upper, work). Its files (and the
+        identity files written at create) are as it left them."""
+        store = sdir / "disk"
+        mount_disk(sdir / "disk.img", store)
+        return store / "upper", store / "work"
+
     def _prepare_storage(
         self, spec: SandboxSpec, sdir: Path, golden: Path, host_id: int
     ) -> tuple[Path, Path]:
@@ -402,14 +421,39 @@ class ContainerRuntime:
 
     # ------------------------------------------------------------------------------ destroy
 
+    async def hibernate(self, sandbox_id: str) -> None:
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            if not self._dir(sandbox_id).is_dir():
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} is not on this host")
+            await self._teardown(sandbox_id, keep_disk=True)
+
+    async def wake(self, spec: SandboxSpec) -> None:
+        sid = spec.sandbox_id
+        self._check_id(sid)
+        async with self._lock(sid):
+            if not self._read_meta(sid).get("hibernated"):
+                raise ConflictError(f"sandbox {sid} is not hibernated on this host")
+            try:
+                await self._create(spec, wake=True)
+            except BaseException as exc:
+                # Back to hibernated, disk untouched, whatever failed.
+                cleanup = asyncio.ensure_future(self._teardown(sid, keep_disk=True))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(cleanup)
+                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
+                    raise
+                raise RuntimeFailure(f"wake of {sid} failed: {exc}") from exc
+
     async def destroy(self, sandbox_id: str) -> None:
         self._check_id(sandbox_id)
         async with self._lock(sandbox_id):
             await self._teardown(sandbox_id)
         self._locks.pop(sandbox_id, None)
 
-    async def _teardown(self, sid: str) -> None:
-        """Remove every trace of ``sid``, tolerating any of them being absent already.
+    async def _teardown(self, sid: str, *, keep_disk: bool = False) -> None:
+        """Remove every trace of ``sid``, tolerating any of them being absent already;
+        ``keep_disk``: all but its disk image and id range (hibernation).
 
         Every step runs even when an earlier one failed; the first failure is raised at the end.
         """
@@ -446,6 +490,21 @@ class ContainerRuntime:
         except OSError as exc:
             errors.append(f"unmount: {exc}")
 
+        if keep_disk:
+            try:
+                unmount(sdir / "disk")  # frees the loop device; the image stays
+            except OSError as exc:
+                errors.append(f"disk: {exc}")
+            if meta:
+                for key in ("init_pid", "init_start"):
+                    meta.pop(key, None)
+                meta["hibernated"] = True
+                self._write_meta(sid, meta)
+            with contextlib.suppress(FileNotFoundError):
+                self.agent_socket(sid).unlink()
+            if errors:
+                raise RuntimeFailure(f"hibernation of {sid} incomplete: {'; '.join(errors)}")
+            return
         try:
             remove_disk(sdir / "disk.img", sdir / "disk")
         except OSError as exc:

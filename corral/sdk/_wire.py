@@ -77,8 +77,8 @@ WS_MAX_SIZE: Final = 16 << 20
 TextCallback = Callable[[str], object]
 
 # What a sandbox's timeout does, and what being idle for ``idle_timeout`` seconds does.
-OnTimeout = Literal["kill", "pause"]
-OnIdle = Literal["pause", "kill"]
+OnTimeout = Literal["kill", "pause", "hibernate"]
+OnIdle = Literal["pause", "hibernate", "kill"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,10 @@ class calls:
     @staticmethod
     def pause_sandbox(sandbox_id: str) -> Call:
         return Call("POST", f"{_sb(sandbox_id)}/pause")
+
+    @staticmethod
+    def hibernate_sandbox(sandbox_id: str) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/hibernate")
 
     @staticmethod
     def resume_sandbox(sandbox_id: str) -> Call:

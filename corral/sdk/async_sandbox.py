@@ -630,6 +630,12 @@ class AsyncSandbox:
         self._info = SandboxInfo.from_json(obj)
         return self._info
 
+    async def hibernate(self) -> SandboxInfo:
+        """See ``Sandbox.hibernate``."""
+        call = calls.hibernate_sandbox(self._id)
+        self._info = SandboxInfo.from_json(await self._http.json(call))
+        return self._info
+
     async def pause(self) -> SandboxInfo:
         """See ``Sandbox.pause``."""
         self._info = SandboxInfo.from_json(await self._http.json(calls.pause_sandbox(self._id)))

@@ -680,9 +680,19 @@ class Sandbox:
         self._info = SandboxInfo.from_json(self._http.json(calls.pause_sandbox(self._id)))
         return self._info
 
+    def hibernate(self) -> SandboxInfo:
+        """Stop every process and free its memory, keeping its disk (survives a host reboot);
+        ``resume`` wakes it with its files as they were and its processes started afresh.
+
+        ``ConflictError`` if already hibernated, ``SandboxNotRunningError`` if it has stopped.
+        """
+        self._info = SandboxInfo.from_json(self._http.json(calls.hibernate_sandbox(self._id)))
+        return self._info
+
     def resume(self) -> SandboxInfo:
-        """Thaw a paused sandbox where it stopped, with the lifetime it had left (a fresh
-        ``timeout`` if its timeout paused it); a running one is answered as it is."""
+        """Thaw a paused sandbox where it stopped, or wake a hibernated one, with the lifetime
+        it had left (a fresh ``timeout`` if its timeout put it to sleep); a running one is
+        answered as it is."""
         self._info = SandboxInfo.from_json(self._http.json(calls.resume_sandbox(self._id)))
         return self._info
 

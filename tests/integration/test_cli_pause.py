@@ -134,7 +134,7 @@ def test_bad_input_fails_cleanly(env: dict[str, str]) -> None:
         ["--on-timeout", "sleep"],
         ["--idle-timeout", "0"],
         ["--idle-timeout", "-5"],
-        ["--on-idle", "hibernate", "--idle-timeout", "5"],
+        ["--on-idle", "snooze", "--idle-timeout", "5"],
         ["--on-idle", "kill"],
     ):
         _one_error(corral(env, "create", "--template", TEMPLATE, *args, check=False), 2)

@@ -1,5 +1,6 @@
 """Pausing a container sandbox freezes every process (no CPU used, state kept), resuming
-continues exactly where it stopped, and a paused sandbox can still be destroyed at once."""
+continues exactly where it stopped, a paused sandbox can still be destroyed at once, and
+hibernating keeps only the disk, from which wake starts it again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from corral.agent import AgentClient, ExecRequest
-from corral.errors import SandboxNotRunningError
+from corral.errors import ConflictError, SandboxNotRunningError
 from corral.runtime import ContainerRuntime, SandboxSpec
 from tests.conftest import requires_container, sandbox_run
 
@@ -58,3 +59,36 @@ async def test_pause_of_a_missing_sandbox_is_not_running(
         await container_runtime.pause("it-none")
     with pytest.raises(SandboxNotRunningError):
         await container_runtime.resume("it-none")
+
+
+async def test_hibernate_frees_everything_but_the_disk_and_wake_restores_it(
+    container_runtime: ContainerRuntime, minimal_rootfs: Path
+) -> None:
+    rt = container_runtime
+    spec = SandboxSpec("it-hib", (minimal_rootfs,))
+    await rt.create(spec)
+    try:
+        res = await sandbox_run(rt, "it-hib", ["/bin/sh", "-c", "echo kept > /root/file"])
+        assert res.exit_code == 0, res
+        agent = AgentClient(lambda: rt.open_agent("it-hib"))
+        await agent.spawn(ExecRequest(argv=["/bin/sleep", "1000"]))
+        with pytest.raises(ConflictError):
+            await rt.wake(spec)  # it is running, not hibernated
+
+        await rt.hibernate("it-hib")
+        assert not await rt.is_running("it-hib")
+        mounts = Path("/proc/self/mountinfo").read_text()
+        assert str(rt.mount_dir / "it-hib") not in mounts  # root filesystem gone
+        assert "/sandboxes/it-hib/disk " not in mounts  # disk unmounted (loop device freed)
+        assert (rt.data_dir / "sandboxes" / "it-hib" / "disk.img").exists()  # disk kept
+        assert "it-hib" in await rt.list_sandboxes()
+        with pytest.raises(SandboxNotRunningError):
+            await rt.open_agent("it-hib")
+
+        await rt.wake(spec)
+        res = await sandbox_run(rt, "it-hib", ["/bin/sh", "-c", "cat /root/file; ps -o comm"])
+        assert res.out.startswith("kept\n"), res
+        assert "sleep" not in res.out  # processes did not survive: that is what hibernate means
+    finally:
+        await rt.destroy("it-hib")
+    assert "it-hib" not in await rt.list_sandboxes()

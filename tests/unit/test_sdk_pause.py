@@ -316,7 +316,7 @@ def test_cli_create_flags_become_the_policy(runner: CliRunner, server: Recorder)
     ("args", "needle"),
     [
         (["create", "--on-timeout", "sleep"], "--on-timeout"),
-        (["create", "--on-idle", "hibernate", "--idle-timeout", "5"], "--on-idle"),
+        (["create", "--on-idle", "snooze", "--idle-timeout", "5"], "--on-idle"),
         (["create", "--idle-timeout", "0"], "--idle-timeout"),
         (["create", "--idle-timeout", "soon"], "--idle-timeout"),
         (["create", "--on-idle", "kill"], "--on-idle needs --idle-timeout"),

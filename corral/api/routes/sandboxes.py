@@ -73,9 +73,15 @@ async def pause_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
     return _out(svc, await svc.sandboxes.pause(who, sandbox_id))
 
 
+@router.post("/{sandbox_id}/hibernate")
+async def hibernate_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
+    """Stop every process and free memory, keeping the disk; 409 if already hibernated."""
+    return _out(svc, await svc.sandboxes.hibernate(who, sandbox_id))
+
+
 @router.post("/{sandbox_id}/resume")
 async def resume_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
-    """Thaw a paused sandbox; a running one is answered as it is."""
+    """Thaw a paused sandbox or wake a hibernated one; a running one is answered as it is."""
     return _out(svc, await svc.sandboxes.resume(who, sandbox_id))
 
 
