@@ -25,7 +25,11 @@ pytest.importorskip(
     "corral.api.server", reason="corral.api.server does not import yet (the server is in progress)"
 )
 
-from tests.integration.server_harness import RunningServer, release_data_dir
+from tests.integration.server_harness import (
+    RunningServer,
+    network_config_for_tests,
+    release_data_dir,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -216,10 +220,16 @@ def _free_port() -> int:
 
 def test_server_command_starts_a_server(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # Host objects of its own (never the default names a real server on this host would use);
+    # release_data_dir finds them through this file.
+    config = data_dir / "server.json"
+    config.write_text(json.dumps({"network": network_config_for_tests(None)}))
     url = f"http://127.0.0.1:{_free_port()}"
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [CORRAL, "server", "--listen", url.removeprefix("http://"), "--data-dir", str(data_dir)],
+        [CORRAL, "server", "--listen", url.removeprefix("http://"), "--data-dir", str(data_dir),
+         "--config", str(config)],
         stdout=log, stderr=log,
     )  # fmt: skip
     log.close()
