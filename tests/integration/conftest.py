@@ -1,1 +1,23 @@
-"""Integration tests share the session server and leak check defined in tests/conftest.py."""
+"""Integration tests share the session server and leak check defined in tests/conftest.py, and
+the CLI tests share the environment that points the ``corral`` command at that server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.integration.server_harness import RunningServer
+
+
+@pytest.fixture
+def env(server: RunningServer, tmp_path: Path) -> dict[str, str]:
+    """Environment for running ``corral`` against the session server (and nothing else)."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    out.update(
+        CORRAL_URL=server.url,
+        CORRAL_API_KEY=server.admin_key,
+        CORRAL_DATA_DIR=str(tmp_path / "unused"),
+    )
+    return out

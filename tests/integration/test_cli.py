@@ -26,7 +26,6 @@ pytest.importorskip(
 )
 
 from tests.integration.server_harness import (
-    RunningServer,
     network_config_for_tests,
     release_data_dir,
 )
@@ -35,17 +34,6 @@ pytestmark = pytest.mark.integration
 
 CORRAL = str(Path(sys.executable).with_name("corral"))
 TEMPLATE = "minimal"
-
-
-@pytest.fixture
-def env(server: RunningServer, tmp_path: Path) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    out.update(
-        CORRAL_URL=server.url,
-        CORRAL_API_KEY=server.admin_key,
-        CORRAL_DATA_DIR=str(tmp_path / "unused"),
-    )
-    return out
 
 
 def corral(

@@ -27,17 +27,6 @@ CORRAL = str(Path(sys.executable).with_name("corral"))
 TEMPLATE = "minimal"
 
 
-@pytest.fixture
-def env(server: RunningServer, tmp_path: Path) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    out.update(
-        CORRAL_URL=server.url,
-        CORRAL_API_KEY=server.admin_key,
-        CORRAL_DATA_DIR=str(tmp_path / "unused"),
-    )
-    return out
-
-
 def corral(
     env: dict[str, str], *args: str, check: bool = True, input: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
