@@ -75,6 +75,8 @@ class NetworkConfig(BaseModel):
     ingress_domain: str | None = None
     # NFLOG group the firewall logs UDP/ICMP decisions to (0: none); one per server on a host.
     nflog_group: int = Field(default=7301, ge=0, le=65535)
+    # Connections (conntrack entries) one sandbox may have at once; beyond, new ones are refused.
+    max_flows_per_sandbox: int = Field(default=4096, ge=16, le=1_000_000)
 
     @field_validator("subnet")
     @classmethod

@@ -118,6 +118,7 @@ class NetworkService:
             proxy_port=config.proxy_port,
             guard=self._guard,
             nflog_group=config.nflog_group,
+            flow_limit=config.max_flows_per_sandbox,
         )
         self._nflog: NflogListener | None = None
         self._upstream: Upstream | None = None

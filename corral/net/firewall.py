@@ -48,6 +48,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from corral.errors import InvalidRequestError, RuntimeFailure
+from corral.net.conntrack import DEFAULT_FLOW_LIMIT, flow_cap_rules, flow_cap_set
 
 if TYPE_CHECKING:
     from corral.net.policy import ForwardRule
@@ -119,6 +120,7 @@ class Firewall:
         proxy_port: int,
         guard: NetworkLists,
         nflog_group: int = DEFAULT_NFLOG_GROUP,
+        flow_limit: int = DEFAULT_FLOW_LIMIT,
         nft: str = "nft",
     ) -> None:
         if not _TABLE_NAME.fullmatch(table):
@@ -131,6 +133,9 @@ class Firewall:
         self.dns_port = dns_port
         self.proxy_port = proxy_port
         self.nflog_group = nflog_group
+        # New flows one sandbox may have tracked at once, so it cannot fill the host's conntrack
+        # table (every other sandbox and the host would lose new connections).
+        self.flow_limit = flow_limit
         self._never = _split_families(guard.never_networks)
         self._private = _split_families(guard.private_networks)
         self._nft = nft
@@ -272,6 +277,7 @@ class Firewall:
 
         return [
             {"add": {"set": o(name="sandbox_ifaces", type="ifname")}},
+            flow_cap_set(self.table),
             {"add": {"set": o(name="sandbox_addrs", type=["ifname", "ipv4_addr"])}},
             {"add": {"map": o(name="sandbox_chains", type="ifname", map="verdict")}},
             *interval_set("never_v4", "ipv4_addr", self._never[0]),
@@ -281,6 +287,7 @@ class Firewall:
             *log_rules,
             # --- DNAT: every DNS query to the resolver, every other TCP connection to the proxy.
             base_chain("prerouting", "nat", "prerouting", -100),
+            *flow_cap_rules(self.table, "prerouting", "sandbox_ifaces", self.flow_limit),
             rule("prerouting", sandbox_if, ipv4, _match("==", _field("udp", "dport"), 53),
                  dnat(self.dns_port)),
             rule("prerouting", sandbox_if, ipv4, _match("==", _field("tcp", "dport"), 53),

@@ -155,6 +155,11 @@ async def test_reset_builds_the_whole_table(table: str) -> None:
         ("203.0.113.193", 5353),
         ("203.0.113.193", 3128),
     ]
+    # The per-sandbox flow cap sits in front of the DNAT rules (tests/integration/
+    # test_net_conntrack.py proves what it does).
+    assert "flow_cap" in named(items, "set")
+    first = rules(items, "prerouting")[0]
+    assert any("reject" in e for e in first) and "ct count" in json.dumps(first).replace('"', " ")
 
 
 async def test_sandbox_changes_touch_only_that_sandbox(table: str) -> None:
