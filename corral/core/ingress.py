@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import hmac
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -292,8 +293,10 @@ class IngressService:
         sb = self._sandboxes.live_sandbox(sandbox_id)
         if (
             sb is None
-            or sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED)
-            or sb.address is None
+            or sb.network is None
+            or sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.HIBERNATED)
+            # A hibernated sandbox has no address until it wakes.
+            or (sb.address is None and sb.state is not SandboxState.HIBERNATED)
         ):
             raise NotFoundError(f"no running sandbox {sandbox_id!r} with a network")
         if not sb.public_ports:
@@ -310,6 +313,10 @@ class IngressService:
         if running is None or running.address is None:
             raise SandboxNotRunningError(f"sandbox {sb.id} is paused (auto_resume is off)")
         return Target(running.id, running.address, number, running.public_ports)
+
+    def busy(self, sandbox_id: str) -> contextlib.AbstractContextManager[None]:
+        """Held while a request or WebSocket is relayed: the sandbox is in use, not idle."""
+        return self._sandboxes.busy(sandbox_id)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -182,6 +182,10 @@ class SandboxService:
                 and sb.id in on_host
                 and await self._runtime.is_running(sb.id)
             ):
+                if sb.state is SandboxState.RUNNING:
+                    # A crash between freezing it and recording the pause left it frozen.
+                    with contextlib.suppress(CorralError):
+                        await self._runtime.resume(sb.id)
                 self._live[sb.id] = sb
                 adopted.add(sb.id)
                 continue
@@ -192,6 +196,11 @@ class SandboxService:
                     await self._runtime.hibernate(sb.id)
                 except CorralError as e:
                     log.warning("hibernated sandbox %s: %s", sb.id, e.message)
+                if sb.address is not None:
+                    # A wake that crashed half way: its network is an orphan (removed below by
+                    # the network service), and the next wake plumbs a new one.
+                    sb = replace(sb, address=None)
+                    await self._store.update_sandbox(sb.id, address=None)
                 self._live[sb.id] = sb
                 adopted.add(sb.id)
                 continue
@@ -255,6 +264,7 @@ class SandboxService:
     async def agent(self, who: Principal, sandbox_id: str) -> AgentClient:
         """The agent of a running sandbox of this tenant (a paused one is resumed first, unless
         it was created with ``auto_resume`` off)."""
+        await self._settled(sandbox_id)
         sb = await self.get(who, sandbox_id)
         if sb.state in (SandboxState.PAUSED, SandboxState.HIBERNATED) and sb.auto_resume:
             sb = await self.resume(who, sandbox_id)
@@ -263,8 +273,26 @@ class SandboxService:
         self.touch(sandbox_id)
         return AgentClient(lambda: self._runtime.open_agent(sandbox_id))
 
+    def _current(self, sandbox_id: str) -> Sandbox:
+        """The sandbox as it is now (call with its lock held): a kill that ran while we waited
+        for the lock has removed it, and nothing may bring it back."""
+        sb = self._live.get(sandbox_id)
+        if sb is None:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is stopped, not running")
+        return sb
+
+    async def _settled(self, sandbox_id: str) -> None:
+        """Wait for an operation in progress on the sandbox (a pause, a wake) to finish, so
+        that a caller never hands work to a sandbox that is being frozen under it."""
+        lock = self._locks.get(sandbox_id)
+        if lock is not None and lock.locked():
+            async with lock:
+                pass
+
     def touch(self, sandbox_id: str) -> None:
         """Record use of the sandbox through the API (it is not idle)."""
+        if sandbox_id not in self._live:
+            return  # stopped meanwhile: nothing to keep awake
         self._activity[sandbox_id] = time.monotonic()
         self._cpu_mark.pop(sandbox_id, None)
 
@@ -286,6 +314,7 @@ class SandboxService:
         """A live sandbox for a request to one of its ports (no tenancy: the port's token is
         the credential); a paused one is resumed first when it allows that."""
         asleep = (SandboxState.PAUSED, SandboxState.HIBERNATED)
+        await self._settled(sandbox_id)
         sb = self._live.get(sandbox_id)
         if sb is not None and sb.state in asleep and sb.auto_resume:
             async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
@@ -443,7 +472,7 @@ class SandboxService:
         """Freeze the sandbox: zero CPU, memory kept; its timeout clock stops until resumed."""
         sb = await self.get(who, sandbox_id)
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
-            sb = self._live.get(sandbox_id, sb)
+            sb = self._current(sandbox_id)
             if sb.state is SandboxState.PAUSED:
                 raise ConflictError(f"sandbox {sandbox_id} is already paused")
             if sb.state is not SandboxState.RUNNING:
@@ -474,7 +503,7 @@ class SandboxService:
         """Thaw a paused sandbox (a running one is left as it is)."""
         sb = await self.get(who, sandbox_id)
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
-            sb = self._live.get(sandbox_id, sb)
+            sb = self._current(sandbox_id)
             if sb.state is SandboxState.RUNNING:
                 return sb
             if sb.state not in (SandboxState.PAUSED, SandboxState.HIBERNATED):
@@ -514,7 +543,7 @@ class SandboxService:
             {SandboxState.RUNNING, SandboxState.PAUSED} if paused_too else {SandboxState.RUNNING}
         )
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
-            sb = self._live.get(sandbox_id, sb)
+            sb = self._current(sandbox_id)
             if sb.state not in allowed:
                 raise SandboxNotRunningError(
                     f"sandbox {sandbox_id} is {sb.state.value}, not running"
@@ -559,7 +588,7 @@ class SandboxService:
         clock stops as for a pause. Wake it with ``resume``."""
         sb = await self.get(who, sandbox_id)
         async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
-            sb = self._live.get(sandbox_id, sb)
+            sb = self._current(sandbox_id)
             if sb.state is SandboxState.HIBERNATED:
                 raise ConflictError(f"sandbox {sandbox_id} is already hibernated")
             if sb.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
@@ -597,8 +626,7 @@ class SandboxService:
             paused_at=now,
             paused_remaining_s=remaining,
         )
-        for book in (self._busy, self._cpu_mark):
-            book.pop(sb.id, None)
+        self._cpu_mark.pop(sb.id, None)
         return sb
 
     async def _wake_locked(self, sb: Sandbox) -> Sandbox:
@@ -790,6 +818,9 @@ class SandboxService:
             and sb.expires_at <= _now()
         )
 
+    async def _asleep_or_expired(self, sb: Sandbox) -> bool:
+        return sb.state is SandboxState.ERROR or await self._expired(sb)
+
     async def _still_idle(self, sb: Sandbox) -> bool:
         unused = time.monotonic() - self._activity.get(sb.id, 0.0)
         return (
@@ -837,7 +868,16 @@ class SandboxService:
                     await self._pause_locked(sb)
             except CorralError:
                 log.exception("could not %s sandbox %s (%s)", how, sandbox_id, why)
-                return
+                failed = True
+            else:
+                failed = False
+        if failed:
+            if why == "timeout":
+                # Its lifetime is over either way: one that cannot sleep is killed.
+                await self._expire(
+                    sandbox_id, f"timeout reached ({how} failed)", self._asleep_or_expired
+                )
+            return
         log.info(
             "%s sandbox %s (%s)", "hibernated" if how == "hibernate" else "paused", sandbox_id, why
         )

@@ -563,6 +563,11 @@ class ContainerRuntime:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running") from exc
         except OSError as exc:
             raise RuntimeFailure(f"freezer of {sandbox_id}: {exc}") from exc
+        except asyncio.CancelledError:
+            if target == "FROZEN":  # a cancelled pause must not leave it frozen behind our back
+                with contextlib.suppress(OSError):
+                    state.write_text("THAWED")
+            raise
 
     async def pause(self, sandbox_id: str) -> None:
         self._check_id(sandbox_id)

@@ -92,3 +92,20 @@ def test_hibernated_sandbox_survives_crash_and_reboot(
     finally:
         stop_server(server)
         release_data_dir(data)
+
+
+@pytest.mark.usefixtures("server_no_leaks")
+def test_a_port_request_wakes_it_only_with_the_token(server: RunningServer) -> None:
+    import httpx
+
+    with Sandbox.create(TEMPLATE, network=POLICY, timeout=600, **_conn(server)) as sbx:
+        sbx.hibernate()
+        url = f"{server.url}/sandboxes/{sbx.id}/ports/8080/"
+        assert httpx.get(url, timeout=30).status_code == 401
+        assert sbx.info().state == "hibernated"  # no token, no wake
+        token = sbx.info().access_token
+        assert token is not None
+        answer = httpx.get(url, headers={"X-Corral-Access-Token": token}, timeout=30)
+        # Woken (processes start afresh, so nothing listens on 8080 yet).
+        assert answer.status_code == 502, answer.text
+        assert sbx.info().state == "running"

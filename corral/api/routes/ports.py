@@ -113,22 +113,29 @@ class _Relayed(Response):
     the upstream response is closed whatever happens."""
 
     def __init__(
-        self, upstream: httpx.Response, headers: RawHeaders, gone: asyncio.Task[None]
+        self,
+        upstream: httpx.Response,
+        headers: RawHeaders,
+        gone: asyncio.Task[None],
+        busy: contextlib.AbstractContextManager[None],
     ) -> None:
         self.status_code = upstream.status_code
         self.raw_headers = headers
         self.background = None
         self._upstream = upstream
         self._gone = gone
+        self._busy = busy
 
     async def _stream(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         try:
-            async for chunk in self._upstream.aiter_raw():
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # A long download or event stream is use of the sandbox, however little CPU it takes.
+            with self._busy:
+                async for chunk in self._upstream.aiter_raw():
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.TransportError as e:
             # The status line is gone: all that is left is to cut the client's response short.
             log.info("response from %s broke off: %s", self._upstream.url, e)
@@ -201,7 +208,7 @@ async def relay_http(
     out = response_headers(upstream.headers.raw)
     if creds.from_query and not target.public and creds.token:
         out.append((b"set-cookie", _set_cookie(request, target, creds.token, cookie_path)))
-    return _Relayed(upstream, out, gone)
+    return _Relayed(upstream, out, gone, _ingress(request).busy(target.sandbox_id))
 
 
 def _close_code(code: int | None, fallback: int) -> int:
@@ -250,7 +257,8 @@ async def relay_websocket(ws: WebSocket, sandbox_id: str, port: str, path: bytes
         return
     try:
         await ws.accept(subprotocol=upstream.subprotocol)
-        await _pump(ws, upstream)
+        with ingress.busy(target.sandbox_id):
+            await _pump(ws, upstream)
     finally:
         await upstream.close()
 
