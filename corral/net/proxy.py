@@ -509,8 +509,9 @@ class EgressProxy:
         if not resolved.allowed:
             raise _Deny(resolved.reason)
         conn.reason = f"{decision.reason}; {ip} resolved for {name}"
+        _names_only(sniffed.data, name, port, f"the name {ip} was resolved for")
         await self._connect(conn, [ip], port)
-        await self._pump(conn, sniffed.data)
+        await self._pump(conn, sniffed.data, (name, port, f"the name {ip} was resolved for"))
 
     @staticmethod
     def _tls_name(tls: SniResult) -> str:
@@ -564,9 +565,11 @@ class EgressProxy:
             await self._open(conn, policy, host, port)
             await self._send(conn.client, b"HTTP/1.1 200 Connection established\r\n\r\n")
             conn.replied = True
+            vet: tuple[str, int, str] | None = None
             if not is_ip_literal(host):
                 rest = await self._check_tunnel(conn, host, port, rest)
-            await self._pump(conn, rest)
+                vet = (host, port, "the CONNECT host")
+            await self._pump(conn, rest, vet)
             return
         try:
             absolute = absolute_target(head.target)
@@ -582,26 +585,47 @@ class EgressProxy:
         await self._open(conn, policy, absolute.host, absolute.port)
         await self._pump(conn, _origin_form(head, absolute.origin_form) + rest)
 
+    async def _first_words(self, client: socket.socket, first: bytes) -> bytes:
+        """The client's first bytes after ``first`` (only blank so far): read until they are
+        clearly a ClientHello, an HTTP request head, or something else, or the client ends.
+
+        Once it has started, a client gets the sniff timeout to finish: half a hello or
+        request head left hanging is refused, as in the first sniff (completing it later would
+        name a host nobody checked).
+        """
+        loop = asyncio.get_running_loop()
+        buf = b""
+        deadline: float | None = None
+        while len(buf) < MAX_SNIFF_BYTES:
+            try:
+                if deadline is None:
+                    chunk = await loop.sock_recv(client, MAX_SNIFF_BYTES - len(buf))
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await loop.sock_recv(client, MAX_SNIFF_BYTES - len(buf))
+            except TimeoutError:
+                raise _Deny("incomplete request after a silent start") from None
+            if not chunk:
+                break
+            buf += chunk
+            data = (first + buf).lstrip(_HTTP_SPACE)
+            if not data:
+                continue
+            if deadline is None:
+                deadline = loop.time() + self._sniff_timeout
+            if parse_client_hello(data).kind == "need_more":
+                continue
+            if isinstance(parse_http_request_head(data), NeedMore):
+                continue
+            break
+        return buf
+
     async def _check_tunnel(self, conn: _Conn, host: str, port: int, first: bytes) -> bytes:
         """Inside an allowed CONNECT tunnel, the client must not name another host."""
         sniffed = await self._sniff(conn.client, self._sniff_timeout, first)
         if sniffed.kind == "malformed":
             raise _Deny(sniffed.reason)
-        if sniffed.tls is not None:
-            if sniffed.tls.ech:
-                raise _Deny("encrypted client hello")
-            if sniffed.tls.name is not None and sniffed.tls.name != host:
-                raise _Deny("SNI differs from CONNECT host")
-        elif sniffed.http is not None:
-            head = sniffed.http
-            if head.host is not None and not _same_host(head.host, host, port):
-                raise _Deny("Host differs from CONNECT host")
-            try:
-                absolute = absolute_target(head.target)
-            except ValueError as exc:
-                raise _Deny(f"malformed request target: {exc}") from None
-            if absolute is not None and absolute.host != host:
-                raise _Deny("absolute URI names another host")
+        _names_only(sniffed.data, host, port, "the CONNECT host")
         # Anything else goes to our own resolution of the CONNECT host, which is allowed.
         return sniffed.data
 
@@ -610,12 +634,14 @@ class EgressProxy:
         if is_ip_literal(host):
             ip = _unwrap(ipaddress.ip_address(host))
             conn.ip = str(ip)
+            if ip.version == 6:
+                raise _Deny("IPv6 egress is not available")
             if ip in self._local():
                 raise _Deny("the host's own addresses are never reachable")
             decision = policy.check_ip(ip, port, "tcp")
             if not decision.allowed:
                 raise _Deny(decision.reason)
-            addrs = [ip]
+            addrs: list[IPAddress] = [ip]
         else:
             conn.name = host
             decision = policy.check_name(host, port)
@@ -681,6 +707,11 @@ class EgressProxy:
         why = "no address"
         for raw, _ttl in answers:
             ip = _unwrap(raw)
+            if ip.version == 6:
+                # Sandboxes are IPv4-only for now, and so is their egress: the host's own IPv6
+                # neighbourhood (global addresses on its LAN) must not open up through here.
+                why = f"{ip}: IPv6 egress is not available"
+                continue
             if ip in local:
                 why = f"{ip} is the host's own address"
                 continue
@@ -729,8 +760,17 @@ class EgressProxy:
             return
         raise _Deny(f"upstream unreachable on port {port} ({'; '.join(errors)})", 502)
 
-    async def _pump(self, conn: _Conn, first: bytes) -> None:
-        """Send what was read while sniffing, then splice both ways until both are done."""
+    async def _pump(
+        self, conn: _Conn, first: bytes, vet: tuple[str, int, str] | None = None
+    ) -> None:
+        """Send what was read while sniffing, then splice both ways until both are done.
+
+        ``vet`` (host, port, what it is): the connection was let through before the client
+        said anything (a silent CONNECT tunnel, a server-speaks-first protocol to a pinned
+        address). Until the client has spoken, only the server's bytes flow; its first bytes
+        must not then name another host in a TLS ClientHello or an HTTP request, which is
+        how a shared address (a CDN) would otherwise serve a name the policy denies.
+        """
         assert conn.upstream is not None
         loop = asyncio.get_running_loop()
         if first:
@@ -738,7 +778,17 @@ class EgressProxy:
             conn.bytes_out += len(first)
         pump = _Pump(loop, conn.client, conn.upstream)
         try:
-            pump.start()
+            if vet is None or first.strip(_HTTP_SPACE):
+                pump.start()
+            else:
+                pump.down.start()
+                late = await self._first_words(conn.client, first)
+                _names_only(late, *vet)
+                if late:
+                    await loop.sock_sendall(conn.upstream, late)
+                    conn.bytes_out += len(late)
+                if not pump.done.done():
+                    pump.up.start()
             await pump.done
         finally:
             pump.close()
@@ -763,6 +813,35 @@ def _origin_form(head: HttpHead, origin: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- the pump
+
+
+_HTTP_SPACE = b"\r\n\t "
+
+
+def _names_only(data: bytes, host: str, port: int, what: str) -> None:
+    """Refuse ``data`` (a client's first bytes) if it names a host other than ``host``: in a
+    TLS ClientHello (SNI; an encrypted one hides it), or an HTTP request's Host or absolute
+    URI (leading blank lines skipped, as HTTP servers do)."""
+    data = data.lstrip(_HTTP_SPACE)
+    if not data:
+        return
+    tls = parse_client_hello(data)
+    if tls.kind in ("sni", "no_sni"):
+        if tls.ech:
+            raise _Deny("encrypted client hello")
+        if tls.name is not None and tls.name.rstrip(".").lower() != host:
+            raise _Deny(f"SNI {tls.name} differs from {what} ({host})")
+        return
+    head = parse_http_request_head(data)
+    if isinstance(head, HttpHead):
+        if head.host is not None and not _same_host(head.host, host, port):
+            raise _Deny(f"Host {head.host} differs from {what} ({host})")
+        try:
+            absolute = absolute_target(head.target)
+        except ValueError as exc:
+            raise _Deny(f"malformed request target: {exc}") from None
+        if absolute is not None and absolute.host != host:
+            raise _Deny("absolute URI names another host")
 
 
 class _Pump:

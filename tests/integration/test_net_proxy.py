@@ -502,8 +502,8 @@ async def test_pinned_address_for_server_speaks_first(world: World) -> None:
     world.net.pins.add("banner.test", ipaddress.ip_address(BANNER_IP), 60)
     reader, writer = await world.open((BANNER_IP, world.banner_port))
     assert await asyncio.wait_for(reader.readexactly(len(BANNER)), 5) == BANNER
-    writer.write(b"ping")
-    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    writer.write(b"ping\n")  # a line protocol; a bare token could still become HTTP
+    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"ping\n"
     writer.close()
     ev = await world.event()
     assert (ev.decision, ev.name, ev.ip) == ("allow", "banner.test", BANNER_IP)
@@ -625,7 +625,10 @@ async def test_explicit_connect_then_other_sni_closed(world: World) -> None:
         await reader.read()
     writer.close()
     ev = await world.event()
-    assert (ev.decision, ev.reason) == ("deny", "SNI differs from CONNECT host")
+    assert (ev.decision, ev.reason) == (
+        "deny",
+        "SNI blocked.test differs from the CONNECT host (allowed.test)",
+    )
     assert world.blocked_tls.connections == 0 and world.allowed_tls.requests == []
 
 
@@ -834,3 +837,30 @@ async def test_no_fd_leaks(world: World) -> None:
     while open_fds() != before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert open_fds() == before
+
+
+async def test_silence_then_another_name_to_a_pinned_address_is_refused(world: World) -> None:
+    """A pinned address let through on silence must not then carry a ClientHello or HTTP
+    request naming another host: a shared address (a CDN) would serve it."""
+    world.net.pins.add("banner.test", ipaddress.ip_address(BANNER_IP), 60)
+    for late in (real_hello("blocked.test"), b"GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n"):
+        reader, writer = await world.open((BANNER_IP, world.banner_port))
+        assert await asyncio.wait_for(reader.readexactly(len(BANNER)), 5) == BANNER
+        await asyncio.sleep(SNIFF_TIMEOUT + 0.1)  # decided on silence
+        writer.write(late)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 5)
+        writer.close()
+        ev = await world.event()
+        assert ev.decision == "deny" and "blocked.test differs" in ev.reason, ev
+
+
+async def test_leading_blank_lines_do_not_hide_a_host(world: World) -> None:
+    world.net.pins.add("banner.test", ipaddress.ip_address(BANNER_IP), 60)
+    reader, writer = await world.open((BANNER_IP, world.banner_port))
+    writer.write(b"\r\n\r\nGET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(len(BANNER) + 1), 5)
+    writer.close()
+    ev = await world.event()
+    assert ev.decision == "deny", ev
