@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 from pathlib import Path
 
 import uvicorn
@@ -21,6 +22,10 @@ def run_server(
     log_level: str = "info",
 ) -> None:
     config = ServerConfig.load(config_file, listen=listen, data_dir=data_dir)
+    # The egress proxy holds six descriptors per sandbox connection: take all we are allowed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     host, port = config.listen_host_port()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -22,6 +22,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import resource
 import socket
 import struct
 import time
@@ -224,6 +225,7 @@ class EgressProxy:
         connect_timeout: float = 5.0,
         sniff_timeout: float = 0.5,
         max_connections: int = 1024,
+        max_total_connections: int | None = None,
     ) -> None:
         self._registry = registry
         self._resolve = resolve
@@ -236,6 +238,14 @@ class EgressProxy:
         self._connect_timeout = connect_timeout
         self._sniff_timeout = sniff_timeout
         self._max_connections = max_connections
+        # All sandboxes together: each connection holds six descriptors (two sockets, a pipe
+        # each way), so a few sandboxes at their own cap could otherwise exhaust the server's
+        # descriptors and take the API down with them. Default: a third of what we may open.
+        if max_total_connections is None:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            limit = soft if soft != resource.RLIM_INFINITY else 65536
+            max_total_connections = max(64, limit // 18)
+        self._max_total = max_total_connections
         self._listener: socket.socket | None = None
         self._bound: tuple[IPAddress, int] | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -331,10 +341,14 @@ class EgressProxy:
             _reset(client)
             return
         live = self._live.setdefault(net.sandbox_id, {})
-        if len(live) >= self._max_connections:
-            self._emit(
-                EgressEvent(net.sandbox_id, "tcp", "deny", "too many concurrent connections")
+        total = sum(len(c) for c in self._live.values())
+        if len(live) >= self._max_connections or total >= self._max_total:
+            why = (
+                "too many concurrent connections"
+                if len(live) >= self._max_connections
+                else "the egress proxy is at its connection limit for all sandboxes"
             )
+            self._emit(EgressEvent(net.sandbox_id, "tcp", "deny", why))
             _reset(client)
             return
         client.setblocking(False)

@@ -563,6 +563,25 @@ async def test_connection_limit(world: World) -> None:
         w.close()
 
 
+async def test_total_connection_limit_across_sandboxes(world: World) -> None:
+    """All sandboxes together cannot take more than the proxy's total (descriptors are finite)."""
+    proxy = await world.make_proxy(max_connections=10, max_total_connections=2)
+    held = []
+    for _ in range(2):
+        sock = await world.connect((CIDR_IP, world.echo_port), proxy=proxy)
+        held.append(await asyncio.open_connection(sock=sock))
+    while proxy.connections("sb1") < 2:
+        await asyncio.sleep(0.01)
+    sock = await world.connect((CIDR_IP, world.echo_port), proxy=proxy)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert "limit for all sandboxes" in (await world.event()).reason
+    for _, w in held:
+        w.close()
+
+
 async def test_close_sandbox_aborts_live_connections(world: World) -> None:
     reader, writer = await world.open((CIDR_IP, world.echo_port))
     writer.write(b"hello")
