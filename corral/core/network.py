@@ -52,7 +52,6 @@ class Attachment:
 
     netns: Path
     address: str
-    nameservers: tuple[str, ...]
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
@@ -127,7 +126,6 @@ class NetworkService:
         self._pending: list[EgressEvent] = []
         self._dropped_events = 0
         self._flusher: asyncio.Task[None] | None = None
-        self._rates: dict[str, float] = {}
 
     # --- policies -----------------------------------------------------------------------------
     def parse(self, data: Any) -> NetworkPolicy:
@@ -207,7 +205,6 @@ class NetworkService:
             self._pool.claim(address)
             net = SandboxNet(sid, tenant, ipaddress.IPv4Address(address), compiled)
             adopted.append((net, self._fw(sid, address, compiled)))
-            self._rates[sid] = self._rate(policy)
             keep.add(sid)
         await asyncio.to_thread(self._plumbing.ensure_service_iface)
         for sid in set(await asyncio.to_thread(self._plumbing.list_sandboxes)) - keep:
@@ -261,14 +258,6 @@ class NetworkService:
                 await self._flusher
         await self._flush()
 
-    async def purge(self) -> None:
-        """Remove every host object of this configuration (for tests and uninstalling)."""
-        for sid in await asyncio.to_thread(self._plumbing.list_sandboxes):
-            with contextlib.suppress(RuntimeFailure):
-                await asyncio.to_thread(self._plumbing.destroy, sid)
-        await self._firewall.delete()
-        await asyncio.to_thread(self._plumbing.remove_service_iface)
-
     # --- per sandbox --------------------------------------------------------------------------
     async def attach(
         self, sandbox_id: str, tenant_id: str, policy: NetworkPolicy, *, join: Path | None = None
@@ -288,11 +277,10 @@ class NetworkService:
         except BaseException:
             await asyncio.shield(self._undo(sandbox_id, address))
             raise
-        self._rates[sandbox_id] = rate
         self.registry.add(
             SandboxNet(sandbox_id, tenant_id, ipaddress.IPv4Address(address), compiled)
         )
-        return Attachment(netns=netns, address=address, nameservers=(str(self._service_ip),))
+        return Attachment(netns=netns, address=address)
 
     async def _undo(self, sandbox_id: str, address: str) -> None:
         with contextlib.suppress(RuntimeFailure):
@@ -307,7 +295,6 @@ class NetworkService:
         self.registry.remove(sandbox_id)
         if self._proxy is not None:
             self._proxy.close_sandbox(sandbox_id)
-        self._rates.pop(sandbox_id, None)
         errors: list[str] = []
         try:
             await self._firewall.remove_sandbox(sandbox_id)
@@ -334,7 +321,7 @@ class NetworkService:
         if net is None:
             raise RuntimeFailure(f"sandbox {sandbox_id} has no network to update")
         compiled = self.compile(policy)
-        old_rate = self._rates.get(sandbox_id, self._cfg.default_egress_mbit)
+        old_rate = self._rate(net.policy.source)
         new_rate = self._rate(policy)
         await self._firewall.update_sandbox(self._fw(sandbox_id, str(net.address), compiled))
         if new_rate != old_rate:
@@ -346,7 +333,6 @@ class NetworkService:
                     self._fw(sandbox_id, str(net.address), net.policy)
                 )
                 raise
-            self._rates[sandbox_id] = new_rate
         # New connections and queries see the new policy from here on; pins made under the old
         # one must not outlive it.
         net.policy = compiled
@@ -360,9 +346,6 @@ class NetworkService:
             )
         except RuntimeFailure as exc:  # the policy itself is in force already
             log.warning("sandbox %s: %s", sandbox_id, exc.message)
-
-    def connections(self, sandbox_id: str) -> int:
-        return self._proxy.connections(sandbox_id) if self._proxy is not None else 0
 
     # --- egress log ---------------------------------------------------------------------------
     def _sink(self, event: EgressEvent) -> None:

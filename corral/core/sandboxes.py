@@ -706,11 +706,6 @@ class SandboxService:
             for r in rows
         ]
 
-    def sandbox_address(self, sandbox_id: str) -> str | None:
-        """Address of a live sandbox (for ingress), without tenancy checks."""
-        sb = self._live.get(sandbox_id)
-        return sb.address if sb is not None and sb.state is SandboxState.RUNNING else None
-
     def live_sandbox(self, sandbox_id: str) -> Sandbox | None:
         return self._live.get(sandbox_id)
 
