@@ -212,16 +212,37 @@ class LeakWatch:
 
 def _kept(path: str) -> bool:
     """Files a runtime keeps on purpose between sandboxes: its directories and caches."""
-    if "/disks/" in path or path.endswith(("/disks", "/uidranges", "/runc", "/sandboxes")):
+    if "/pool/golden" in path or path.endswith(
+        (
+            "/uidranges",
+            "/runc",
+            "/sandboxes",
+            "/pool",
+            "/pool.img",
+            "/pool/disks",
+            "/pool/snapshots",
+        )
+    ):
         return True
     return path == str(RUN_CORRAL) or (
         path.startswith(f"{RUN_CORRAL}/rootfs-") and path.count("/") == 3
     )
 
 
+def _pool_mount(entry: str) -> bool:
+    """The storage pool's mount and loop device: made on first use and kept, like a cache."""
+    parts = entry.split()
+    return len(parts) >= 2 and (parts[0].endswith("/pool") or parts[1].endswith("/pool.img"))
+
+
 def _strip_kept(diff: dict[str, list[str]]) -> dict[str, list[str]]:
     files = [f for f in diff.get("files", []) if not _kept(f)]
     out = dict(diff)
+    for key in ("mounts", "loops"):
+        if key in out:
+            out[key] = [e for e in out[key] if not _pool_mount(e)]
+            if not out[key]:
+                out.pop(key)
     if files:
         out["files"] = files
     else:

@@ -8,59 +8,37 @@ A full ext4 answers ``ENOSPC`` inside the sandbox and cannot grow past its size,
 own filesystem only ever sees the image file (sparse; ``discard`` punches freed blocks back out).
 
 Formatting is kept off the hot path: one formatted *golden* image per size is made with
-``mkfs.ext4`` once, and each sandbox gets a copy of its few allocated extents (~1 ms).
+``mkfs.ext4`` once, and each sandbox gets a reflink copy of it in the storage pool
+(``corral.host.pool``), as do snapshots of a disk (taken with the filesystem frozen, so the copy
+is exactly what the sandbox had written, journal included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import os
 import secrets
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from corral.errors import RuntimeFailure
 from corral.host.loop import attach_loop
 from corral.host.mounts import unmount
+from corral.host.pool import clone_file
 from corral.host.syscalls import libc
 
-__all__ = ["DiskImages", "mount_disk", "remove_disk", "sparse_copy"]
+__all__ = ["DiskImages", "frozen", "mount_disk", "remove_disk", "thaw"]
+
+_FIFREEZE = 0xC0045877
+_FITHAW = 0xC0045878
 
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MS_NOATIME = 0x400
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to a new file ``dst`` keeping holes as holes (only data extents are copied)."""
-    s = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(s).st_size
-        d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(d, size)
-            offset = 0
-            while offset < size:
-                try:
-                    data = os.lseek(s, offset, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole is left
-                    break
-                hole = os.lseek(s, data, os.SEEK_HOLE)
-                pos = data
-                while pos < hole:
-                    copied = os.copy_file_range(s, d, hole - pos, pos, pos)
-                    if copied == 0:
-                        break
-                    pos += copied
-                offset = hole
-        except BaseException:
-            os.close(d)
-            dst.unlink(missing_ok=True)
-            raise
-        os.close(d)
-    finally:
-        os.close(s)
 
 
 class DiskImages:
@@ -86,8 +64,9 @@ class DiskImages:
         return path
 
     def new_disk(self, dest: Path, size_bytes: int) -> None:
-        """A fresh empty filesystem image of ``size_bytes`` at ``dest``."""
-        sparse_copy(self.golden(size_bytes), dest)
+        """A fresh empty filesystem image of ``size_bytes`` at ``dest`` (a reflink of the golden
+        one: ``dest`` must be in the same pool)."""
+        clone_file(self.golden(size_bytes), dest)
 
 
 def _mkfs(image: Path) -> None:
@@ -142,3 +121,35 @@ def remove_disk(image: Path, target: Path) -> None:
     unmount(target)
     with contextlib.suppress(FileNotFoundError):
         image.unlink()
+
+
+@contextlib.contextmanager
+def frozen(mountpoint: Path) -> Iterator[None]:
+    """Hold the filesystem at ``mountpoint`` frozen (``FIFREEZE``): everything written so far is
+    on its device, journal committed, and writers block until the block ends."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _FIFREEZE, 0)
+        try:
+            yield
+        finally:
+            fcntl.ioctl(fd, _FITHAW, 0)
+    finally:
+        os.close(fd)
+
+
+def thaw(mountpoint: Path) -> None:
+    """Thaw ``mountpoint`` if a crash left it frozen; no-op when it is not frozen or mounted."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_dev == os.stat(mountpoint.parent).st_dev:
+            return  # not a mount point: never thaw the filesystem it lives on
+        fcntl.ioctl(fd, _FITHAW, 0)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)

@@ -5,6 +5,10 @@ it through a *detached idmapped* clone (``open_tree(OPEN_TREE_CLONE)`` → ``mou
 (MOUNT_ATTR_IDMAP)``) that shifts host uid 0 to the sandbox's range, handed to overlayfs as a
 file descriptor (``fsconfig(FSCONFIG_SET_FD, "lowerdir+")``, kernel ≥ 6.13). The clones are never
 attached anywhere, so the only mount left on the host is the overlay itself.
+
+The sandbox's own disk (overlay upper and work) is idmapped the same way, writable: files on it
+keep the ids the sandbox sees (0 for its root), not the host range it happens to run in, so a
+snapshot of the disk can start in any other sandbox's range (fork) without a chown walk.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.host.syscalls import libc, syscall
+from corral.host.syscalls import fs_identity, libc, syscall
 
 __all__ = ["idmapped_clone", "mount_overlay", "unmount"]
 
@@ -48,8 +52,9 @@ class _MountAttr(ctypes.Structure):
     )
 
 
-def idmapped_clone(source: Path, userns_fd: int) -> int:
-    """A detached, read-only clone of the mount at ``source`` with ``userns_fd``'s id mapping.
+def idmapped_clone(source: Path, userns_fd: int, *, writable: bool = False) -> int:
+    """A detached clone of the mount at ``source`` with ``userns_fd``'s id mapping, read-only
+    unless ``writable``.
 
     Returns the mount's file descriptor (close-on-exec); closing it releases the clone.
     """
@@ -61,7 +66,10 @@ def idmapped_clone(source: Path, userns_fd: int) -> int:
     )
     try:
         attr = _MountAttr(
-            _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOSUID,
+            _MOUNT_ATTR_IDMAP
+            | (0 if writable else _MOUNT_ATTR_RDONLY)
+            | _MOUNT_ATTR_NODEV
+            | _MOUNT_ATTR_NOSUID,
             0,
             0,
             userns_fd,
@@ -92,8 +100,17 @@ def _fs_log(fs_fd: int) -> str:
     return "; ".join(lines)
 
 
-def mount_overlay(lowers: Sequence[int], upper: Path, work: Path, target: Path) -> None:
-    """Mount overlayfs at ``target``: ``lowers`` are mount fds, topmost first.
+def mount_overlay(
+    lowers: Sequence[int],
+    upper: Path | int,
+    work: Path | int,
+    target: Path,
+    *,
+    creator: int | None = None,
+) -> None:
+    """Mount overlayfs at ``target``: ``lowers`` are mount fds, topmost first; ``upper`` and
+    ``work`` are paths or ``O_PATH`` descriptors (for directories on a detached idmapped mount);
+    ``creator``: the host id overlayfs acts as for its own work (needed when upper is idmapped).
 
     The overlay is ``nodev`` (device nodes come from the runtime's own bind mounts) but keeps
     setuid binaries working inside the sandbox, where ``noNewPrivileges`` defuses them anyway.
@@ -106,6 +123,16 @@ def mount_overlay(lowers: Sequence[int], upper: Path, work: Path, target: Path) 
                     "fsconfig", fs_fd, _FSCONFIG_SET_FD, ctypes.c_char_p(b"lowerdir+"), None, lower
                 )
             for key, value in (("upperdir", upper), ("workdir", work)):
+                if isinstance(value, int):
+                    syscall(
+                        "fsconfig",
+                        fs_fd,
+                        _FSCONFIG_SET_FD,
+                        ctypes.c_char_p(key.encode()),
+                        None,
+                        value,
+                    )
+                    continue
                 syscall(
                     "fsconfig",
                     fs_fd,
@@ -114,7 +141,9 @@ def mount_overlay(lowers: Sequence[int], upper: Path, work: Path, target: Path) 
                     ctypes.c_char_p(os.fsencode(value)),
                     0,
                 )
-            syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
+            # Overlayfs takes the credentials it works with from whoever runs the create step.
+            with fs_identity(creator, creator) if creator is not None else contextlib.nullcontext():
+                syscall("fsconfig", fs_fd, _FSCONFIG_CMD_CREATE, None, None, 0)
         except OSError as exc:
             detail = _fs_log(fs_fd)
             raise OSError(

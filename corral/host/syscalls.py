@@ -6,12 +6,14 @@ numbering on both). Calls raise ``OSError`` with the kernel's errno; callers tra
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["NR", "libc", "syscall", "unshare"]
+__all__ = ["NR", "fs_identity", "libc", "syscall", "unshare"]
 
 # Only syscalls >= 424 share one table across architectures; that is all we need here.
 NR: dict[str, int] = {
@@ -70,3 +72,47 @@ def syscall(name: str, *args: Any) -> int:
 
 def unshare(flags: int) -> None:
     _check(libc.get().unshare(flags))
+
+
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+@contextlib.contextmanager
+def fs_identity(uid: int, gid: int) -> Iterator[None]:
+    """Act on files as ``uid``/``gid`` in this thread, keeping every capability.
+
+    Overlayfs does its own work (work dir, copy-up) with the credentials of whoever created it;
+    when its upper layer is an idmapped mount, host root is not in the mapping and that work
+    fails with EOVERFLOW, so the overlay must be created under an id the mapping knows. The
+    kernel drops the file capabilities (CAP_CHOWN, CAP_DAC_OVERRIDE...) from the effective set
+    when the fs uid leaves 0; they are raised again from the permitted set so copy-up can still
+    give files their owners. ``setfsuid`` is per thread (glibc does not broadcast it), so only
+    the calling thread changes, and only until the block ends.
+    """
+    c = libc.get()
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    c.setfsgid(gid)
+    c.setfsuid(uid)
+    try:
+        _check(c.capget(ctypes.byref(header), data))
+        for d in data:
+            d.effective = d.permitted
+        _check(c.capset(ctypes.byref(header), data))
+        yield
+    finally:
+        # Back to 0 raises the file capabilities again by itself.
+        c.setfsuid(0)
+        c.setfsgid(0)

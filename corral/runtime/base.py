@@ -38,6 +38,8 @@ class SandboxSpec:
     # gets a private namespace with only loopback. ``nameservers`` go into /etc/resolv.conf.
     network: Callable[[Path], Awaitable[Path]] | None = None
     nameservers: tuple[str, ...] = ()
+    # Start from this snapshot's filesystem instead of an empty disk (fork); its disk size wins.
+    snapshot: str | None = None
 
 
 @runtime_checkable
@@ -78,6 +80,25 @@ class Runtime(Protocol):
     async def wake(self, spec: SandboxSpec) -> None:
         """Start a hibernated sandbox again on its kept disk, agent answering; on failure it is
         left hibernated, disk untouched."""
+        ...
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> int:
+        """Capture the sandbox's filesystem (running, paused or hibernated) as ``snapshot_id``,
+        consistent at one instant, without stopping it; returns the bytes it holds. The
+        snapshot outlives the sandbox. Atomic: after a crash it exists whole or not at all."""
+        ...
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Remove a snapshot; idempotent."""
+        ...
+
+    async def list_snapshots(self) -> list[str]:
+        """Ids of every snapshot on this host (for reconciliation)."""
+        ...
+
+    async def restore_disk(self, sandbox_id: str, snapshot_id: str) -> None:
+        """Give a hibernated sandbox a copy of the snapshot as its disk (atomic: after a crash
+        it has either disk whole); wake it afterwards."""
         ...
 
     async def is_running(self, sandbox_id: str) -> bool:

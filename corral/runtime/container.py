@@ -5,10 +5,16 @@ Host layout under ``data_dir``::
     runc/                 runc's state root (one dir per live container)
     sandboxes/<id>/       bundle: config.json, meta.json,
                           agent.sock (host end of the agent's listening socket), runc.log,
-                          init.pid, disk.img (sparse ext4, the hard disk limit) mounted at
-                          disk/, which holds upper/ and work/ of the overlay
-    disks/                golden formatted images, one per disk size
+                          init.pid, and disk/, where the sandbox's disk image is mounted
+                          (it holds upper/ and work/ of the overlay)
+    pool.img              the storage pool (sparse XFS, ``corral.host.pool``), mounted at pool/:
+    pool/disks/<id>.img   the sandbox's disk (sparse ext4, the hard disk limit)
+    pool/snapshots/<s>.img  snapshots: reflink copies of a disk taken while it was frozen
+    pool/golden/          golden formatted images, one per disk size
     uidranges/<n>         persistent claim of host uid/gid range n
+
+Files on a disk carry the ids the sandbox sees (0 for its root): the disk reaches the overlay
+through an idmapped mount into the sandbox's host range, so a snapshot starts in any range.
 
 The overlay itself is mounted at ``<mount_dir>/<id>`` (default ``/run/corral/rootfs-<hash of
 data_dir>``): runc sets the root filesystem up from *inside* the user namespace, so every
@@ -31,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -45,8 +52,9 @@ from corral.errors import (
     SandboxNotRunningError,
 )
 from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
-from corral.host.disk import DiskImages, mount_disk, remove_disk, sparse_copy
+from corral.host.disk import DiskImages, frozen, mount_disk, remove_disk, thaw
 from corral.host.mounts import idmapped_clone, mount_overlay, unmount
+from corral.host.pool import Pool, clone_file
 from corral.host.runc import Runc
 from corral.host.uidrange import SlotAllocator
 from corral.host.userns import open_userns, open_userns_with_netns
@@ -58,6 +66,7 @@ __all__ = ["ContainerRuntime", "ReadyCheck"]
 # A freeze waits for tasks in uninterruptible sleep (disk I/O) to reach a safe point.
 _FREEZE_TIMEOUT_S = 10.0
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _RANGE_SIZE = 65536
 _MiB = 1024**2
 # Never let sandbox disks (sparse images) eat the last of the host's own filesystem.
@@ -84,17 +93,16 @@ def _make_traversable(directory: Path) -> None:
         os.chmod(directory, directory.stat().st_mode | 0o111)
 
 
-def _write_identity_files(
-    upper: Path, hostname: str, host_id: int, nameservers: tuple[str, ...] = ()
-) -> None:
-    """Give the sandbox an /etc/hostname and /etc/hosts naming itself, in its own upper layer.
+def _write_identity_files(upper: Path, hostname: str, nameservers: tuple[str, ...] = ()) -> None:
+    """Give the sandbox an /etc/hostname and /etc/hosts naming itself, in its own upper layer
+    (again at every start: a fork or a restored snapshot carries another sandbox's).
 
     Without its own name in /etc/hosts, tools that resolve the local host name (sudo, Java,
-    some test suites) stall or fail; the template's files cannot know the sandbox's name.
+    some test suites) stall or fail; the template's files cannot know the sandbox's name. The
+    upper layer is the sandbox's to shape (a snapshot may hold anything), so every step goes
+    through directory descriptors without following links: a planted ``etc`` symlink must not
+    send root's writes out of the disk.
     """
-    etc = upper / "etc"
-    etc.mkdir(mode=0o755)
-    os.lchown(etc, host_id, host_id)
     files = {
         "hostname": f"{hostname}\n",
         "hosts": (
@@ -106,13 +114,58 @@ def _write_identity_files(
     if nameservers:
         # The template's resolv.conf is the build host's; only corral's resolver is reachable.
         files["resolv.conf"] = "".join(f"nameserver {ns}\n" for ns in nameservers)
-    for name, text in files.items():
-        fd = os.open(etc / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    top = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        etc = _open_own_dir(top, "etc")
         try:
-            os.write(fd, text.encode())
-            os.fchown(fd, host_id, host_id)
+            for name, text in files.items():
+                with contextlib.suppress(FileNotFoundError):
+                    _remove_entry(etc, name)
+                fd = os.open(
+                    name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=etc
+                )
+                try:
+                    os.write(fd, text.encode())
+                    os.fchown(fd, 0, 0)
+                finally:
+                    os.close(fd)
         finally:
-            os.close(fd)
+            os.close(etc)
+    finally:
+        os.close(top)
+
+
+def _remove_entry(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd`` whatever it is (a directory with its contents)."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        _rmtree_fd(sub)
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _rmtree_fd(dir_fd: int) -> None:
+    for entry in os.listdir(dir_fd):
+        _remove_entry(dir_fd, entry)
+
+
+def _open_own_dir(parent: int, name: str) -> int:
+    """``name`` under ``parent`` as a real directory owned by the sandbox's root (replacing a
+    symlink or file the sandbox put there), opened."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent)
+            raise FileNotFoundError
+    except FileNotFoundError:
+        os.mkdir(name, 0o755, dir_fd=parent)
+        os.chown(name, 0, 0, dir_fd=parent, follow_symlinks=False)
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -144,6 +197,7 @@ class ContainerRuntime:
         mount_dir: Path | None = None,
         ready_timeout: float = 15.0,
         ready_check: ReadyCheck | None = None,
+        pool_bytes: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.agent_binary = Path(agent_binary)
@@ -155,7 +209,7 @@ class ContainerRuntime:
             digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:16]
             mount_dir = Path("/run/corral") / f"rootfs-{digest}"
         self._mount_dir = mount_dir
-        self._disks = DiskImages(self.data_dir / "disks")
+        self._pool = Pool(self.data_dir / "pool.img", self.data_dir / "pool", pool_bytes)
         self._slots = SlotAllocator(
             self.data_dir / "uidranges",
             first_id=first_host_id,
@@ -178,6 +232,14 @@ class ContainerRuntime:
 
     def _rootfs(self, sandbox_id: str) -> Path:
         return self._mount_dir / sandbox_id
+
+    def _disk_image(self, sandbox_id: str) -> Path:
+        return self._pool.dir("disks") / f"{sandbox_id}.img"
+
+    def _snapshot_image(self, snapshot_id: str) -> Path:
+        if not _SNAPSHOT_RE.match(snapshot_id):
+            raise InvalidRequestError(f"invalid snapshot id {snapshot_id!r}")
+        return self._pool.dir("snapshots") / f"{snapshot_id}.img"
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -261,7 +323,7 @@ class ContainerRuntime:
             raise RuntimeFailure(f"agent binary {self.agent_binary} does not exist")
         if self._profile is None:
             self._profile = IsolationProfile.load()
-        golden: Path | None = None
+        source: Path | None = None
         if wake:
             meta = self._read_meta(sid)
             host_id = int(meta["host_id"])
@@ -276,7 +338,14 @@ class ContainerRuntime:
                 raise QuotaExceededError(
                     f"the host has less than {spec.disk_mb} MiB of free disk for a new sandbox"
                 )
-            golden = await asyncio.to_thread(self._disks.golden, disk_bytes)
+            if spec.snapshot is not None:
+                source = self._snapshot_image(spec.snapshot)
+                if not source.is_file():
+                    raise InvalidRequestError(f"snapshot {spec.snapshot} is not on this host")
+            else:
+                source = await asyncio.to_thread(
+                    lambda: DiskImages(self._pool.dir("golden")).golden(disk_bytes)
+                )
             step("prepare")
 
             sdir.mkdir(mode=0o700)
@@ -301,24 +370,27 @@ class ContainerRuntime:
                     spec.network(Path(f"/proc/{os.getpid()}/fd/{netns_fd}"))
                 )
             try:
-                if golden is None:
-                    upper, work = await asyncio.to_thread(self._mount_kept_storage, sdir)
-                else:
-                    upper, work = await asyncio.to_thread(
-                        self._prepare_storage, spec, sdir, golden, host_id
-                    )
+                await asyncio.to_thread(
+                    self._mount_storage, spec, sdir, source, self._disk_image(sid)
+                )
                 step("storage")
-                lowers: list[int] = []
+                fds: list[int] = []
                 try:
                     for layer in reversed(spec.layers):  # overlayfs wants the topmost first
-                        lowers.append(idmapped_clone(layer, userns))
+                        fds.append(idmapped_clone(layer, userns))
+                    lowers = list(fds)
+                    # The disk is stored in the sandbox's own ids (see the module docstring).
+                    fds.append(disk := idmapped_clone(sdir / "disk", userns, writable=True))
+                    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    fds.append(upper := os.open("upper", flags, dir_fd=disk))
+                    fds.append(work := os.open("work", flags, dir_fd=disk))
                     step("idmap")
                     rootfs = self._rootfs(sid)
                     _make_traversable(self._mount_dir)
                     rootfs.mkdir(mode=0o755)
-                    mount_overlay(lowers, upper, work, rootfs)
+                    mount_overlay(lowers, upper, work, rootfs, creator=host_id)
                 finally:
-                    for fd in lowers:
+                    for fd in fds:
                         os.close(fd)
                 step("overlay")
                 netns = await plumbing if plumbing is not None else None
@@ -376,32 +448,37 @@ class ContainerRuntime:
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
 
-    def _mount_kept_storage(self, sdir: Path) -> tuple[Path, Path]:
-        """A hibernated sandbox's own disk, mounted again: (upper, work). Its files (and the
-        identity files written at create) are as it left them."""
+    def _mount_storage(
+        self, spec: SandboxSpec, sdir: Path, source: Path | None, image: Path
+    ) -> None:
+        """Mount the sandbox's disk at ``sdir/disk``: its kept one (``source`` None: a wake or a
+        restore), a copy of a snapshot, or a fresh one made from a golden image."""
         store = sdir / "disk"
-        mount_disk(sdir / "disk.img", store)
-        return store / "upper", store / "work"
-
-    def _prepare_storage(
-        self, spec: SandboxSpec, sdir: Path, golden: Path, host_id: int
-    ) -> tuple[Path, Path]:
-        """The sandbox's own disk, mounted, with its overlay upper and work dirs: (upper, work)."""
-        sparse_copy(golden, sdir / "disk.img")
-        store = sdir / "disk"
-        store.mkdir(mode=0o700)
-        mount_disk(sdir / "disk.img", store)
+        if source is not None:
+            if spec.snapshot is not None:
+                if source.stat().st_size != spec.disk_mb * _MiB:
+                    raise InvalidRequestError(
+                        f"snapshot {spec.snapshot} holds a {source.stat().st_size // _MiB} MiB "
+                        f"disk, not {spec.disk_mb} MiB"
+                    )
+                clone_file(source, image)
+            else:
+                DiskImages(source.parent).new_disk(image, spec.disk_mb * _MiB)
+            store.mkdir(mode=0o700)
+        mount_disk(image, store)
         upper, work = store / "upper", store / "work"
-        upper.mkdir(mode=0o755)
-        os.chown(upper, host_id, host_id)
-        work.mkdir(mode=0o700)
-        # runc would otherwise create the agent's mount point itself, from inside the sandbox.
-        (upper / ".corral").mkdir(mode=0o755)
-        (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
-        for p in (upper / ".corral", upper / AGENT_PATH.lstrip("/")):
-            os.lchown(p, host_id, host_id)
-        _write_identity_files(upper, spec.hostname, host_id, spec.nameservers)
-        return upper, work
+        if source is not None and spec.snapshot is None:
+            upper.mkdir(mode=0o755)
+            work.mkdir(mode=0o700)
+            # runc would otherwise create the agent's mount point itself, from inside.
+            (upper / ".corral").mkdir(mode=0o755)
+            (upper / AGENT_PATH.lstrip("/")).touch(mode=0o555)
+        else:
+            # A disk the sandbox has used: overlayfs needs both directories, whatever it did.
+            for d in (upper, work):
+                if not d.is_dir() or d.is_symlink():
+                    raise RuntimeFailure(f"the disk of {spec.sandbox_id} has no {d.name}/ dir")
+        _write_identity_files(upper, spec.hostname, spec.nameservers)
 
     async def _wait_ready(self, sandbox_id: str) -> None:
         async def opener() -> Streams:
@@ -424,8 +501,8 @@ class ContainerRuntime:
     async def hibernate(self, sandbox_id: str) -> None:
         self._check_id(sandbox_id)
         async with self._lock(sandbox_id):
-            if not self._dir(sandbox_id).is_dir():
-                raise SandboxNotRunningError(f"sandbox {sandbox_id} is not on this host")
+            if not self._dir(sandbox_id).is_dir() or not self._disk_image(sandbox_id).is_file():
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
             await self._teardown(sandbox_id, keep_disk=True)
 
     async def wake(self, spec: SandboxSpec) -> None:
@@ -459,7 +536,12 @@ class ContainerRuntime:
         """
         errors: list[str] = []
         meta = self._read_meta(sid)
+        sdir = self._dir(sid)
 
+        # A crash in the middle of a snapshot may have left the disk frozen; unmounting a frozen
+        # filesystem would hang.
+        with contextlib.suppress(OSError):
+            thaw(sdir / "disk")
         # A frozen task cannot die: thaw a paused sandbox first.
         with contextlib.suppress(CorralError):
             await self._freeze(sid, "THAWED")
@@ -482,7 +564,6 @@ class ContainerRuntime:
         if not errors:
             shutil.rmtree(self._runc.root / sid, ignore_errors=True)
 
-        sdir = self._dir(sid)
         try:
             unmount(self._rootfs(sid))
             with contextlib.suppress(FileNotFoundError):
@@ -506,8 +587,8 @@ class ContainerRuntime:
                 raise RuntimeFailure(f"hibernation of {sid} incomplete: {'; '.join(errors)}")
             return
         try:
-            remove_disk(sdir / "disk.img", sdir / "disk")
-        except OSError as exc:
+            remove_disk(self._disk_image(sid), sdir / "disk")
+        except (OSError, RuntimeFailure) as exc:
             errors.append(f"disk: {exc}")
         if not errors:
             self._slots.release(sid)
@@ -577,7 +658,78 @@ class ContainerRuntime:
     async def resume(self, sandbox_id: str) -> None:
         self._check_id(sandbox_id)
         async with self._lock(sandbox_id):
+            self._thaw_disk(sandbox_id)
             await self._freeze(sandbox_id, "THAWED")
+
+    def _thaw_disk(self, sandbox_id: str) -> None:
+        try:
+            thaw(self._dir(sandbox_id) / "disk")
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot thaw the disk of {sandbox_id}: {exc}") from exc
+
+    # ---------------------------------------------------------------------------- snapshots
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> int:
+        self._check_id(sandbox_id)
+        target = self._snapshot_image(snapshot_id)
+        async with self._lock(sandbox_id):
+            image = self._disk_image(sandbox_id)
+            if not image.is_file():
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
+            if target.exists():
+                raise ConflictError(f"snapshot {snapshot_id} already exists")
+            store = self._dir(sandbox_id) / "disk"
+
+            def take() -> int:
+                if os.path.ismount(store):
+                    # Frozen, the image holds exactly what the sandbox wrote (journal committed);
+                    # writers wait for the ~1 ms of the clone.
+                    with frozen(store):
+                        clone_file(image, target)
+                else:  # hibernated: the unmounted image is consistent as it is
+                    clone_file(image, target)
+                return target.stat().st_blocks * 512
+
+            try:
+                return await asyncio.to_thread(take)
+            except OSError as exc:
+                raise RuntimeFailure(f"snapshot of {sandbox_id} failed: {exc}") from exc
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._snapshot_image(snapshot_id).unlink()
+
+    async def list_snapshots(self) -> list[str]:
+        # Half-made clones (a crash mid-copy) are dot files: gone with no owner to ask.
+        for d in ("snapshots", "disks"):
+            for p in self._pool.dir(d).glob(".*"):
+                p.unlink(missing_ok=True)
+        return sorted(p.stem for p in self._pool.dir("snapshots").glob("*.img"))
+
+    async def restore_disk(self, sandbox_id: str, snapshot_id: str) -> None:
+        self._check_id(sandbox_id)
+        source = self._snapshot_image(snapshot_id)
+        async with self._lock(sandbox_id):
+            if not self._read_meta(sandbox_id).get("hibernated"):
+                raise ConflictError(f"sandbox {sandbox_id} must be hibernated to restore its disk")
+            image = self._disk_image(sandbox_id)
+            if not source.is_file():
+                raise InvalidRequestError(f"snapshot {snapshot_id} is not on this host")
+            if image.is_file() and source.stat().st_size != image.stat().st_size:
+                raise InvalidRequestError(
+                    f"snapshot {snapshot_id} holds a disk of another size than {sandbox_id}'s"
+                )
+
+            def swap() -> None:
+                fresh = image.with_name(f".{image.name}.restore")
+                fresh.unlink(missing_ok=True)
+                clone_file(source, fresh)
+                os.replace(fresh, image)  # atomic: the old disk or the new one, never half
+
+            try:
+                await asyncio.to_thread(swap)
+            except OSError as exc:
+                raise RuntimeFailure(f"restore of {sandbox_id} failed: {exc}") from exc
 
     # ------------------------------------------------------------------------------ inspect
 
@@ -633,8 +785,12 @@ class ContainerRuntime:
                 errors.append(exc.message)
         if errors:
             raise RuntimeFailure("; ".join(errors))
-        for name in ("runc", "sandboxes", "uidranges", "disks"):
+        for name in ("runc", "sandboxes", "uidranges"):
             shutil.rmtree(self.data_dir / name, ignore_errors=True)
+        try:
+            self._pool.remove()
+        except OSError as exc:
+            raise RuntimeFailure(f"storage pool: {exc}") from exc
         with contextlib.suppress(OSError):
             self._mount_dir.rmdir()
             self._mount_dir.parent.rmdir()  # only when no other data dir uses it

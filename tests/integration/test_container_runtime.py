@@ -83,11 +83,15 @@ async def test_template_untouched_and_root_owns_etc(
         lines = res.out.split()
         assert lines[:4] == ["0:0"] * 4
         assert "newfile" in lines and "shells" not in lines
-        # On the host, the writes are in the sandbox's upper layer, owned by its uid range.
+        # The writes are in the sandbox's upper layer, stored with the ids the sandbox sees (its
+        # disk reaches the overlay through an idmapped mount), so a snapshot fits any id range;
+        # the sandbox's processes run in its own host range.
         host_id = _meta(rt, "it-layers")["host_id"]
         upper = rt.data_dir / "sandboxes" / "it-layers" / "disk" / "upper"
-        assert (upper / "etc" / "newfile").stat().st_uid == host_id
+        assert (upper / "etc" / "newfile").stat().st_uid == 0
         assert isinstance(host_id, int) and host_id >= 65536
+        ids = await sandbox_run(rt, "it-layers", ["/bin/sh", "-c", "cat /proc/self/uid_map"])
+        assert ids.out.split() == ["0", str(host_id), "65536"]
     finally:
         await rt.destroy("it-layers")
     assert _tree_digest(minimal_rootfs) == before
@@ -107,7 +111,7 @@ async def test_disk_limit_gives_enospc_inside_only(
         assert "rc=1" in res.out
         used, total = rt.disk_usage("it-disk")
         assert total <= 64 * 1024 * 1024 and used <= total
-        image = rt.data_dir / "sandboxes" / "it-disk" / "disk.img"
+        image = rt.data_dir / "pool" / "disks" / "it-disk.img"
         assert image.stat().st_blocks * 512 <= 64 * 1024 * 1024
         after = os.statvfs(rt.data_dir)
         assert (host_free.f_bavail - after.f_bavail) * after.f_frsize <= 80 * 1024 * 1024

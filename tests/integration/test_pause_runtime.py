@@ -80,7 +80,7 @@ async def test_hibernate_frees_everything_but_the_disk_and_wake_restores_it(
         mounts = Path("/proc/self/mountinfo").read_text()
         assert str(rt.mount_dir / "it-hib") not in mounts  # root filesystem gone
         assert "/sandboxes/it-hib/disk " not in mounts  # disk unmounted (loop device freed)
-        assert (rt.data_dir / "sandboxes" / "it-hib" / "disk.img").exists()  # disk kept
+        assert (rt.data_dir / "pool" / "disks" / "it-hib.img").exists()  # disk kept
         assert "it-hib" in await rt.list_sandboxes()
         with pytest.raises(SandboxNotRunningError):
             await rt.open_agent("it-hib")
