@@ -43,6 +43,8 @@ class Limits(BaseModel):
     max_value_bytes: int = 4096
     # A tenant's live (not stopped) sandboxes; the host's own capacity is the runtime's concern.
     max_sandboxes_per_tenant: int = 1000
+    max_snapshots_per_tenant: int = 1000
+    max_fork_count: int = 100
     pids_per_sandbox: int = 1024
 
 

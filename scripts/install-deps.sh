@@ -11,6 +11,7 @@ PACKAGES=(
     debian-archive-keyring  # verifies the archive mmdebstrap downloads from
     busybox-static   # the "minimal" template and in-sandbox fallback tools
     e2fsprogs        # mkfs.ext4 for the per-sandbox disk images (hard disk quota)
+    xfsprogs         # mkfs.xfs for the storage pool (reflink copies: snapshots, forks)
     nftables         # per-sandbox network policy
     iproute2         # netns, veth, bridge plumbing
     util-linux       # mount, unshare, nsenter

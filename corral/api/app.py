@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
-from corral.api.routes import files, ports, processes, sandboxes, templates, tenants
+from corral.api.routes import files, ports, processes, sandboxes, snapshots, templates, tenants
 from corral.config import ServerConfig
 from corral.core.ingress import IngressService
 from corral.core.services import Services
@@ -87,6 +87,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
 
     for r in (
         sandboxes.router,
+        snapshots.router,
         processes.router,
         files.router,
         templates.router,

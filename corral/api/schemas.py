@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from corral.agent import FileInfo, ProcessInfo
 from corral.core.sandboxes import Sandbox
+from corral.core.snapshots import Snapshot
 from corral.core.templates import TemplateInfo
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "NetworkOut",
     "ProcessOut",
     "SandboxOut",
+    "SnapshotOut",
     "TemplateOut",
 ]
 
@@ -214,3 +216,25 @@ class ExistsOut(BaseModel):
 
 class CountOut(BaseModel):
     files: int
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str
+    sandbox_id: str  # the sandbox it was taken of (which may be gone)
+    template: str
+    disk_mb: int
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, snap: Snapshot) -> SnapshotOut:
+        return cls(
+            id=snap.id,
+            name=snap.name,
+            sandbox_id=snap.sandbox_id,
+            template=snap.template,
+            disk_mb=snap.disk_mb,
+            size_bytes=snap.size_bytes,
+            created_at=snap.created_at,
+        )

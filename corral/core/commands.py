@@ -11,11 +11,14 @@ __all__ = [
     "CreateSandbox",
     "CreateTenant",
     "ExecCommand",
+    "ForkSnapshot",
     "MkdirCommand",
     "RenameCommand",
+    "RestoreSnapshot",
     "SetTimeout",
     "SignalCommand",
     "StdinCommand",
+    "TakeSnapshot",
     "UpdateNetwork",
     "validate_sandbox_path",
 ]
@@ -60,6 +63,30 @@ class CreateSandbox(_Command):
     # A paused or hibernated sandbox resumes by itself on any exec, file, process or port
     # request.
     auto_resume: bool = True
+    # Start from this snapshot's filesystem (a fork); unset fields default to the settings of
+    # the snapshot's source sandbox, and template and disk size are the snapshot's.
+    snapshot: str | None = Field(default=None, max_length=128)
+
+
+_SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$"
+
+
+class TakeSnapshot(_Command):
+    # Unique among the sandbox's snapshots; defaults to the snapshot's id.
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_SNAPSHOT_NAME)
+
+
+class RestoreSnapshot(_Command):
+    snapshot: str = Field(
+        min_length=1, max_length=128, description="snapshot id, or name among the sandbox's"
+    )
+
+
+class ForkSnapshot(_Command):
+    count: int = Field(default=1, ge=1, description="how many sandboxes to start")
+    timeout: int | None = Field(default=None, gt=0)
+    metadata: dict[str, str] | None = None
+    env: dict[str, str] | None = None
 
 
 class UpdateNetwork(_Command):

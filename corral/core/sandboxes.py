@@ -55,6 +55,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Idle means, besides no API use: under this share of one core, measured over this window.
 _IDLE_CPU_SHARE = 0.05
 _IDLE_CPU_WINDOW_S = 2.0
+# States in which a sandbox has a disk on the host (what snapshots and restores work on).
+_HAS_DISK = frozenset({SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.HIBERNATED})
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,14 @@ class SandboxService:
                 self._live[sb.id] = sb
                 adopted.add(sb.id)
                 continue
+            if (
+                sb.state in (SandboxState.RUNNING, SandboxState.PAUSED)
+                and sb.id in on_host
+                and await self._hibernate_dead(sb)
+            ):
+                sb = self._live[sb.id]
+                adopted.add(sb.id)
+                continue
             if sb.state is SandboxState.HIBERNATED and sb.id in on_host:
                 # Its disk is all it has; make sure nothing else is left (a crash during the
                 # hibernation, or a host reboot that left stale state), then keep it.
@@ -226,6 +236,38 @@ class SandboxService:
                 if (sb := self._live[sid]).address is not None
             )
 
+    async def _hibernate_dead(self, sb: Sandbox) -> bool:
+        """A sandbox whose processes died while the server was away (a host reboot, or a crash
+        in the middle of a restore) keeps its disk: it becomes hibernated and wakes on next use.
+        False when it has no disk either."""
+        try:
+            await self._runtime.hibernate(sb.id)
+        except CorralError as e:
+            log.warning("sandbox %s lost its processes and its disk: %s", sb.id, e.message)
+            return False
+        now = _now()
+        remaining = sb.paused_remaining_s
+        if sb.state is SandboxState.RUNNING and sb.expires_at is not None:
+            remaining = max(0.0, (sb.expires_at - now).total_seconds())
+        log.warning("sandbox %s lost its processes while the server was away: hibernated", sb.id)
+        changes: dict[str, Any] = {
+            "state": SandboxState.HIBERNATED.value,
+            "address": None,
+            "expires_at": None,
+            "paused_at": sb.paused_at or now,
+            "paused_remaining_s": remaining,
+        }
+        await self._store.update_sandbox(sb.id, **changes)
+        self._live[sb.id] = replace(
+            sb,
+            state=SandboxState.HIBERNATED,
+            address=None,
+            expires_at=None,
+            paused_at=changes["paused_at"],
+            paused_remaining_s=remaining,
+        )
+        return True
+
     # --- queries ----------------------------------------------------------------------------
     async def get(self, who: Principal, sandbox_id: str) -> Sandbox:
         sb = self._live.get(sandbox_id)
@@ -257,6 +299,10 @@ class SandboxService:
                 continue
             out.append(sb)
         return out
+
+    def live_count(self, tenant_id: str) -> int:
+        """Sandboxes of the tenant that may still exist on the host (what quotas count)."""
+        return sum(1 for s in self._live.values() if s.tenant_id == tenant_id)
 
     def template_in_use(self, name: str) -> bool:
         return any(sb.template == name for sb in self._live.values())
@@ -376,7 +422,13 @@ class SandboxService:
                 )
         return template, cpu, memory, disk, timeout
 
-    async def create(self, who: Principal, cmd: CreateSandbox) -> Sandbox:
+    async def create(
+        self, who: Principal, cmd: CreateSandbox, *, snapshot: str | None = None
+    ) -> Sandbox:
+        """Start a sandbox; ``snapshot``: on a copy of that snapshot's disk (the snapshot service
+        checks it belongs to the tenant and fills ``cmd`` from it first)."""
+        if cmd.snapshot is not None:
+            raise InvalidRequestError("a create from a snapshot goes through the snapshot service")
         template, cpu, memory, disk, timeout = self._validate(cmd)
         policy_doc: dict[str, Any] | None = None
         if self._network is not None:
@@ -384,7 +436,7 @@ class SandboxService:
         elif cmd.network is not None:
             raise InvalidRequestError("networking is disabled on this server; omit 'network'")
         layers = self._templates.layers_for(template)
-        live_for_tenant = sum(1 for s in self._live.values() if s.tenant_id == who.tenant_id)
+        live_for_tenant = self.live_count(who.tenant_id)
         if live_for_tenant >= self._config.limits.max_sandboxes_per_tenant:
             raise QuotaExceededError(
                 f"tenant {who.tenant_id} already has {live_for_tenant} live sandboxes "
@@ -441,7 +493,7 @@ class SandboxService:
                     auto_resume=int(cmd.auto_resume),
                 )
             )
-            spec = self._spec(sb, layers)
+            spec = replace(self._spec(sb, layers), snapshot=snapshot)
             try:
                 await self._runtime.create(spec)
             except BaseException as e:
@@ -646,6 +698,46 @@ class SandboxService:
             raise
         sb = self._live[sb.id]
         return await self._running_again(sb)
+
+    async def snapshot_disk(
+        self, who: Principal, sandbox_id: str, snapshot_id: str
+    ) -> tuple[Sandbox, int]:
+        """Capture the filesystem of a running, paused or hibernated sandbox as ``snapshot_id``
+        without stopping it (a paused or hibernated one stays so); returns its size in bytes."""
+        sb = await self.get(who, sandbox_id)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._current(sandbox_id)
+            if sb.state not in _HAS_DISK:
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {sb.state.value}: only a running, paused or "
+                    "hibernated sandbox can be snapshotted"
+                )
+            size = await self._runtime.snapshot(sandbox_id, snapshot_id)
+            self.touch(sandbox_id)
+            return sb, size
+
+    async def restore(
+        self, who: Principal, sandbox_id: str, snapshot_id: str, *, template: str, disk_mb: int
+    ) -> Sandbox:
+        """Bring the sandbox's filesystem back to the snapshot: its processes stop, its disk
+        becomes a copy of the snapshot, and it starts again (running, its timeout clock going
+        on). Interrupted anywhere, it is left hibernated with either disk whole."""
+        sb = await self.get(who, sandbox_id)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._current(sandbox_id)
+            if sb.state not in _HAS_DISK:
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} is {sb.state.value}; only a live sandbox can be restored"
+                )
+            if template != sb.template or disk_mb != sb.disk_mb:
+                raise InvalidRequestError(
+                    f"snapshot {snapshot_id} is of template {template!r} with a {disk_mb} MiB "
+                    f"disk; sandbox {sandbox_id} has {sb.template!r} and {sb.disk_mb} MiB"
+                )
+            if sb.state is not SandboxState.HIBERNATED:
+                sb = await self._hibernate_locked(sb)
+            await self._runtime.restore_disk(sandbox_id, snapshot_id)
+            return await self._wake_locked(sb)
 
     async def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> Sandbox:
         if seconds > self._config.limits.max_timeout_s:

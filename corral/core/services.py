@@ -9,6 +9,7 @@ from corral.core.files import FileService
 from corral.core.network import NetworkService
 from corral.core.processes import ProcessService
 from corral.core.sandboxes import SandboxService
+from corral.core.snapshots import SnapshotService
 from corral.core.templates import TemplateService
 from corral.core.tenants import TenantService
 from corral.errors import InvalidRequestError
@@ -36,6 +37,7 @@ class Services:
     tenants: TenantService
     templates: TemplateService
     sandboxes: SandboxService
+    snapshots: SnapshotService
     processes: ProcessService
     files: FileService
     network: NetworkService | None
@@ -56,6 +58,8 @@ class Services:
         network = NetworkService(config.network, store) if config.network.enabled else None
         sandboxes = SandboxService(config, store, rt, templates, network)
         await sandboxes.start()
+        snapshots = SnapshotService(config, store, rt, sandboxes)
+        await snapshots.reconcile()
         return cls(
             config=config,
             store=store,
@@ -63,6 +67,7 @@ class Services:
             tenants=tenants,
             templates=templates,
             sandboxes=sandboxes,
+            snapshots=snapshots,
             processes=ProcessService(sandboxes),
             files=FileService(sandboxes),
             network=network,

@@ -12,7 +12,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from corral.store.models import ApiKeyRow, EgressEventRow, SandboxRow, TenantRow
+from corral.store.models import ApiKeyRow, EgressEventRow, SandboxRow, SnapshotRow, TenantRow
 
 __all__ = ["Store"]
 
@@ -113,6 +113,41 @@ class Store:
     async def get_sandbox(self, sandbox_id: str) -> SandboxRow | None:
         async with self._session() as s:
             return await s.get(SandboxRow, sandbox_id)
+
+    # snapshots
+    async def add_snapshot(self, row: SnapshotRow) -> None:
+        async with self._session.begin() as s:
+            s.add(row)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRow | None:
+        async with self._session() as s:
+            return await s.get(SnapshotRow, snapshot_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        async with self._session.begin() as s:
+            row = await s.get(SnapshotRow, snapshot_id)
+            if row is None:
+                return False
+            await s.delete(row)
+            return True
+
+    async def snapshots(
+        self,
+        *,
+        tenant_id: str | None = None,
+        sandbox_id: str | None = None,
+        name: str | None = None,
+    ) -> Sequence[SnapshotRow]:
+        """Newest first."""
+        async with self._session() as s:
+            q = select(SnapshotRow).order_by(SnapshotRow.created_at.desc(), SnapshotRow.id)
+            if tenant_id is not None:
+                q = q.where(SnapshotRow.tenant_id == tenant_id)
+            if sandbox_id is not None:
+                q = q.where(SnapshotRow.sandbox_id == sandbox_id)
+            if name is not None:
+                q = q.where(SnapshotRow.name == name)
+            return (await s.execute(q)).scalars().all()
 
     # egress log
     async def add_egress_events(self, rows: Sequence[EgressEventRow]) -> None:

@@ -5,10 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKeyRow", "Base", "EgressEventRow", "SandboxRow", "TenantRow"]
+__all__ = ["ApiKeyRow", "Base", "EgressEventRow", "SandboxRow", "SnapshotRow", "TenantRow"]
 
 
 class Base(DeclarativeBase):
@@ -83,3 +93,21 @@ class EgressEventRow(Base):
     port: Mapped[int | None] = mapped_column(Integer, nullable=True)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SnapshotRow(Base):
+    """A filesystem snapshot of a sandbox; it outlives the sandbox until deleted."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (UniqueConstraint("sandbox_id", "name", name="uq_snapshots_sandbox_name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    template: Mapped[str] = mapped_column(String(128))
+    disk_mb: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The source sandbox's settings as a CreateSandbox document: what a fork starts with.
+    source: Mapped[dict[str, Any]] = mapped_column(JSON)

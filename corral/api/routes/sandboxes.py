@@ -17,14 +17,16 @@ from corral.errors import InvalidRequestError
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
 
-def _out(svc: Services, sb: Sandbox) -> SandboxOut:
+def sandbox_out(svc: Services, sb: Sandbox) -> SandboxOut:
     proxy = svc.network.proxy_url if svc.network is not None else None
     return SandboxOut.of(sb, proxy=proxy, ingress_domain=svc.config.network.ingress_domain)
 
 
 @router.post("", status_code=201)
 async def create_sandbox(cmd: CreateSandbox, who: Caller, svc: Svc) -> SandboxOut:
-    return _out(svc, await svc.sandboxes.create(who, cmd))
+    if cmd.snapshot is not None:
+        return sandbox_out(svc, await svc.snapshots.create_from(who, cmd))
+    return sandbox_out(svc, await svc.sandboxes.create(who, cmd))
 
 
 def _parse_filters(
@@ -54,35 +56,37 @@ async def list_sandboxes(
     metadata: Annotated[list[str] | None, Query()] = None,
 ) -> list[SandboxOut]:
     states, meta = _parse_filters(state, metadata)
-    return [_out(svc, s) for s in await svc.sandboxes.list(who, states=states, metadata=meta)]
+    return [
+        sandbox_out(svc, s) for s in await svc.sandboxes.list(who, states=states, metadata=meta)
+    ]
 
 
 @router.get("/{sandbox_id}")
 async def get_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
-    return _out(svc, await svc.sandboxes.get(who, sandbox_id))
+    return sandbox_out(svc, await svc.sandboxes.get(who, sandbox_id))
 
 
 @router.post("/{sandbox_id}/timeout")
 async def set_timeout(sandbox_id: str, cmd: SetTimeout, who: Caller, svc: Svc) -> SandboxOut:
-    return _out(svc, await svc.sandboxes.set_timeout(who, sandbox_id, cmd.timeout))
+    return sandbox_out(svc, await svc.sandboxes.set_timeout(who, sandbox_id, cmd.timeout))
 
 
 @router.post("/{sandbox_id}/pause")
 async def pause_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
     """Freeze every process (no CPU, memory kept); 409 if already paused."""
-    return _out(svc, await svc.sandboxes.pause(who, sandbox_id))
+    return sandbox_out(svc, await svc.sandboxes.pause(who, sandbox_id))
 
 
 @router.post("/{sandbox_id}/hibernate")
 async def hibernate_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
     """Stop every process and free memory, keeping the disk; 409 if already hibernated."""
-    return _out(svc, await svc.sandboxes.hibernate(who, sandbox_id))
+    return sandbox_out(svc, await svc.sandboxes.hibernate(who, sandbox_id))
 
 
 @router.post("/{sandbox_id}/resume")
 async def resume_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> SandboxOut:
     """Thaw a paused sandbox or wake a hibernated one; a running one is answered as it is."""
-    return _out(svc, await svc.sandboxes.resume(who, sandbox_id))
+    return sandbox_out(svc, await svc.sandboxes.resume(who, sandbox_id))
 
 
 @router.delete("/{sandbox_id}", status_code=204)
@@ -93,7 +97,7 @@ async def kill_sandbox(sandbox_id: str, who: Caller, svc: Svc) -> Response:
 
 @router.get("/{sandbox_id}/network")
 async def get_network(sandbox_id: str, who: Caller, svc: Svc) -> NetworkOut:
-    out = _out(svc, await svc.sandboxes.get(who, sandbox_id))
+    out = sandbox_out(svc, await svc.sandboxes.get(who, sandbox_id))
     if out.network is None:
         raise InvalidRequestError(f"sandbox {sandbox_id} has no network")
     return out.network
@@ -105,7 +109,7 @@ async def update_network(
 ) -> NetworkOut:
     """Replace the network policy (the same document as ``network`` at create)."""
     sb = await svc.sandboxes.update_network(who, sandbox_id, policy)
-    out = _out(svc, sb)
+    out = sandbox_out(svc, sb)
     assert out.network is not None
     return out.network
 
