@@ -1,13 +1,23 @@
-"""After a server crash, running sandboxes are adopted again and orphans on the host are removed."""
+"""After a server crash or restart, running sandboxes are adopted again (their background output
+meanwhile intact) and orphans on the host are removed; after a host reboot, disks and snapshots
+are still there."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
+import os
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from corral.host.mounts import unmount
+from corral.runtime.container import ContainerRuntime
 from tests.conftest import container_skip_reason
 from tests.integration.server_harness import (
     kill_all_sandboxes,
@@ -54,6 +64,103 @@ def test_crash_then_restart_adopts_and_cleans(tmp_path: Path) -> None:
             else set()
         )
         assert orphan not in left and keep in left
+    finally:
+        try:
+            kill_all_sandboxes(server)
+        finally:
+            stop_server(server)
+            release_data_dir(data)
+
+
+def _output(c: httpx.Client, sid: str, pid: int) -> tuple[str, list[dict[str, object]]]:
+    with c.stream("GET", f"/v1/sandboxes/{sid}/processes/{pid}/output") as r:
+        assert r.status_code == 200
+        events = [json.loads(line) for line in r.iter_lines() if line]
+    out = b"".join(
+        base64.b64decode(str(e["data"])) for e in events if e["type"] == "stdout"
+    ).decode()
+    return out, events
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["restart", "kill-9"])
+def test_background_output_survives_a_server_restart(tmp_path: Path, hard: bool) -> None:
+    why = container_skip_reason()
+    if why:
+        pytest.skip(why)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "templates").symlink_to(shared_templates_dir(tmp_path / "scratch"))
+    server = start_server(data)
+    try:
+        with server.client() as c:
+            sid = c.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600}).json()["id"]
+            script = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.05; done"
+            r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": script, "background": True})
+            pid = r.json()["pid"]
+        time.sleep(0.3)
+        stop_server(server, hard=hard)  # the process goes on printing with no server around
+        time.sleep(1.0)
+        server = start_server(data)
+        with server.client() as c:
+            out, events = _output(c, sid, pid)
+        assert out.split() == [str(i) for i in range(40)]  # nothing lost, nothing twice
+        assert events[-1] == {"type": "exit", "exit_code": 0}
+    finally:
+        try:
+            kill_all_sandboxes(server)
+        finally:
+            stop_server(server)
+            release_data_dir(data)
+
+
+def _simulate_reboot(data: Path) -> None:
+    """What a host reboot does to corral's host state: every sandbox process dies and every
+    mount goes (rootfs overlays, disks, the pool); files on the host disk stay."""
+    for meta in (data / "sandboxes").glob("*/meta.json"):
+        pid = json.loads(meta.read_text()).get("init_pid")
+        if isinstance(pid, int):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    rootfs_dir = ContainerRuntime(data, Path("/nonexistent")).mount_dir
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in reversed(points):  # the topmost first: overlays, then disks, then the pool
+        if point.startswith((f"{rootfs_dir}/", f"{data}/")):
+            unmount(Path(point))
+
+
+def test_after_a_reboot_disks_and_snapshots_are_still_there(tmp_path: Path) -> None:
+    why = container_skip_reason()
+    if why:
+        pytest.skip(why)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "templates").symlink_to(shared_templates_dir(tmp_path / "scratch"))
+    server = start_server(data)
+    try:
+        with server.client() as c:
+            made = {}
+            for kind in ("running", "hibernated"):
+                sid = c.post("/v1/sandboxes", json={"template": "minimal"}).json()["id"]
+                c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": f"echo {kind} > /root/k"}).read()
+                made[kind] = sid
+            snap = c.post(f"/v1/sandboxes/{made['running']}/snapshots").json()["id"]
+            assert c.post(f"/v1/sandboxes/{made['hibernated']}/hibernate").status_code == 200
+        stop_server(server, hard=True)
+        _simulate_reboot(data)
+        server = start_server(data)
+        with server.client() as c:
+            for kind, sid in made.items():
+                # A sandbox that was running comes back hibernated: its disk, not its processes.
+                assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "hibernated"
+                r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "cat /root/k"})  # wakes it
+                assert base64.b64encode(f"{kind}\n".encode()).decode() in r.text
+            r = c.post(f"/v1/snapshots/{snap}/fork")
+            assert r.status_code == 201, r.text
+            fork = r.json()[0]["id"]
+            r = c.post(f"/v1/sandboxes/{fork}/exec", json={"cmd": "cat /root/k"})
+            assert base64.b64encode(b"running\n").decode() in r.text
     finally:
         try:
             kill_all_sandboxes(server)
