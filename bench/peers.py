@@ -555,6 +555,7 @@ def _engine_suite(engine: Engine, plan: Plan, images: dict[str, str]) -> list[Ro
         if samples:
             rows += _engine_exec(engine, plan, template, image, name())
             rows += _engine_pause(engine, plan, template, image, name())
+            rows += _engine_commit(engine, plan, template, image, name())
     if not any(r.value != "**fails**" for r in rows):
         return rows
     template, image = next(iter(images.items()))
@@ -603,6 +604,57 @@ def _engine_pause(engine: Engine, plan: Plan, template: str, image: str, name: s
         ]
     finally:
         engine.remove(name)
+
+
+def _engine_commit(engine: Engine, plan: Plan, template: str, image: str, name: str) -> list[Row]:
+    """What a user scripts for snapshot and fork without corral: ``commit`` of a container that
+    wrote 1 GiB, then ``run -d`` of the commit, 10 times (the peer of fork x10)."""
+    started = engine.start(image, name)
+    if started.returncode != 0:
+        return [Row.failed("snapshot", f"{engine.label} commit", template, started.stderr)]
+    committed: list[float] = []
+    tag = f"{name}-snap"
+    forks = [f"{name}-fork{i}" for i in range(10)]
+    try:
+        runs = max(1, min(3, plan.engine_runs))
+        for i in range(runs):
+            write = ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=1024", "conv=fsync"]
+            proc = _run(engine.argv("exec", name, *write), timeout=600)
+            if proc.returncode != 0:
+                return [Row.failed("snapshot", f"{engine.label} commit", template, proc.stderr)]
+            ms, proc = _timed(engine.argv("commit", name, f"{tag}:{i}"))
+            if proc.returncode != 0:
+                return [Row.failed("snapshot", f"{engine.label} commit", template, proc.stderr)]
+            committed.append(ms)
+        t0 = time.perf_counter()
+        for fork in forks:
+            proc = engine.start(f"{tag}:0", fork)
+            if proc.returncode != 0:
+                return [Row.failed("fork x10", f"{engine.label} run -d", template, proc.stderr)]
+        total = (time.perf_counter() - t0) * 1000
+        return [
+            Row.latency(
+                "snapshot after writing 1 GiB",
+                f"{engine.label} commit",
+                template,
+                committed,
+                "copies the 1 GiB layer",
+            ),
+            Row(
+                "fork x10",
+                f"{engine.label} run -d of the commit",
+                template,
+                f"{total:.0f} ms in all · {total / 10:.1f} ms each",
+                "10",
+                "one after another",
+            ),
+        ]
+    finally:
+        for fork in forks:
+            engine.remove(fork)
+        engine.remove(name)
+        for i in range(3):
+            _run(engine.argv("rmi", "-f", f"{tag}:{i}"), timeout=120)
 
 
 def _engine_exec(engine: Engine, plan: Plan, template: str, image: str, name: str) -> list[Row]:

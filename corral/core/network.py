@@ -282,6 +282,13 @@ class NetworkService:
         )
         return Attachment(netns=netns, address=address)
 
+    def netns_of(self, sandbox_id: str) -> Path | None:
+        """The plumbed namespace of an attached sandbox (for a restart that keeps its network)."""
+        if self.registry.get(sandbox_id) is None:
+            return None
+        path = self._plumbing.netns_path(sandbox_id)
+        return path if path.exists() else None
+
     async def _undo(self, sandbox_id: str, address: str) -> None:
         with contextlib.suppress(RuntimeFailure):
             await self._firewall.remove_sandbox(sandbox_id)

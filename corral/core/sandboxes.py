@@ -734,10 +734,40 @@ class SandboxService:
                     f"snapshot {snapshot_id} is of template {template!r} with a {disk_mb} MiB "
                     f"disk; sandbox {sandbox_id} has {sb.template!r} and {sb.disk_mb} MiB"
                 )
-            if sb.state is not SandboxState.HIBERNATED:
-                sb = await self._hibernate_locked(sb)
-            await self._runtime.restore_disk(sandbox_id, snapshot_id)
-            return await self._wake_locked(sb)
+            if sb.state is SandboxState.HIBERNATED:
+                await self._runtime.restore_disk(sandbox_id, snapshot_id)
+                return await self._wake_locked(sb)
+            return await self._restart_on(sb, snapshot_id)
+
+    async def _restart_on(self, sb: Sandbox, snapshot_id: str) -> Sandbox:
+        """Restart a running or paused sandbox on a copy of the snapshot, keeping its network
+        (address, rules, namespace): unplumbing and plumbing again cost more than the rest of a
+        restore together. Until it runs again the store still says running or paused; a crash
+        in between is found by ``reconcile`` (init dead, disk kept) and hibernates it."""
+        spec = self._spec(sb, self._templates.layers_for(sb.template))
+        netns = self._network.netns_of(sb.id) if self._network is not None else None
+        if self._network is not None and netns is None:
+            raise RuntimeFailure(f"sandbox {sb.id} lost its network namespace")
+        spec = replace(spec, network=None, netns=netns)
+        try:
+            await self._runtime.hibernate(sb.id)
+            await self._runtime.restore_disk(sb.id, snapshot_id)
+            await self._runtime.wake(spec)
+        except BaseException as e:
+            # Left as a hibernated sandbox (its disk whole, the old one or the snapshot's),
+            # which wakes on next use like any other.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._runtime.hibernate(sb.id))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._hibernate_locked(sb))
+            if isinstance(e, CorralError | asyncio.CancelledError):
+                raise
+            raise RuntimeFailure(f"restore of {sb.id} failed: {e}") from e
+        self._cpu_mark.pop(sb.id, None)
+        if sb.state is SandboxState.PAUSED:
+            return await self._running_again(sb)
+        self.touch(sb.id)
+        return sb
 
     async def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> Sandbox:
         if seconds > self._config.limits.max_timeout_s:

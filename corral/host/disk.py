@@ -9,20 +9,17 @@ own filesystem only ever sees the image file (sparse; ``discard`` punches freed 
 
 Formatting is kept off the hot path: one formatted *golden* image per size is made with
 ``mkfs.ext4`` once, and each sandbox gets a reflink copy of it in the storage pool
-(``corral.host.pool``), as do snapshots of a disk (taken with the filesystem frozen, so the copy
-is exactly what the sandbox had written, journal included).
+(``corral.host.pool``), as do snapshots of a disk (taken right after a ``syncfs`` with the
+sandbox's processes frozen, so the copy holds all it wrote, journal included).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 from corral.errors import RuntimeFailure
@@ -31,10 +28,7 @@ from corral.host.mounts import unmount
 from corral.host.pool import clone_file
 from corral.host.syscalls import libc
 
-__all__ = ["DiskImages", "frozen", "mount_disk", "remove_disk", "thaw"]
-
-_FIFREEZE = 0xC0045877
-_FITHAW = 0xC0045878
+__all__ = ["DiskImages", "mount_disk", "remove_disk", "sync_disk"]
 
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
@@ -123,33 +117,13 @@ def remove_disk(image: Path, target: Path) -> None:
         image.unlink()
 
 
-@contextlib.contextmanager
-def frozen(mountpoint: Path) -> Iterator[None]:
-    """Hold the filesystem at ``mountpoint`` frozen (``FIFREEZE``): everything written so far is
-    on its device, journal committed, and writers block until the block ends."""
+def sync_disk(mountpoint: Path) -> None:
+    """Write out everything written to the filesystem at ``mountpoint`` (``syncfs``): data on
+    the image, journal committed."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, _FIFREEZE, 0)
-        try:
-            yield
-        finally:
-            fcntl.ioctl(fd, _FITHAW, 0)
-    finally:
-        os.close(fd)
-
-
-def thaw(mountpoint: Path) -> None:
-    """Thaw ``mountpoint`` if a crash left it frozen; no-op when it is not frozen or mounted."""
-    try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        if os.fstat(fd).st_dev == os.stat(mountpoint.parent).st_dev:
-            return  # not a mount point: never thaw the filesystem it lives on
-        fcntl.ioctl(fd, _FITHAW, 0)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
-            raise
+        if libc.get().syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {mountpoint}: {os.strerror(err)}")
     finally:
         os.close(fd)

@@ -108,6 +108,7 @@ class Pool:
             # As large as the host filesystem: sparse, so only what is written takes space.
             st = os.statvfs(self.image.parent)
             size = max(st.f_blocks * st.f_frsize, 4 * _GiB)
+        self.image.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.image.with_name(f".{self.image.name}.{secrets.token_hex(4)}")
         try:
             with open(tmp, "wb") as f:
