@@ -25,7 +25,6 @@ from pathlib import Path
 from corral.errors import RuntimeFailure
 from corral.host.loop import attach_loop
 from corral.host.mounts import unmount
-from corral.host.pool import clone_file
 from corral.host.syscalls import libc
 
 __all__ = ["DiskImages", "mount_disk", "remove_disk", "sync_disk"]
@@ -56,11 +55,6 @@ class DiskImages:
         finally:
             tmp.unlink(missing_ok=True)
         return path
-
-    def new_disk(self, dest: Path, size_bytes: int) -> None:
-        """A fresh empty filesystem image of ``size_bytes`` at ``dest`` (a reflink of the golden
-        one: ``dest`` must be in the same pool)."""
-        clone_file(self.golden(size_bytes), dest)
 
 
 def _mkfs(image: Path) -> None:

@@ -472,16 +472,13 @@ class ContainerRuntime:
         """Mount the sandbox's disk at ``sdir/disk``: its kept one (``source`` None: a wake or a
         restore), a copy of a snapshot, or a fresh one made from a golden image."""
         store = sdir / "disk"
-        if source is not None:
-            if spec.snapshot is not None:
-                if source.stat().st_size != spec.disk_mb * _MiB:
-                    raise InvalidRequestError(
-                        f"snapshot {spec.snapshot} holds a {source.stat().st_size // _MiB} MiB "
-                        f"disk, not {spec.disk_mb} MiB"
-                    )
-                clone_file(source, image)
-            else:
-                DiskImages(source.parent).new_disk(image, spec.disk_mb * _MiB)
+        if source is not None:  # a snapshot or the golden image of the size: copy it
+            if source.stat().st_size != spec.disk_mb * _MiB:
+                raise InvalidRequestError(
+                    f"snapshot {spec.snapshot} holds a {source.stat().st_size // _MiB} MiB "
+                    f"disk, not {spec.disk_mb} MiB"
+                )
+            clone_file(source, image)
             store.mkdir(mode=0o700)
         mount_disk(image, store)
         upper, work = store / "upper", store / "work"
@@ -688,6 +685,14 @@ class ContainerRuntime:
                 raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
             if target.exists():
                 raise ConflictError(f"snapshot {snapshot_id} already exists")
+            free = os.statvfs(self.data_dir)
+            if free.f_bavail * free.f_frsize < _HOST_DISK_RESERVE:
+                # A snapshot costs nothing now, but every block either side rewrites later is a
+                # new block of the pool; a host disk this full cannot take that.
+                raise QuotaExceededError(
+                    f"the host has less than {_HOST_DISK_RESERVE // _MiB} MiB of free disk; "
+                    "delete snapshots or sandboxes first"
+                )
             store = self._dir(sandbox_id) / "disk"
 
             def take(mounted: bool) -> int:
