@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         Pty,
         Sandbox,
         SandboxInfo,
+        Snapshot,
         TemplateInfo,
         network_policy,
     )
@@ -48,6 +49,7 @@ __all__ = [
     "Pty",
     "Sandbox",
     "SandboxInfo",
+    "Snapshot",
     "TemplateInfo",
     "__version__",
     "errors",

@@ -11,13 +11,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from corral.sdk.models import SandboxInfo, TemplateInfo
+from corral.sdk.models import SandboxInfo, Snapshot, TemplateInfo
 
 __all__ = [
     "console",
     "print_json",
     "sandbox_detail",
     "sandbox_table",
+    "snapshot_table",
     "template_table",
 ]
 
@@ -152,3 +153,20 @@ def template_table(items: Sequence[TemplateInfo]) -> Table:
 
 def describe_size(n: int | None) -> str:
     return _size(n)
+
+
+def snapshot_table(items: Sequence[Snapshot]) -> Table:
+    return _table(
+        ["ID", "NAME", "SANDBOX", "TEMPLATE", "SIZE", "CREATED"],
+        (
+            [
+                s.id,
+                s.name,
+                s.sandbox_id,
+                s.template,
+                describe_size(s.size_bytes),
+                _when(s.created_at),
+            ]
+            for s in items
+        ),
+    )

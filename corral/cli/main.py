@@ -281,13 +281,13 @@ def server(
     listen: Annotated[
         str | None,
         typer.Option(
-            help="Address and port to listen on [default: 127.0.0.1:7700].", show_default=False
+            help="Address and port to listen on (default: 127.0.0.1:7700).", show_default=False
         ),
     ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            help="State, keys and templates [default: /var/lib/corral].",
+            help="State, keys and templates (default: /var/lib/corral).",
             envvar="CORRAL_DATA_DIR",
             show_default=False,
         ),
@@ -311,7 +311,19 @@ def server(
 @app.command()
 def create(
     ctx: typer.Context,
-    template: Annotated[str, typer.Option(help="Template to start from.")] = "base",
+    template: Annotated[
+        str | None,
+        typer.Option(
+            help="Template to start from (default: base, or the snapshot's).", show_default=False
+        ),
+    ] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from this snapshot's files (id); unset settings default to its source's.",
+            show_default=False,
+        ),
+    ] = None,
     cpu: Annotated[float | None, typer.Option(help="CPU cores.", show_default=False)] = None,
     memory_mb: Annotated[
         int | None, typer.Option(help="Memory limit in MB.", show_default=False)
@@ -401,14 +413,16 @@ def create(
         memory_mb=memory_mb,
         disk_mb=disk_mb,
         timeout=timeout,
-        env=_pairs(env, "--env"),
-        metadata=_pairs(metadata, "--metadata"),
+        # None, not {}, when not given: with --snapshot an empty map would replace the source's.
+        env=_pairs(env, "--env") or None,
+        metadata=_pairs(metadata, "--metadata") or None,
         network=policy,
         public_ports=public_ports,
         on_timeout=None if on_timeout is None else on_timeout.value,
         idle_timeout=idle_timeout,
         on_idle=None if on_idle is None else on_idle.value,
         auto_resume=not no_auto_resume,
+        snapshot=snapshot,
         api_key=conn.api_key,
         base_url=conn.url,
     )
@@ -520,6 +534,171 @@ def hibernate(
 ) -> None:
     """Stop a sandbox's processes and free its memory, keeping its disk; print its new state."""
     _pause_or_resume(ctx, sandbox_id, as_json, "hibernate")
+
+
+@app.command("snapshot")
+def snapshot_(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Unique among this sandbox's snapshots (default: the snapshot's id).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Save a sandbox's files as a snapshot (the sandbox keeps running); print its id."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        snap = sbx.snapshot(name)
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(snap.raw))
+    else:
+        typer.echo(snap.id)
+
+
+@app.command()
+def snapshots(
+    ctx: typer.Context,
+    sandbox_id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="ID", help="Only those taken from this sandbox.", show_default=False
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List snapshots, newest first; they outlive the sandbox they were taken from."""
+    from corral.cli._output import console, print_json, snapshot_table
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    items = Sandbox.list_snapshots(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    if as_json:
+        print_json([dict(s.raw) for s in items])
+    elif items:
+        console().print(snapshot_table(items))
+
+
+@app.command("snapshot-rm")
+def snapshot_rm(
+    ctx: typer.Context,
+    snapshot_ids: Annotated[list[str], typer.Argument(metavar="SNAPSHOT...")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete snapshots; sandboxes restored or forked from them are not affected."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    results: list[dict[str, Any]] = []
+    failed = False
+    for snapshot_id in snapshot_ids:
+        try:
+            Sandbox.delete_snapshot(snapshot_id, api_key=conn.api_key, base_url=conn.url)
+        except CorralError as exc:
+            failed = True
+            results.append({"id": snapshot_id, "deleted": False, "error": exc.message})
+            if not as_json:
+                _say_error(f"{snapshot_id}: {exc.message}")
+        else:
+            results.append({"id": snapshot_id, "deleted": True})
+    if as_json:
+        print_json(results)
+    if failed:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command()
+def restore(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    snapshot: Annotated[
+        str, typer.Argument(metavar="SNAPSHOT", help="Snapshot id, or name among ID's snapshots.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Roll a sandbox's files back to a snapshot; its processes start afresh. Print its state."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        sbx.restore(snapshot)
+        after = sbx.info()
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(after.raw))
+    else:
+        typer.echo(after.state)
+
+
+@app.command()
+def fork(
+    ctx: typer.Context,
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT", help="Snapshot id.")],
+    count: Annotated[int, typer.Option("--count", "-n", help="How many sandboxes to start.")] = 1,
+    timeout: Annotated[
+        int | None,
+        typer.Option(help="Lifetime in seconds (default: the source's).", show_default=False),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            "-e",
+            help="KEY=VALUE, repeatable; replaces the source's env.",
+            show_default=False,
+        ),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metadata",
+            "-m",
+            help="KEY=VALUE, repeatable; replaces the source's metadata.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start sandboxes from a snapshot, each with its own copy of the files; print their ids.
+
+    They take the settings of the sandbox the snapshot was taken from unless overridden.
+    """
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    forks = Sandbox.fork(
+        snapshot,
+        count,
+        timeout=timeout,
+        metadata=_pairs(metadata, "--metadata") or None,
+        env=_pairs(env, "--env") or None,
+        api_key=conn.api_key,
+        base_url=conn.url,
+    )
+    try:
+        infos = [sbx.info() for sbx in forks] if as_json else []
+    finally:
+        for sbx in forks:
+            sbx.close()
+    if as_json:
+        print_json([dict(i.raw) for i in infos])
+    else:
+        for sbx in forks:
+            typer.echo(sbx.id)
 
 
 @app.command()

@@ -27,6 +27,7 @@ from corral.sdk.models import (
     NetworkInfo,
     ProcessInfo,
     SandboxInfo,
+    Snapshot,
     TemplateInfo,
 )
 from corral.sdk.sandbox import Client, Files, Network, Process, Processes, Pty, Sandbox
@@ -58,6 +59,7 @@ __all__ = [
     "Pty",
     "Sandbox",
     "SandboxInfo",
+    "Snapshot",
     "TemplateInfo",
     "network_policy",
 ]

@@ -30,7 +30,15 @@ from corral.errors import (
     TimeoutError,
     error_from_code,
 )
-from corral.sdk.models import ExecEvent, ExecExit, ExecOutput, ExecResult, ExecStart, SandboxInfo
+from corral.sdk.models import (
+    ExecEvent,
+    ExecExit,
+    ExecOutput,
+    ExecResult,
+    ExecStart,
+    SandboxInfo,
+    Snapshot,
+)
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -45,6 +53,7 @@ __all__ = [
     "OnTimeout",
     "PolicyLike",
     "PtyState",
+    "SnapshotRef",
     "TextCallback",
     "auth_headers",
     "calls",
@@ -63,6 +72,7 @@ __all__ = [
     "pty_params",
     "pty_path",
     "resize_message",
+    "snapshot_ref",
     "ws_headers",
     "ws_url",
 ]
@@ -79,6 +89,21 @@ TextCallback = Callable[[str], object]
 # What a sandbox's timeout does, and what being idle for ``idle_timeout`` seconds does.
 OnTimeout = Literal["kill", "pause", "hibernate"]
 OnIdle = Literal["pause", "hibernate", "kill"]
+
+# A snapshot as the SDK accepts it: the object, or its id (restore also takes its name).
+SnapshotRef = Snapshot | str
+
+# The template a new sandbox gets when neither a template nor a snapshot is named.
+DEFAULT_TEMPLATE: Final = "base"
+
+
+def snapshot_ref(snapshot: SnapshotRef) -> str:
+    """The id (or name) to send for ``snapshot``."""
+    if isinstance(snapshot, Snapshot):
+        return snapshot.id
+    if isinstance(snapshot, str) and snapshot:
+        return snapshot
+    raise InvalidRequestError(f"{snapshot!r} is not a snapshot, a snapshot id or a name")
 
 
 @dataclass(frozen=True)
@@ -143,7 +168,7 @@ class calls:
 
     @staticmethod
     def create_sandbox(
-        template: str,
+        template: str | None,
         cpu: float | None,
         memory_mb: int | None,
         disk_mb: int | None,
@@ -156,10 +181,15 @@ class calls:
         idle_timeout: int | None = None,
         on_idle: OnIdle | None = None,
         auto_resume: bool = True,
+        snapshot: SnapshotRef | None = None,
     ) -> Call:
+        if template is None and snapshot is None:
+            template = DEFAULT_TEMPLATE
         body = _drop_none(
             {
+                # Omitted with a snapshot: the server then takes the snapshot's template.
                 "template": template,
+                "snapshot": None if snapshot is None else snapshot_ref(snapshot),
                 "cpu": cpu,
                 "memory_mb": memory_mb,
                 "disk_mb": disk_mb,
@@ -210,6 +240,48 @@ class calls:
     @staticmethod
     def delete_sandbox(sandbox_id: str) -> Call:
         return Call("DELETE", _sb(sandbox_id))
+
+    @staticmethod
+    def create_snapshot(sandbox_id: str, name: str | None) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/snapshots", body={"name": name})
+
+    @staticmethod
+    def sandbox_snapshots(sandbox_id: str) -> Call:
+        return Call("GET", f"{_sb(sandbox_id)}/snapshots")
+
+    @staticmethod
+    def restore_sandbox(sandbox_id: str, snapshot: SnapshotRef) -> Call:
+        return Call("POST", f"{_sb(sandbox_id)}/restore", body={"snapshot": snapshot_ref(snapshot)})
+
+    @staticmethod
+    def list_snapshots(sandbox_id: str | None) -> Call:
+        params = () if sandbox_id is None else (("sandbox_id", sandbox_id),)
+        return Call("GET", "/v1/snapshots", params=params)
+
+    @staticmethod
+    def get_snapshot(snapshot: SnapshotRef) -> Call:
+        return Call("GET", f"/v1/snapshots/{_seg(snapshot_ref(snapshot))}")
+
+    @staticmethod
+    def delete_snapshot(snapshot: SnapshotRef) -> Call:
+        return Call("DELETE", f"/v1/snapshots/{_seg(snapshot_ref(snapshot))}")
+
+    @staticmethod
+    def fork_snapshot(
+        snapshot: SnapshotRef,
+        count: int,
+        timeout: int | None,
+        metadata: Mapping[str, str] | None,
+        env: Mapping[str, str] | None,
+    ) -> Call:
+        body = {
+            # Sent as given: the server's answer to a bad count names the limits.
+            "count": count,
+            "timeout": timeout,
+            "metadata": None if metadata is None else dict(metadata),
+            "env": None if env is None else dict(env),
+        }
+        return Call("POST", f"/v1/snapshots/{_seg(snapshot_ref(snapshot))}/fork", body=body)
 
     @staticmethod
     def get_network(sandbox_id: str) -> Call:

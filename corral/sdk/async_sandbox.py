@@ -33,6 +33,7 @@ from corral.sdk._wire import (
     OnTimeout,
     PolicyLike,
     PtyState,
+    SnapshotRef,
     calls,
     error_from_ws_open,
     ingress_token,
@@ -56,6 +57,7 @@ from corral.sdk.models import (
     NetworkInfo,
     ProcessInfo,
     SandboxInfo,
+    Snapshot,
     TemplateInfo,
 )
 
@@ -436,7 +438,7 @@ class AsyncSandbox:
     @classmethod
     async def create(
         cls,
-        template: str = "base",
+        template: str | None = None,
         *,
         cpu: float | None = None,
         memory_mb: int | None = None,
@@ -453,6 +455,7 @@ class AsyncSandbox:
         idle_timeout: int | None = None,
         on_idle: OnIdle | None = None,
         auto_resume: bool = True,
+        snapshot: SnapshotRef | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> AsyncSandbox:
@@ -466,6 +469,7 @@ class AsyncSandbox:
                 template, cpu, memory_mb, disk_mb, timeout, env, metadata,
                 network=doc, public_ports=public_ports, on_timeout=on_timeout,
                 idle_timeout=idle_timeout, on_idle=on_idle, auto_resume=auto_resume,
+                snapshot=snapshot,
             )  # fmt: skip
             info = SandboxInfo.from_json(await http.json(call))
         except BaseException:
@@ -500,6 +504,65 @@ class AsyncSandbox:
         finally:
             await http.close()
         return [SandboxInfo.from_json(s) for s in parse_list(obj, "sandbox")]
+
+    @classmethod
+    async def fork(
+        cls,
+        snapshot: SnapshotRef,
+        count: int = 1,
+        *,
+        timeout: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> builtins.list[AsyncSandbox]:
+        """See ``Sandbox.fork``."""
+        config = resolve_config(api_key, base_url)
+        http = AsyncHttp(config)
+        try:
+            obj = await http.json(calls.fork_snapshot(snapshot, count, timeout, metadata, env))
+        finally:
+            await http.close()
+        infos = [SandboxInfo.from_json(s) for s in parse_list(obj, "sandbox")]
+        return [cls(info.id, AsyncHttp(config), info) for info in infos]
+
+    @classmethod
+    async def list_snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> builtins.list[Snapshot]:
+        """See ``Sandbox.list_snapshots``."""
+        http = AsyncHttp(resolve_config(api_key, base_url))
+        try:
+            obj = await http.json(calls.list_snapshots(sandbox_id))
+        finally:
+            await http.close()
+        return [Snapshot.from_json(s) for s in parse_list(obj, "snapshot")]
+
+    @classmethod
+    async def get_snapshot(
+        cls, snapshot_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> Snapshot:
+        http = AsyncHttp(resolve_config(api_key, base_url))
+        try:
+            return Snapshot.from_json(await http.json(calls.get_snapshot(snapshot_id)))
+        finally:
+            await http.close()
+
+    @classmethod
+    async def delete_snapshot(
+        cls, snapshot: SnapshotRef, *, api_key: str | None = None, base_url: str | None = None
+    ) -> None:
+        """See ``Sandbox.delete_snapshot``."""
+        http = AsyncHttp(resolve_config(api_key, base_url))
+        try:
+            await http.send(calls.delete_snapshot(snapshot))
+        finally:
+            await http.close()
 
     @property
     def id(self) -> str:
@@ -646,6 +709,20 @@ class AsyncSandbox:
         obj = await self._http.json(calls.resume_sandbox(self._id))
         self._info = SandboxInfo.from_json(obj)
         return self._info
+
+    async def snapshot(self, name: str | None = None) -> Snapshot:
+        """See ``Sandbox.snapshot``."""
+        return Snapshot.from_json(await self._http.json(calls.create_snapshot(self._id, name)))
+
+    async def snapshots(self) -> builtins.list[Snapshot]:
+        """See ``Sandbox.snapshots``."""
+        obj = await self._http.json(calls.sandbox_snapshots(self._id))
+        return [Snapshot.from_json(s) for s in parse_list(obj, "snapshot")]
+
+    async def restore(self, snapshot: SnapshotRef) -> None:
+        """See ``Sandbox.restore``."""
+        call = calls.restore_sandbox(self._id, snapshot)
+        self._info = SandboxInfo.from_json(await self._http.json(call))
 
     async def kill(self) -> None:
         await self._http.send(calls.delete_sandbox(self._id))

@@ -20,6 +20,7 @@ __all__ = [
     "NetworkInfo",
     "ProcessInfo",
     "SandboxInfo",
+    "Snapshot",
     "TemplateInfo",
 ]
 
@@ -160,6 +161,42 @@ class SandboxInfo:
     @property
     def paused(self) -> bool:
         return self.state == "paused"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved copy of a sandbox's disk; it outlives the sandbox until deleted."""
+
+    id: str
+    name: str
+    # The sandbox it was taken from (which may be gone by now).
+    sandbox_id: str
+    template: str
+    disk_mb: int
+    # Bytes in use on the snapshot's disk, not what it costs the host (copies share blocks).
+    size_bytes: int
+    created_at: datetime
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> Snapshot:
+        d = _obj("snapshot", obj)
+        try:
+            created_at = _time(d["created_at"])
+            if created_at is None:
+                raise ValueError("created_at is not a time")
+            return cls(
+                id=str(d["id"]),
+                name=str(d.get("name") or d["id"]),
+                sandbox_id=str(d["sandbox_id"]),
+                template=str(d.get("template") or ""),
+                disk_mb=int(d.get("disk_mb") or 0),
+                size_bytes=int(d.get("size_bytes") or 0),
+                created_at=created_at,
+                raw=dict(d),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("snapshot", obj) from exc
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from corral.sdk._wire import (
     OnTimeout,
     PolicyLike,
     PtyState,
+    SnapshotRef,
     TextCallback,
     calls,
     error_from_ws_open,
@@ -61,6 +62,7 @@ from corral.sdk.models import (
     NetworkInfo,
     ProcessInfo,
     SandboxInfo,
+    Snapshot,
     TemplateInfo,
 )
 
@@ -429,7 +431,7 @@ class Sandbox:
     @classmethod
     def create(
         cls,
-        template: str = "base",
+        template: str | None = None,
         *,
         cpu: float | None = None,
         memory_mb: int | None = None,
@@ -446,11 +448,15 @@ class Sandbox:
         idle_timeout: int | None = None,
         on_idle: OnIdle | None = None,
         auto_resume: bool = True,
+        snapshot: SnapshotRef | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Sandbox:
         """Start a sandbox; it is running and answering when this returns.
 
+        ``template`` defaults to ``"base"``; with ``snapshot`` (a ``Snapshot`` or its id) the
+        sandbox starts from that snapshot's files instead, and the settings not given here
+        default to those of the sandbox the snapshot was taken from.
         ``timeout`` is its lifetime in seconds (the server's default when None). Egress is
         denied unless ``network`` (a policy document, see ``corral.network_policy``) or the
         ``allow_domains``/``allow_cidrs``/``preset`` shortcuts allow it. ``public_ports`` lets
@@ -481,6 +487,7 @@ class Sandbox:
                 idle_timeout=idle_timeout,
                 on_idle=on_idle,
                 auto_resume=auto_resume,
+                snapshot=snapshot,
             )
             info = SandboxInfo.from_json(http.json(call))
         except BaseException:
@@ -514,6 +521,59 @@ class Sandbox:
         with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
             obj = http.json(calls.list_sandboxes(state, metadata))
         return [SandboxInfo.from_json(s) for s in parse_list(obj, "sandbox")]
+
+    @classmethod
+    def fork(
+        cls,
+        snapshot: SnapshotRef,
+        count: int = 1,
+        *,
+        timeout: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> builtins.list[Sandbox]:
+        """Start ``count`` independent sandboxes, each with a copy of ``snapshot``'s files.
+
+        They take the settings of the sandbox the snapshot was taken from (template, limits,
+        network policy, env, metadata, timeouts); ``timeout``, ``metadata`` and ``env`` replace
+        those. All or nothing: over the quota (``QuotaExceededError``) none is started.
+        """
+        config = resolve_config(api_key, base_url)
+        with closing(SyncHttp(config)) as http:
+            obj = http.json(calls.fork_snapshot(snapshot, count, timeout, metadata, env))
+        infos = [SandboxInfo.from_json(s) for s in parse_list(obj, "sandbox")]
+        # One client each: closing one sandbox must not cut off its siblings.
+        return [cls(info.id, SyncHttp(config), info) for info in infos]
+
+    @classmethod
+    def list_snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> builtins.list[Snapshot]:
+        """This key's snapshots, or those taken from ``sandbox_id`` (alive or not)."""
+        with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
+            obj = http.json(calls.list_snapshots(sandbox_id))
+        return [Snapshot.from_json(s) for s in parse_list(obj, "snapshot")]
+
+    @classmethod
+    def get_snapshot(
+        cls, snapshot_id: str, *, api_key: str | None = None, base_url: str | None = None
+    ) -> Snapshot:
+        with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
+            return Snapshot.from_json(http.json(calls.get_snapshot(snapshot_id)))
+
+    @classmethod
+    def delete_snapshot(
+        cls, snapshot: SnapshotRef, *, api_key: str | None = None, base_url: str | None = None
+    ) -> None:
+        """Delete a snapshot; sandboxes restored or forked from it are not affected."""
+        with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
+            http.send(calls.delete_snapshot(snapshot))
 
     @property
     def id(self) -> str:
@@ -695,6 +755,24 @@ class Sandbox:
         answered as it is."""
         self._info = SandboxInfo.from_json(self._http.json(calls.resume_sandbox(self._id)))
         return self._info
+
+    def snapshot(self, name: str | None = None) -> Snapshot:
+        """Save the sandbox's files as they are now (processes keep running); the snapshot
+        outlives the sandbox until ``delete_snapshot``. ``name`` (default: the snapshot's id)
+        must be unique among this sandbox's snapshots, else ``ConflictError``."""
+        return Snapshot.from_json(self._http.json(calls.create_snapshot(self._id, name)))
+
+    def snapshots(self) -> builtins.list[Snapshot]:
+        """The snapshots taken of this sandbox, newest first."""
+        obj = self._http.json(calls.sandbox_snapshots(self._id))
+        return [Snapshot.from_json(s) for s in parse_list(obj, "snapshot")]
+
+    def restore(self, snapshot: SnapshotRef) -> None:
+        """Roll the sandbox's files back to ``snapshot`` (a ``Snapshot``, its id, or its name
+        among this sandbox's snapshots). Its processes stop and start afresh; the id stays,
+        the address may change."""
+        call = calls.restore_sandbox(self._id, snapshot)
+        self._info = SandboxInfo.from_json(self._http.json(call))
 
     def kill(self) -> None:
         """Stop the sandbox and discard it; a second kill is harmless."""
