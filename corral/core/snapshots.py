@@ -91,8 +91,6 @@ class SnapshotService:
         self._store = store
         self._runtime = runtime
         self._sandboxes = sandboxes
-        # Serializes name checks with the insert that follows, per source sandbox.
-        self._locks: dict[str, asyncio.Lock] = {}
 
     async def reconcile(self) -> None:
         """Make the store and the host agree: images nobody recorded (a crash between taking a
@@ -108,36 +106,36 @@ class SnapshotService:
 
     # --- records ----------------------------------------------------------------------------
     async def take(self, who: Principal, sandbox_id: str, name: str | None) -> Snapshot:
-        sb = await self._sandboxes.get(who, sandbox_id)
-        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
-            held = await self._store.snapshots(tenant_id=who.tenant_id)
-            if len(held) >= self._config.limits.max_snapshots_per_tenant:
-                raise QuotaExceededError(
-                    f"tenant {who.tenant_id} already holds {len(held)} snapshots (limit "
-                    f"{self._config.limits.max_snapshots_per_tenant}); delete some first"
-                )
-            snapshot_id = "snap-" + secrets.token_hex(6)
-            name = name or snapshot_id
-            if any(r.sandbox_id == sandbox_id and r.name == name for r in held):
-                raise ConflictError(f"sandbox {sandbox_id} already has a snapshot named {name!r}")
-            sb, size = await self._sandboxes.snapshot_disk(who, sandbox_id, snapshot_id)
-            row = SnapshotRow(
-                id=snapshot_id,
-                tenant_id=who.tenant_id,
-                sandbox_id=sandbox_id,
-                name=name,
-                template=sb.template,
-                disk_mb=sb.disk_mb,
-                size_bytes=size,
-                created_at=datetime.now(UTC),
-                source=_source_of(sb),
+        await self._sandboxes.get(who, sandbox_id)
+        held = await self._store.snapshots(tenant_id=who.tenant_id)
+        if len(held) >= self._config.limits.max_snapshots_per_tenant:
+            raise QuotaExceededError(
+                f"tenant {who.tenant_id} already holds {len(held)} snapshots (limit "
+                f"{self._config.limits.max_snapshots_per_tenant}); delete some first"
             )
-            try:
-                await self._store.add_snapshot(row)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._runtime.delete_snapshot(snapshot_id))
-                raise
+        snapshot_id = "snap-" + secrets.token_hex(6)
+        name = name or snapshot_id
+        if any(r.sandbox_id == sandbox_id and r.name == name for r in held):
+            raise ConflictError(f"sandbox {sandbox_id} already has a snapshot named {name!r}")
+        sb, size = await self._sandboxes.snapshot_disk(who, sandbox_id, snapshot_id)
+        row = SnapshotRow(
+            id=snapshot_id,
+            tenant_id=who.tenant_id,
+            sandbox_id=sandbox_id,
+            name=name,
+            template=sb.template,
+            disk_mb=sb.disk_mb,
+            size_bytes=size,
+            created_at=datetime.now(UTC),
+            source=_source_of(sb),
+        )
+        try:
+            # The store refuses a name taken meanwhile by a concurrent take (a 409 too).
+            await self._store.add_snapshot(row)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._runtime.delete_snapshot(snapshot_id))
+            raise
         return Snapshot.from_row(row)
 
     async def get(self, who: Principal, snapshot_id: str) -> Snapshot:

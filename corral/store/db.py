@@ -10,8 +10,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from corral.errors import ConflictError
 from corral.store.models import ApiKeyRow, EgressEventRow, SandboxRow, SnapshotRow, TenantRow
 
 __all__ = ["Store"]
@@ -116,8 +118,14 @@ class Store:
 
     # snapshots
     async def add_snapshot(self, row: SnapshotRow) -> None:
-        async with self._session.begin() as s:
-            s.add(row)
+        """Raises ``ConflictError`` when the sandbox already has a snapshot of that name."""
+        try:
+            async with self._session.begin() as s:
+                s.add(row)
+        except IntegrityError as exc:
+            raise ConflictError(
+                f"sandbox {row.sandbox_id} already has a snapshot named {row.name!r}"
+            ) from exc
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRow | None:
         async with self._session() as s:

@@ -1,9 +1,11 @@
 """The snapshot service keeps records and host data in step: a fork past the tenant's quota or
-past the snapshot quota creates nothing, a fork that fails part way kills the ones it made, and
-at start unrecorded images go and records without an image are forgotten."""
+past the snapshot quota creates nothing, a fork that fails part way kills the ones it made, two
+concurrent takes of one name leave one snapshot and a 409, and at start unrecorded images go
+and records without an image are forgotten."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from corral.core.commands import CreateSandbox, ForkSnapshot
 from corral.core.sandboxes import SandboxService
 from corral.core.snapshots import SnapshotService
 from corral.core.tenants import Principal
-from corral.errors import QuotaExceededError, RuntimeFailure
+from corral.errors import ConflictError, QuotaExceededError, RuntimeFailure
 from corral.runtime.base import SandboxSpec
 from corral.store import Store, TenantRow
 
@@ -130,3 +132,16 @@ async def test_reconcile_drops_unrecorded_images_and_imageless_records(world: Wo
     await world.snapshots.reconcile()
     assert world.runtime.snaps == {kept.id}
     assert [s.id for s in await world.snapshots.list(world.who)] == [kept.id]
+
+
+async def test_concurrent_takes_of_one_name_give_one_snapshot_and_a_409(world: World) -> None:
+    sb = await world.sandboxes.create(world.who, CreateSandbox())
+    results = await asyncio.gather(
+        world.snapshots.take(world.who, sb.id, "same"),
+        world.snapshots.take(world.who, sb.id, "same"),
+        return_exceptions=True,
+    )
+    made = [r for r in results if not isinstance(r, BaseException)]
+    assert len(made) == 1
+    assert [type(r) for r in results if isinstance(r, BaseException)] == [ConflictError]
+    assert world.runtime.snaps == {made[0].id}  # the loser's copy is gone
