@@ -72,7 +72,7 @@ def _snapshot_after_write(tracker: _Tracker, runs: int) -> list[Row]:
             "corral (SDK)",
             "minimal",
             taken,
-            "target ≤ 50 ms; freeze + reflink copy",
+            "target ≤ 50 ms; processes frozen, syncfs, reflink copy",
         ),
         Row.latency("snapshot (nothing new written)", "corral (SDK)", "minimal", idle),
     ]

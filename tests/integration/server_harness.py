@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import httpx
 
 from corral.templates import build_in_data_dir
 
-__all__ = ["RunningServer", "running_server", "shared_templates_dir"]
+__all__ = ["Restartable", "RunningServer", "own_server", "running_server", "shared_templates_dir"]
 
 
 @dataclass
@@ -158,3 +158,36 @@ def running_server(
             kill_all_sandboxes(server)
         stop_server(server)
         release_data_dir(data_dir)
+
+
+@dataclass
+class Restartable:
+    """A server of a test's own, which the test may stop (or crash) and start again."""
+
+    server: RunningServer
+
+    def restart(self, *, hard: bool, between: Callable[[], None] | None = None) -> RunningServer:
+        """Stop the server (``hard``: SIGKILL, a crash), run ``between``, start it again."""
+        stop_server(self.server, hard=hard)
+        if between is not None:
+            between()
+        self.server = start_server(self.server.data_dir)
+        return self.server
+
+
+@contextlib.contextmanager
+def own_server(scratch: Path) -> Iterator[Restartable]:
+    """A server on a data dir of its own under ``scratch`` (templates shared); at the end its
+    sandboxes are killed and everything it made on the host is removed."""
+    data = scratch / "data"
+    data.mkdir(parents=True)
+    (data / "templates").symlink_to(shared_templates_dir(scratch / "scratch"))
+    handle = Restartable(start_server(data))
+    try:
+        yield handle
+    finally:
+        try:
+            kill_all_sandboxes(handle.server)
+        finally:
+            stop_server(handle.server)
+            release_data_dir(data)

@@ -6,6 +6,7 @@ and at the end nothing is left on the host."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import random
 import threading
@@ -15,14 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import RUN_CORRAL, LeakWatch, container_skip_reason
-from tests.integration.server_harness import (
-    RunningServer,
-    kill_all_sandboxes,
-    release_data_dir,
-    shared_templates_dir,
-    start_server,
-    stop_server,
-)
+from tests.integration.server_harness import RunningServer, own_server
 
 pytestmark = pytest.mark.integration
 
@@ -77,14 +71,9 @@ def test_kill_9_mid_operation_leaves_previous_state_and_no_leak(
     if why:
         pytest.skip(why)
     no_leaks.watch(RUN_CORRAL)
-    templates = shared_templates_dir(tmp_path / "scratch")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "templates").symlink_to(templates)
     rng = random.Random(4)
-    server = start_server(data)
-    try:
-        with server.client() as c:
+    with own_server(tmp_path) as own:
+        with own.server.client() as c:
             src = c.post("/v1/sandboxes", json={"template": "minimal", "timeout": 3600}).json()[
                 "id"
             ]
@@ -99,17 +88,9 @@ def test_kill_9_mid_operation_leaves_previous_state_and_no_leak(
         ]
         for i in range(ROUNDS):
             for method, path, body in ops:
-                with server.client() as c:
+                with own.server.client() as c:
                     _sh(c, src, f"echo r{i} > /root/v")
-                sender = _fire(server, method, path, body)
+                sender = _fire(own.server, method, path, body)
                 threading.Event().wait(rng.uniform(0.0, 0.25))
-                stop_server(server, hard=True)
-                sender.join(timeout=30)
-                server = start_server(data)
+                server = own.restart(hard=True, between=functools.partial(sender.join, 30))
                 _check_consistent(server, src, {f"r{i}", "base"})
-    finally:
-        try:
-            kill_all_sandboxes(server)
-        finally:
-            stop_server(server)
-            release_data_dir(data)

@@ -19,13 +19,7 @@ import pytest
 from corral.host.mounts import unmount
 from corral.runtime.container import ContainerRuntime
 from tests.conftest import container_skip_reason
-from tests.integration.server_harness import (
-    kill_all_sandboxes,
-    release_data_dir,
-    shared_templates_dir,
-    start_server,
-    stop_server,
-)
+from tests.integration.server_harness import own_server
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +28,8 @@ def test_crash_then_restart_adopts_and_cleans(tmp_path: Path) -> None:
     why = container_skip_reason()
     if why:
         pytest.skip(why)
-    templates = shared_templates_dir(tmp_path / "scratch")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "templates").symlink_to(templates)
-    server = start_server(data)
-    try:
-        with server.client() as c:
+    with own_server(tmp_path) as own:
+        with own.server.client() as c:
             keep = c.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600}).json()[
                 "id"
             ]
@@ -48,28 +37,21 @@ def test_crash_then_restart_adopts_and_cleans(tmp_path: Path) -> None:
                 "id"
             ]
             c.post(f"/v1/sandboxes/{keep}/exec", json={"cmd": "echo kept > /tmp/mark"}).read()
-        stop_server(server, hard=True)  # a crash: nothing torn down
-        # The store forgets one sandbox: it is now an orphan that only the host knows about.
-        with sqlite3.connect(data / "corral.db") as db:
-            db.execute("DELETE FROM sandboxes WHERE id = ?", (orphan,))
-        server = start_server(data)
+        data = own.server.data_dir
+
+        def forget_orphan() -> None:
+            # The store forgets one sandbox: it is now an orphan that only the host knows about.
+            with sqlite3.connect(data / "corral.db") as db:
+                db.execute("DELETE FROM sandboxes WHERE id = ?", (orphan,))
+
+        server = own.restart(hard=True, between=forget_orphan)  # a crash: nothing torn down
         with server.client() as c:
             assert c.get(f"/v1/sandboxes/{keep}").json()["state"] == "running"
             r = c.post(f"/v1/sandboxes/{keep}/exec", json={"cmd": "cat /tmp/mark"})
             assert base64.b64encode(b"kept\n").decode() in r.text
             assert c.get(f"/v1/sandboxes/{orphan}").status_code == 404
-        left = (
-            {p.name for p in (data / "sandboxes").iterdir()}
-            if (data / "sandboxes").exists()
-            else set()
-        )
+        left = {p.name for p in (data / "sandboxes").iterdir()}
         assert orphan not in left and keep in left
-    finally:
-        try:
-            kill_all_sandboxes(server)
-        finally:
-            stop_server(server)
-            release_data_dir(data)
 
 
 def _output(c: httpx.Client, sid: str, pid: int) -> tuple[str, list[dict[str, object]]]:
@@ -87,30 +69,19 @@ def test_background_output_survives_a_server_restart(tmp_path: Path, hard: bool)
     why = container_skip_reason()
     if why:
         pytest.skip(why)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "templates").symlink_to(shared_templates_dir(tmp_path / "scratch"))
-    server = start_server(data)
-    try:
-        with server.client() as c:
+    with own_server(tmp_path) as own:
+        with own.server.client() as c:
             sid = c.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600}).json()["id"]
             script = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.05; done"
             r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": script, "background": True})
             pid = r.json()["pid"]
         time.sleep(0.3)
-        stop_server(server, hard=hard)  # the process goes on printing with no server around
-        time.sleep(1.0)
-        server = start_server(data)
+        # The process goes on printing for a second with no server around.
+        server = own.restart(hard=hard, between=lambda: time.sleep(1.0))
         with server.client() as c:
             out, events = _output(c, sid, pid)
         assert out.split() == [str(i) for i in range(40)]  # nothing lost, nothing twice
         assert events[-1] == {"type": "exit", "exit_code": 0}
-    finally:
-        try:
-            kill_all_sandboxes(server)
-        finally:
-            stop_server(server)
-            release_data_dir(data)
 
 
 def _simulate_reboot(data: Path) -> None:
@@ -134,12 +105,8 @@ def test_after_a_reboot_disks_and_snapshots_are_still_there(tmp_path: Path) -> N
     why = container_skip_reason()
     if why:
         pytest.skip(why)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "templates").symlink_to(shared_templates_dir(tmp_path / "scratch"))
-    server = start_server(data)
-    try:
-        with server.client() as c:
+    with own_server(tmp_path) as own:
+        with own.server.client() as c:
             made = {}
             for kind in ("running", "hibernated"):
                 sid = c.post("/v1/sandboxes", json={"template": "minimal"}).json()["id"]
@@ -147,9 +114,8 @@ def test_after_a_reboot_disks_and_snapshots_are_still_there(tmp_path: Path) -> N
                 made[kind] = sid
             snap = c.post(f"/v1/sandboxes/{made['running']}/snapshots").json()["id"]
             assert c.post(f"/v1/sandboxes/{made['hibernated']}/hibernate").status_code == 200
-        stop_server(server, hard=True)
-        _simulate_reboot(data)
-        server = start_server(data)
+        data = own.server.data_dir
+        server = own.restart(hard=True, between=lambda: _simulate_reboot(data))
         with server.client() as c:
             for kind, sid in made.items():
                 # A sandbox that was running comes back hibernated: its disk, not its processes.
@@ -161,9 +127,3 @@ def test_after_a_reboot_disks_and_snapshots_are_still_there(tmp_path: Path) -> N
             fork = r.json()[0]["id"]
             r = c.post(f"/v1/sandboxes/{fork}/exec", json={"cmd": "cat /root/k"})
             assert base64.b64encode(b"running\n").decode() in r.text
-    finally:
-        try:
-            kill_all_sandboxes(server)
-        finally:
-            stop_server(server)
-            release_data_dir(data)
