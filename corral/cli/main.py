@@ -630,6 +630,223 @@ def _each(ids: Sequence[str], act: Callable[[str], None], done: str, as_json: bo
 
 
 @app.command()
+def restore(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    snapshot: Annotated[
+        str, typer.Argument(metavar="SNAPSHOT", help="Snapshot id, or name among ID's snapshots.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Roll a sandbox's files back to a snapshot; its processes start afresh. Print its state."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        sbx.restore(snapshot)
+        after = sbx.info()
+    finally:
+        sbx.close()
+    if as_json:
+        print_json(dict(after.raw))
+    else:
+        typer.echo(after.state)
+
+
+@app.command()
+def fork(
+    ctx: typer.Context,
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT", help="Snapshot id.")],
+    count: Annotated[int, typer.Option("--count", "-n", help="How many sandboxes to start.")] = 1,
+    timeout: Annotated[
+        int | None,
+        typer.Option(help="Lifetime in seconds (default: the source's).", show_default=False),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            "-e",
+            help="KEY=VALUE, repeatable; replaces the source's env.",
+            show_default=False,
+        ),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metadata",
+            "-m",
+            help="KEY=VALUE, repeatable; replaces the source's metadata.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start sandboxes from a snapshot, each with its own copy of the files; print their ids.
+
+    They take the settings of the sandbox the snapshot was taken from unless overridden.
+    """
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    forks = Sandbox.fork(
+        snapshot,
+        count,
+        timeout=timeout,
+        metadata=_pairs(metadata, "--metadata") or None,
+        env=_pairs(env, "--env") or None,
+        api_key=conn.api_key,
+        base_url=conn.url,
+    )
+    try:
+        infos = [sbx.info() for sbx in forks] if as_json else []
+    finally:
+        for sbx in forks:
+            sbx.close()
+    if as_json:
+        print_json([dict(i.raw) for i in infos])
+    else:
+        for sbx in forks:
+            typer.echo(sbx.id)
+
+
+@app.command()
+def url(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    port: Annotated[int, typer.Argument(metavar="PORT", min=1, max=65535)],
+    path: Annotated[str, typer.Option(help="Path (and query) inside the port.")] = "/",
+    with_token: Annotated[
+        bool,
+        typer.Option(
+            "--with-token",
+            help="Put the access token in the URL (it then ends up in logs and history).",
+        ),
+    ] = False,
+) -> None:
+    """Print the URL that reaches PORT inside a sandbox through the server."""
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        typer.echo(sbx.get_url(port, path, with_token=with_token))
+    finally:
+        sbx.close()
+
+
+@app.command("exec")
+def exec_(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    cmd: Annotated[list[str], typer.Argument(metavar="-- CMD...", show_default=False)],
+    cwd: Annotated[str | None, typer.Option(help="Working directory.", show_default=False)] = None,
+    env: EnvOpt = None,
+    user: Annotated[str | None, typer.Option(help="User name or uid.", show_default=False)] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Kill the command after this many seconds.", show_default=False),
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", "-i", help="Send this command's stdin to the process.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a command and stream its output; exit with its exit code.
+
+    One argument runs through /bin/sh -c; several are executed directly.
+    """
+    from corral.cli._output import print_json
+    from corral.sdk.models import ExecExit, ExecOutput
+    from corral.sdk.sandbox import Sandbox
+
+    command: str | list[str] = cmd[0] if len(cmd) == 1 else list(cmd)
+    stdin_text: str | None = None
+    if stdin:
+        try:
+            stdin_text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError("--stdin takes text; this input is not UTF-8") from exc
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        kwargs: dict[str, Any] = {
+            "cwd": cwd,
+            "env": _pairs(env, "--env"),
+            "user": user,
+            "timeout": timeout,
+            "stdin": stdin_text,
+        }
+        if as_json:
+            result = sbx.exec(command, **kwargs)
+            print_json(
+                {
+                    "pid": result.pid,
+                    "exit_code": result.exit_code,
+                    "stdout": result.stdout,
+                    "stderr": result.stderr,
+                }
+            )
+            raise typer.Exit(_status(result.exit_code))
+        exit_code = 1
+        # Raw bytes straight through: the output may be binary and is piped more often than not.
+        for event in sbx.exec_stream(command, **kwargs):
+            if isinstance(event, ExecOutput):
+                stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
+                stream.write(event.data)
+                stream.flush()
+            elif isinstance(event, ExecExit):
+                exit_code = event.exit_code
+    finally:
+        sbx.close()
+    raise typer.Exit(_status(exit_code))
+
+
+@app.command()
+def shell(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    user: Annotated[str | None, typer.Option(help="User name or uid.", show_default=False)] = None,
+    cmd: Annotated[
+        str | None,
+        typer.Option(help="Program to run (default: the login shell).", show_default=False),
+    ] = None,
+    cwd: Annotated[str | None, typer.Option(help="Working directory.", show_default=False)] = None,
+) -> None:
+    """Open an interactive terminal in a sandbox."""
+    from corral.cli._terminal import run_shell
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        code = _status(run_shell(sbx, cmd=cmd, user=user, cwd=cwd))
+    finally:
+        sbx.close()
+    raise typer.Exit(code)
+
+
+@app.command()
+def cp(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(metavar="SRC")],
+    dst: Annotated[str, typer.Argument(metavar="DST")],
+) -> None:
+    """Copy files or directories; one side is ID:/path inside a sandbox."""
+    from corral.cli._cp import copy, parse_endpoint
+
+    conn = _conn(ctx)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copy(parse_endpoint(src), parse_endpoint(dst), api_key=conn.api_key, base_url=conn.url)
+    for w in caught:
+        sys.stderr.write(f"warning: {w.message}\n")
+
+
+@app.command()
 def kill(
     ctx: typer.Context,
     sandbox_ids: Annotated[list[str], typer.Argument(metavar="ID...")],
