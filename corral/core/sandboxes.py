@@ -127,6 +127,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _asleep(sb: Sandbox) -> dict[str, Any]:
+    """The fields of ``sb`` once hibernated: no address, the timeout clock stopped with the
+    time it had left (a paused sandbox's clock was stopped already)."""
+    now = _now()
+    remaining = sb.paused_remaining_s
+    if sb.state is SandboxState.RUNNING and sb.expires_at is not None:
+        remaining = max(0.0, (sb.expires_at - now).total_seconds())
+    return {
+        "address": None,
+        "expires_at": None,
+        "paused_at": sb.paused_at or now,
+        "paused_remaining_s": remaining,
+    }
+
+
 class SandboxService:
     def __init__(
         self,
@@ -245,27 +260,10 @@ class SandboxService:
         except CorralError as e:
             log.warning("sandbox %s lost its processes and its disk: %s", sb.id, e.message)
             return False
-        now = _now()
-        remaining = sb.paused_remaining_s
-        if sb.state is SandboxState.RUNNING and sb.expires_at is not None:
-            remaining = max(0.0, (sb.expires_at - now).total_seconds())
         log.warning("sandbox %s lost its processes while the server was away: hibernated", sb.id)
-        changes: dict[str, Any] = {
-            "state": SandboxState.HIBERNATED.value,
-            "address": None,
-            "expires_at": None,
-            "paused_at": sb.paused_at or now,
-            "paused_remaining_s": remaining,
-        }
-        await self._store.update_sandbox(sb.id, **changes)
-        self._live[sb.id] = replace(
-            sb,
-            state=SandboxState.HIBERNATED,
-            address=None,
-            expires_at=None,
-            paused_at=changes["paused_at"],
-            paused_remaining_s=remaining,
-        )
+        changes = _asleep(sb)
+        self._transition(sb, SandboxState.HIBERNATED, **changes)
+        await self._store.update_sandbox(sb.id, state=SandboxState.HIBERNATED.value, **changes)
         return True
 
     # --- queries ----------------------------------------------------------------------------
@@ -650,10 +648,7 @@ class SandboxService:
             return await self._hibernate_locked(sb)
 
     async def _hibernate_locked(self, sb: Sandbox) -> Sandbox:
-        now = _now()
-        remaining = sb.paused_remaining_s
-        if sb.state is SandboxState.RUNNING and sb.expires_at is not None:
-            remaining = max(0.0, (sb.expires_at - now).total_seconds())
+        changes = _asleep(sb)
         try:
             await self._runtime.hibernate(sb.id)
             if self._network is not None:
@@ -662,22 +657,8 @@ class SandboxService:
             sb = self._transition(sb, SandboxState.ERROR, error=f"hibernate failed: {e.message}")
             await self._store.update_sandbox(sb.id, state=sb.state.value, error=sb.error)
             raise
-        sb = self._transition(
-            sb,
-            SandboxState.HIBERNATED,
-            address=None,
-            expires_at=None,
-            paused_at=now,
-            paused_remaining_s=remaining,
-        )
-        await self._store.update_sandbox(
-            sb.id,
-            state=sb.state.value,
-            address=None,
-            expires_at=None,
-            paused_at=now,
-            paused_remaining_s=remaining,
-        )
+        sb = self._transition(sb, SandboxState.HIBERNATED, **changes)
+        await self._store.update_sandbox(sb.id, state=sb.state.value, **changes)
         self._cpu_mark.pop(sb.id, None)
         return sb
 
