@@ -68,3 +68,5 @@ bench: install templates
 	$(PY) -m bench.peers --data-dir $(DATA_DIR)
 	$(PY) -m bench.bench_sandbox --templates-from $(DATA_DIR)
 	$(PY) -m bench.bench_network --templates-from $(DATA_DIR)
+	$(PY) -m bench.bench_pause --templates-from $(DATA_DIR)
+	$(PY) -m bench.bench_snapshot --templates-from $(DATA_DIR)
