@@ -12,6 +12,9 @@ PACKAGES=(
     busybox-static   # the "minimal" template and in-sandbox fallback tools
     e2fsprogs        # mkfs.ext4 for the per-sandbox disk images (hard disk quota)
     xfsprogs         # mkfs.xfs for the storage pool (reflink copies: snapshots, forks)
+    qemu-system-x86  # the microvm tier (TCG where KVM is unusable)
+    qemu-utils       # qemu-img: per-sandbox qcow2 overlays of template images
+    linux-image-cloud-amd64  # the microvm guest kernel (its virtio modules go in the initramfs)
     nftables         # per-sandbox network policy
     iproute2         # netns, veth, bridge plumbing
     util-linux       # mount, unshare, nsenter

@@ -212,7 +212,9 @@ class LeakWatch:
 
 def _kept(path: str) -> bool:
     """Files a runtime keeps on purpose between sandboxes: its directories and caches."""
-    if "/pool/golden" in path or path.endswith(
+    if "/pool/golden" in path or "/vm-cache" in path or path.endswith("/vms"):
+        return True
+    if path.endswith(
         (
             "/uidranges",
             "/runc",

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from corral.runtime.base import Runtime, SandboxSpec
 from corral.runtime.container import ContainerRuntime
+from corral.runtime.microvm import MicroVMRuntime
 
-__all__ = ["ContainerRuntime", "Runtime", "SandboxSpec"]
+__all__ = ["ContainerRuntime", "MicroVMRuntime", "Runtime", "SandboxSpec"]

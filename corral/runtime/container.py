@@ -56,6 +56,7 @@ from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
 from corral.host.disk import DiskImages, mount_disk, remove_disk, sync_disk
 from corral.host.mounts import idmapped_clone, mount_overlay, unmount
 from corral.host.pool import Pool, clone_file
+from corral.host.process import start_time
 from corral.host.runc import Runc
 from corral.host.uidrange import SlotAllocator
 from corral.host.userns import open_userns, open_userns_with_netns
@@ -182,19 +183,6 @@ def _owner_of_netns(netns: Path) -> int:
         raise RuntimeFailure(f"owner of network namespace {netns}: {exc}") from exc
     finally:
         os.close(fd)
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live, non-zombie process; None otherwise."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 class ContainerRuntime:
@@ -457,7 +445,7 @@ class ContainerRuntime:
 
         pid = int((sdir / "init.pid").read_text())
         meta["init_pid"] = pid
-        meta["init_start"] = _proc_start_time(pid)
+        meta["init_start"] = start_time(pid)
         self._write_meta(sid, meta)
         step("record")
 
@@ -619,11 +607,11 @@ class ContainerRuntime:
         except OSError:
             return
         try:
-            if _proc_start_time(pid) != start:
+            if start_time(pid) != start:
                 return  # the pid was reused by another process
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             deadline = time.monotonic() + 5
-            while _proc_start_time(pid) == start and time.monotonic() < deadline:
+            while start_time(pid) == start and time.monotonic() < deadline:
                 await asyncio.sleep(0.002)
         except OSError:
             pass
@@ -773,7 +761,7 @@ class ContainerRuntime:
         pid, start = meta.get("init_pid"), meta.get("init_start")
         if not isinstance(pid, int) or not isinstance(start, int):
             return False
-        return _proc_start_time(pid) == start
+        return start_time(pid) == start
 
     async def list_sandboxes(self) -> list[str]:
         found: set[str] = set(self._runc.ids())

@@ -1,0 +1,297 @@
+"""The microvm tier: one QEMU guest per sandbox, with its own kernel.
+
+Status (issue 5, first slice): a sandbox boots Debian's cloud kernel with corral's initramfs,
+its root on a qcow2 overlay of an ext4 image of the template, and the same agent as the
+container tier as its pid 1, reached over a multiplexed virtio-serial port (``corral.vm.mux``);
+exec, processes, files and PTYs therefore work as in containers. Pause and resume stop and
+continue the vCPUs. Not yet: networking (the guest has no NIC, so no network at all),
+snapshots, hibernation, warm-template cloning, the jailer (QEMU still runs as root, in its
+own session only) and the cgroup limits; those raise a clear error or are documented in
+``docs/microvm.md``.
+
+Host layout under ``data_dir``::
+
+    vms/<id>/      disk.qcow2 (overlay of the template image), agent.sock (the agent port),
+                   qmp.sock, console.log (the guest's serial console), qemu.log, qemu.pid,
+                   env (NUL-separated environment for the agent), meta.json
+    vm-cache/      initramfs-<hash>.cpio, <template>-<hash>.ext4 (template images)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.errors import (
+    ConflictError,
+    CorralError,
+    InvalidRequestError,
+    RuntimeFailure,
+    SandboxNotRunningError,
+)
+from corral.host.process import cpu_seconds, start_time
+from corral.runtime.base import SandboxSpec
+from corral.vm.guest import build_initramfs, find_kernel, qemu_img, root_image
+from corral.vm.mux import PortMux, Streams
+from corral.vm.qemu import QemuConfig, Qmp, choose_accel, start_qemu
+
+__all__ = ["MicroVMRuntime"]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NOT_YET = "is not supported by the microvm tier yet (issue 5)"
+
+
+class MicroVMRuntime:
+    name = "microvm"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        agent_binary: Path,
+        *,
+        ready_timeout: float = 90.0,
+        accel: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.agent_binary = Path(agent_binary)
+        self.ready_timeout = ready_timeout
+        self.accel = accel or choose_accel()
+        self._vms = self.data_dir / "vms"
+        self._cache = self.data_dir / "vm-cache"
+        self._muxes: dict[str, PortMux] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.last_create_timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------- helpers
+    def _check_id(self, sandbox_id: str) -> None:
+        if not _ID_RE.match(sandbox_id) or ".." in sandbox_id:
+            raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
+
+    def _dir(self, sandbox_id: str) -> Path:
+        return self._vms / sandbox_id
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def _meta(self, sandbox_id: str) -> dict[str, Any]:
+        try:
+            meta: dict[str, Any] = json.loads((self._dir(sandbox_id) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta
+
+    def _pid(self, sandbox_id: str) -> int | None:
+        meta = self._meta(sandbox_id)
+        pid, start = meta.get("pid"), meta.get("start")
+        if isinstance(pid, int) and isinstance(start, int) and start_time(pid) == start:
+            return pid
+        return None
+
+    def console_log(self, sandbox_id: str) -> str:
+        """The guest's serial console so far (kernel and init messages), for diagnostics."""
+        try:
+            return (self._dir(sandbox_id) / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------------------ create
+    async def create(self, spec: SandboxSpec) -> None:
+        sid = spec.sandbox_id
+        self._check_id(sid)
+        if len(spec.layers) != 1:
+            raise InvalidRequestError("the microvm tier needs a template with exactly one layer")
+        if spec.snapshot is not None or spec.netns is not None:
+            raise InvalidRequestError(f"starting from a snapshot {_NOT_YET}")
+        async with self._lock(sid):
+            if self._dir(sid).exists():
+                raise ConflictError(f"sandbox {sid} already exists on this host")
+            try:
+                await self._create(spec)
+            except BaseException as exc:
+                cleanup = asyncio.ensure_future(self._teardown(sid))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(cleanup)
+                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
+                    raise
+                raise RuntimeFailure(f"create of {sid} failed: {exc}") from exc
+
+    async def _create(self, spec: SandboxSpec) -> None:
+        sid = spec.sandbox_id
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def step(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[name] = round((now - t) * 1000, 3)
+            t = now
+
+        vdir = self._dir(sid)
+        self._vms.mkdir(parents=True, exist_ok=True, mode=0o700)
+        vdir.mkdir(mode=0o700)
+        kernel = find_kernel()
+        initramfs = await asyncio.to_thread(build_initramfs, self._cache, kernel, self.agent_binary)
+        rootfs = spec.layers[0]
+        image = await asyncio.to_thread(
+            root_image, self._cache, rootfs.parent.name, rootfs, spec.disk_mb
+        )
+        step("images")
+        disk = vdir / "disk.qcow2"
+        argv = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, str(disk), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeFailure(f"qemu-img create failed: {out.decode(errors='replace')}")
+        env = vdir / "env"
+        env.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in spec.env.items()))
+        step("disk")
+        cfg = QemuConfig(
+            name=sid,
+            kernel=kernel.vmlinuz,
+            initramfs=initramfs,
+            disk=disk,
+            agent_socket=vdir / "agent.sock",
+            qmp_socket=vdir / "qmp.sock",
+            console_log=vdir / "console.log",
+            pid_file=vdir / "qemu.pid",
+            env_file=env,
+            hostname=spec.hostname,
+            vcpus=max(1, round(spec.cpu)),
+            memory_mb=spec.memory_mb,
+            accel=self.accel,
+        )
+        pid = await start_qemu(cfg, vdir / "qemu.log")
+        meta = {"pid": pid, "start": start_time(pid), "accel": self.accel}
+        (vdir / "meta.json").write_text(json.dumps(meta))
+        step("qemu")
+        await self._wait_ready(sid)
+        step("agent_ready")
+        timings["total"] = round(sum(timings.values()), 3)
+        self.last_create_timings = timings
+
+    async def _wait_ready(self, sid: str) -> None:
+        from corral.agent import AgentClient
+
+        deadline = time.monotonic() + self.ready_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._pid(sid) is None:
+                tail = self.console_log(sid)[-1500:]
+                raise RuntimeFailure(f"the VM of {sid} exited while booting; console:\n{tail}")
+            try:
+                await asyncio.wait_for(
+                    AgentClient(lambda: self.open_agent(sid)).ping(), timeout=2.0
+                )
+                return
+            except (CorralError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                last = exc
+            await asyncio.sleep(0.05)
+        raise RuntimeFailure(
+            f"the agent of VM {sid} did not answer within {self.ready_timeout} s ({last!r})"
+        )
+
+    # ------------------------------------------------------------------------------ destroy
+    async def destroy(self, sandbox_id: str) -> None:
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            await self._teardown(sandbox_id)
+        self._locks.pop(sandbox_id, None)
+
+    async def _teardown(self, sid: str) -> None:
+        mux = self._muxes.pop(sid, None)
+        if mux is not None:
+            await mux.close()
+        pid = self._pid(sid)
+        start = self._meta(sid).get("start")
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while start_time(pid) == start and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            if start_time(pid) == start:
+                raise RuntimeFailure(f"QEMU of {sid} (pid {pid}) did not die")
+        shutil.rmtree(self._dir(sid), ignore_errors=True)
+
+    # ------------------------------------------------------------------------- pause/resume
+    async def pause(self, sandbox_id: str) -> None:
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            await self._qmp(sandbox_id, "stop")
+
+    async def resume(self, sandbox_id: str) -> None:
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            await self._qmp(sandbox_id, "cont")
+
+    async def _qmp(self, sandbox_id: str, command: str) -> Any:
+        if self._pid(sandbox_id) is None:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
+        return await Qmp(self._dir(sandbox_id) / "qmp.sock").execute(command)
+
+    async def cpu_seconds(self, sandbox_id: str) -> float:
+        pid = self._pid(sandbox_id)
+        used = cpu_seconds(pid, os.sysconf("SC_CLK_TCK")) if pid is not None else None
+        if used is None:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
+        return used
+
+    # ------------------------------------------------------------------ not there yet
+    async def hibernate(self, sandbox_id: str) -> None:
+        raise InvalidRequestError(f"hibernation {_NOT_YET}")
+
+    async def wake(self, spec: SandboxSpec) -> None:
+        raise InvalidRequestError(f"hibernation {_NOT_YET}")
+
+    async def snapshot(self, sandbox_id: str, snapshot_id: str) -> int:
+        raise InvalidRequestError(f"snapshots {_NOT_YET}")
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Nothing to delete: this tier makes no snapshots yet."""
+
+    async def list_snapshots(self) -> list[str]:
+        return []
+
+    async def restore_disk(self, sandbox_id: str, snapshot_id: str) -> None:
+        raise InvalidRequestError(f"snapshots {_NOT_YET}")
+
+    # ------------------------------------------------------------------------------ inspect
+    async def is_running(self, sandbox_id: str) -> bool:
+        self._check_id(sandbox_id)
+        return self._pid(sandbox_id) is not None
+
+    async def list_sandboxes(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(p.name for p in self._vms.iterdir() if _ID_RE.match(p.name))
+        return []
+
+    async def open_agent(self, sandbox_id: str) -> Streams:
+        self._check_id(sandbox_id)
+        mux = self._muxes.get(sandbox_id)
+        if mux is None:
+            mux = self._muxes[sandbox_id] = PortMux(self._dir(sandbox_id) / "agent.sock")
+        return await mux.open()
+
+    async def close(self) -> None:
+        """Drop the port connections; the VMs keep running (re-adopted at the next start)."""
+        for mux in list(self._muxes.values()):
+            await mux.close()
+        self._muxes.clear()
+
+    async def purge(self) -> None:
+        """Destroy every VM and remove this tier's host state (tests and uninstalling)."""
+        for sid in await self.list_sandboxes():
+            await self.destroy(sid)
+        shutil.rmtree(self._vms, ignore_errors=True)
+        shutil.rmtree(self._cache, ignore_errors=True)
