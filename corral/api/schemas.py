@@ -44,7 +44,7 @@ class SandboxOut(BaseModel):
     id: str
     tenant_id: str
     template: str
-    runtime: str
+    runtime: str  # the isolation tier: "container" or "microvm"
     state: str
     cpu: float
     memory_mb: int

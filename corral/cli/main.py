@@ -251,6 +251,11 @@ EgressOpt = Annotated[
 ]
 
 
+class IsolationChoice(StrEnum):
+    container = "container"
+    microvm = "microvm"
+
+
 class OnTimeoutChoice(StrEnum):
     kill = "kill"
     pause = "pause"
@@ -324,7 +329,14 @@ def create(
             show_default=False,
         ),
     ] = None,
+    isolation: Annotated[
+        IsolationChoice,
+        typer.Option(help="container (namespaces) or microvm (a QEMU guest, its own kernel)."),
+    ] = IsolationChoice.container,
     cpu: Annotated[float | None, typer.Option(help="CPU cores.", show_default=False)] = None,
+    vcpus: Annotated[
+        int | None, typer.Option(min=1, help="Virtual CPUs (microvm).", show_default=False)
+    ] = None,
     memory_mb: Annotated[
         int | None, typer.Option(help="Memory limit in MB.", show_default=False)
     ] = None,
@@ -409,6 +421,8 @@ def create(
     conn = _conn(ctx)
     sbx = Sandbox.create(
         template,
+        isolation=None if isolation is IsolationChoice.container else isolation.value,
+        vcpus=vcpus,
         cpu=cpu,
         memory_mb=memory_mb,
         disk_mb=disk_mb,

@@ -43,7 +43,11 @@ class _Command(BaseModel):
 
 class CreateSandbox(_Command):
     template: str | None = Field(default=None, max_length=128)
+    # "container" (namespaces, the default) or "microvm" (a QEMU guest with its own kernel).
+    isolation: Literal["container", "microvm"] = "container"
     cpu: float | None = Field(default=None, gt=0)
+    # For a microvm, the same as ``cpu`` in whole virtual CPUs.
+    vcpus: int | None = Field(default=None, gt=0)
     memory_mb: int | None = Field(default=None, gt=0)
     disk_mb: int | None = Field(default=None, gt=0)
     timeout: int | None = Field(default=None, gt=0, description="seconds until the server kills it")

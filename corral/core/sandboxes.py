@@ -374,7 +374,13 @@ class SandboxService:
     def _validate(self, cmd: CreateSandbox) -> tuple[str, float, int, int, int]:
         c, lim = self._config, self._config.limits
         template = cmd.template or c.default_template
+        if cmd.vcpus is not None and cmd.cpu is not None and float(cmd.vcpus) != cmd.cpu:
+            raise InvalidRequestError("give cpu or vcpus, not both with different values")
         cpu = cmd.cpu if cmd.cpu is not None else c.default_cpu
+        if cmd.vcpus is not None:
+            cpu = float(cmd.vcpus)
+        if cmd.isolation != "container":
+            self._check_microvm(cmd)
         memory = cmd.memory_mb if cmd.memory_mb is not None else c.default_memory_mb
         disk = cmd.disk_mb if cmd.disk_mb is not None else c.default_disk_mb
         timeout = cmd.timeout if cmd.timeout is not None else c.default_timeout_s
@@ -420,6 +426,21 @@ class SandboxService:
                 )
         return template, cpu, memory, disk, timeout
 
+    def _check_microvm(self, cmd: CreateSandbox) -> None:
+        """What the microvm tier cannot do yet (issue 5) is refused up front, not half done."""
+        if cmd.network and any(cmd.network.get(k) for k in ("allow", "preset")):
+            raise InvalidRequestError(
+                "the microvm tier has no guest networking yet: its sandboxes reach nothing; "
+                "omit 'network' (deny all) or use isolation 'container'"
+            )
+        if cmd.public_ports:
+            raise InvalidRequestError("the microvm tier has no ports to expose yet")
+        for policy in ("on_timeout", "on_idle"):
+            if getattr(cmd, policy) == "hibernate":
+                raise InvalidRequestError(f"{policy}='hibernate' is not supported by microvm yet")
+        if cmd.cpu is not None and cmd.vcpus is None and cmd.cpu != int(cmd.cpu):
+            raise InvalidRequestError(f"a microvm has whole vCPUs; got cpu={cmd.cpu}")
+
     async def create(
         self, who: Principal, cmd: CreateSandbox, *, snapshot: str | None = None
     ) -> Sandbox:
@@ -446,7 +467,7 @@ class SandboxService:
             id=sid,
             tenant_id=who.tenant_id,
             template=template,
-            runtime=self._runtime.name,
+            runtime=cmd.isolation,
             state=SandboxState.CREATING,
             cpu=cpu,
             memory_mb=memory,
@@ -610,6 +631,7 @@ class SandboxService:
             disk_mb=sb.disk_mb,
             pids_max=self._config.limits.pids_per_sandbox,
             hostname=sb.id,
+            isolation=sb.runtime,
             env={
                 "PATH": DEFAULT_PATH,
                 "LANG": "C.UTF-8",
@@ -619,8 +641,8 @@ class SandboxService:
             },
         )
         network = self._network
-        if network is None:
-            return spec
+        if network is None or sb.runtime == "microvm":
+            return spec  # a microvm has no NIC yet: it reaches nothing at all
         policy = network.parse(sb.network)
 
         async def plumb(netns: Path) -> Path:
@@ -653,6 +675,8 @@ class SandboxService:
             await self._runtime.hibernate(sb.id)
             if self._network is not None:
                 await self._network.detach(sb.id, sb.address)
+        except InvalidRequestError:
+            raise  # the tier cannot hibernate at all (microvm, yet): nothing was touched
         except CorralError as e:
             sb = self._transition(sb, SandboxState.ERROR, error=f"hibernate failed: {e.message}")
             await self._store.update_sandbox(sb.id, state=sb.state.value, error=sb.error)

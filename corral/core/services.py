@@ -20,13 +20,23 @@ __all__ = ["Services", "build_runtime"]
 
 
 def build_runtime(config: ServerConfig) -> Runtime:
-    """The isolation tier named in the config (imported lazily: each pulls in its own host code)."""
-    if config.runtime == "container":
-        from corral.agent.build import agent_binary_path
-        from corral.runtime.container import ContainerRuntime
+    """Every isolation tier this server offers, behind one router; ``config.runtime`` is the
+    default. Imported lazily: each pulls in its own host code."""
+    from corral.agent.build import agent_binary_path
+    from corral.runtime.container import ContainerRuntime
+    from corral.runtime.microvm import MicroVMRuntime
+    from corral.runtime.tiers import TieredRuntime
 
-        return ContainerRuntime(config.data_dir, agent_binary_path())
-    raise InvalidRequestError(f"unknown runtime {config.runtime!r}; available: container")
+    agent = agent_binary_path()
+    tiers: dict[str, Runtime] = {
+        "container": ContainerRuntime(config.data_dir, agent),
+        "microvm": MicroVMRuntime(config.data_dir, agent),
+    }
+    if config.runtime not in tiers:
+        raise InvalidRequestError(
+            f"unknown runtime {config.runtime!r}; available: {', '.join(sorted(tiers))}"
+        )
+    return TieredRuntime(tiers, config.runtime)
 
 
 @dataclass

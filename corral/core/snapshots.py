@@ -68,6 +68,7 @@ def _source_of(sb: Sandbox) -> dict[str, Any]:
     """The sandbox's settings as a create command: what a fork of its snapshot starts with."""
     return CreateSandbox(
         template=sb.template,
+        isolation=sb.runtime,  # type: ignore[arg-type]
         cpu=sb.cpu,
         memory_mb=sb.memory_mb,
         disk_mb=sb.disk_mb,

@@ -40,6 +40,8 @@ class SandboxSpec:
     nameservers: tuple[str, ...] = ()
     # Start from this snapshot's filesystem instead of an empty disk (fork); its disk size wins.
     snapshot: str | None = None
+    # Which tier runs it (``TieredRuntime`` dispatches on it; a tier ignores it).
+    isolation: str = "container"
     # Start inside this existing, already plumbed network namespace (one the sandbox had before
     # a restart), reusing the user namespace that owns it; ``network`` is not called then.
     netns: Path | None = None

@@ -182,6 +182,8 @@ class calls:
         on_idle: OnIdle | None = None,
         auto_resume: bool = True,
         snapshot: SnapshotRef | None = None,
+        isolation: str | None = None,
+        vcpus: int | None = None,
     ) -> Call:
         if template is None and snapshot is None:
             template = DEFAULT_TEMPLATE
@@ -190,7 +192,9 @@ class calls:
                 # Omitted with a snapshot: the server then takes the snapshot's template.
                 "template": template,
                 "snapshot": None if snapshot is None else snapshot_ref(snapshot),
+                "isolation": isolation,
                 "cpu": cpu,
+                "vcpus": vcpus,
                 "memory_mb": memory_mb,
                 "disk_mb": disk_mb,
                 "timeout": timeout,

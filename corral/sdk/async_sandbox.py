@@ -456,6 +456,8 @@ class AsyncSandbox:
         on_idle: OnIdle | None = None,
         auto_resume: bool = True,
         snapshot: SnapshotRef | None = None,
+        isolation: str | None = None,
+        vcpus: int | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> AsyncSandbox:
@@ -470,6 +472,8 @@ class AsyncSandbox:
                 network=doc, public_ports=public_ports, on_timeout=on_timeout,
                 idle_timeout=idle_timeout, on_idle=on_idle, auto_resume=auto_resume,
                 snapshot=snapshot,
+                isolation=isolation,
+                vcpus=vcpus,
             )  # fmt: skip
             info = SandboxInfo.from_json(await http.json(call))
         except BaseException:

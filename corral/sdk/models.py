@@ -92,6 +92,8 @@ class SandboxInfo:
     state: str
     template: str = ""
     tenant_id: str = ""
+    # The isolation tier: "container" or "microvm".
+    isolation: str = "container"
     cpu: float = 0.0
     memory_mb: int = 0
     disk_mb: int = 0
@@ -133,6 +135,7 @@ class SandboxInfo:
                 state=str(d["state"]),
                 template=str(d.get("template") or ""),
                 tenant_id=str(d.get("tenant_id") or ""),
+                isolation=str(d.get("runtime") or "container"),
                 cpu=float(d.get("cpu") or 0.0),
                 memory_mb=int(d.get("memory_mb") or 0),
                 disk_mb=int(d.get("disk_mb") or 0),

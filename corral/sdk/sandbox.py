@@ -449,6 +449,8 @@ class Sandbox:
         on_idle: OnIdle | None = None,
         auto_resume: bool = True,
         snapshot: SnapshotRef | None = None,
+        isolation: str | None = None,
+        vcpus: int | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Sandbox:
@@ -467,6 +469,9 @@ class Sandbox:
         streams or CPU use make it ``on_idle`` (``"pause"``, the default, or ``"kill"``).
         ``auto_resume=False`` makes calls on a paused sandbox raise
         ``SandboxNotRunningError`` instead of resuming it.
+
+        ``isolation="microvm"`` runs it in a QEMU guest with its own kernel (``vcpus`` whole
+        virtual CPUs) instead of a container (see docs/microvm.md for what that tier has yet).
         """
         doc = network_document(
             network, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs
@@ -488,6 +493,8 @@ class Sandbox:
                 on_idle=on_idle,
                 auto_resume=auto_resume,
                 snapshot=snapshot,
+                isolation=isolation,
+                vcpus=vcpus,
             )
             info = SandboxInfo.from_json(http.json(call))
         except BaseException:

@@ -128,8 +128,10 @@ def release_data_dir(data_dir: Path) -> None:
     """Undo what the container runtime set up for itself in a data dir, then delete it."""
     from corral.agent.build import agent_binary_path
     from corral.runtime.container import ContainerRuntime
+    from corral.runtime.microvm import MicroVMRuntime
 
     asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
+    asyncio.run(MicroVMRuntime(data_dir, agent_binary_path()).purge())
     config_path = data_dir / "server.json"
     if config_path.exists():
         from corral.config import ServerConfig
