@@ -428,13 +428,6 @@ class SandboxService:
 
     def _check_microvm(self, cmd: CreateSandbox) -> None:
         """What the microvm tier cannot do yet (issue 5) is refused up front, not half done."""
-        if cmd.network and any(cmd.network.get(k) for k in ("allow", "preset")):
-            raise InvalidRequestError(
-                "the microvm tier has no guest networking yet: its sandboxes reach nothing; "
-                "omit 'network' (deny all) or use isolation 'container'"
-            )
-        if cmd.public_ports:
-            raise InvalidRequestError("the microvm tier has no ports to expose yet")
         for policy in ("on_timeout", "on_idle"):
             if getattr(cmd, policy) == "hibernate":
                 raise InvalidRequestError(f"{policy}='hibernate' is not supported by microvm yet")
@@ -641,8 +634,8 @@ class SandboxService:
             },
         )
         network = self._network
-        if network is None or sb.runtime == "microvm":
-            return spec  # a microvm has no NIC yet: it reaches nothing at all
+        if network is None:
+            return spec
         policy = network.parse(sb.network)
 
         async def plumb(netns: Path) -> Path:

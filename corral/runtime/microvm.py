@@ -4,8 +4,8 @@ Status (issue 5, first slice): a sandbox boots Debian's cloud kernel with corral
 its root on a qcow2 overlay of an ext4 image of the template, and the same agent as the
 container tier as its pid 1, reached over a multiplexed virtio-serial port (``corral.vm.mux``);
 exec, processes, files and PTYs therefore work as in containers. Pause and resume stop and
-continue the vCPUs. Not yet: networking (the guest has no NIC, so no network at all),
-snapshots, hibernation, warm-template cloning, the jailer (QEMU still runs as root, in its
+continue the vCPUs. Networking: the sandbox's namespace is plumbed as a container's and a tap
+in it is wired to the guest's NIC (``corral.vm.net``). Not yet: snapshots, hibernation, warm-template cloning, the jailer (QEMU still runs as root, in its
 own session only) and the cgroup limits; those raise a clear error or are documented in
 ``docs/microvm.md``.
 
@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from corral.host.process import cpu_seconds, start_time
 from corral.runtime.base import SandboxSpec
 from corral.vm.guest import build_initramfs, find_kernel, qemu_img, root_image
 from corral.vm.mux import PortMux, Streams
+from corral.vm.net import VmNet, fresh_netns_fd, wire_tap
 from corral.vm.qemu import QemuConfig, Qmp, choose_accel, start_qemu
 
 __all__ = ["MicroVMRuntime"]
@@ -171,6 +173,10 @@ class MicroVMRuntime:
             memory_mb=spec.memory_mb,
             accel=self.accel,
         )
+        if spec.network is not None:
+            netns, net = await self._plumb(spec)
+            cfg = replace(cfg, netns=netns, mac=net.mac, net_config=net.guest_config())
+            step("network")
         pid = await start_qemu(cfg, vdir / "qemu.log")
         meta = {"pid": pid, "start": start_time(pid), "accel": self.accel}
         (vdir / "meta.json").write_text(json.dumps(meta))
@@ -179,6 +185,18 @@ class MicroVMRuntime:
         step("agent_ready")
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
+
+    async def _plumb(self, spec: SandboxSpec) -> tuple[Path, VmNet]:
+        """The sandbox's namespace, plumbed by the network layer (the hook), with the tap wired
+        in. The runtime makes the namespace; the network layer owns it from then on and
+        removes it when the sandbox goes (as for a container)."""
+        assert spec.network is not None
+        fd = await asyncio.to_thread(fresh_netns_fd)
+        try:
+            netns = await spec.network(Path(f"/proc/{os.getpid()}/fd/{fd}"))
+        finally:
+            os.close(fd)
+        return netns, await asyncio.to_thread(wire_tap, netns)
 
     async def _wait_ready(self, sid: str) -> None:
         from corral.agent import AgentClient

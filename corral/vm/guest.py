@@ -38,6 +38,9 @@ MODULES = (
     "virtio_console",
     "virtio_blk",
     "qemu_fw_cfg",
+    "failover",
+    "net_failover",
+    "virtio_net",
 )
 AGENT_PORT = "corral.agent"
 _BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
@@ -62,6 +65,20 @@ for p in /sys/class/virtio-ports/*; do
     [ "$($b cat $p/name 2>/dev/null)" = "AGENT_PORT" ] && port=/dev/${p##*/}
 done
 [ -n "$port" ] || fail "no agent port"
+# Networking (when the sandbox has one): the address, gateway and the gateway's MAC that the
+# host plumbed for this sandbox; static like a container's, no DHCP, no IPv6.
+$b ip link set lo up
+echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+net=$($b cat $fw/net/raw 2>/dev/null)
+if [ -n "$net" ]; then
+    set -- $net
+    $b ip link set eth0 up || fail "no eth0"
+    $b ip addr add "$1/32" dev eth0
+    $b ip route add "$2" dev eth0
+    $b ip route add default via "$2" dev eth0
+    $b arp -i eth0 -s "$2" "$3"
+    [ -d /newroot/etc ] && echo "nameserver $2" > /newroot/etc/resolv.conf
+fi
 $b mount --move /dev /newroot/dev
 $b mount --move /proc /newroot/proc
 $b mount --move /sys /newroot/sys

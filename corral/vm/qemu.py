@@ -19,7 +19,17 @@ from typing import Any
 
 from corral.errors import RuntimeFailure
 
-__all__ = ["QemuConfig", "Qmp", "choose_accel", "qemu_argv", "start_qemu"]
+__all__ = ["TAP", "QemuConfig", "Qmp", "choose_accel", "qemu_argv", "start_qemu"]
+
+
+TAP = "tap0"
+
+
+def _nsenter() -> str:
+    found = shutil.which("nsenter")
+    if found is None:
+        raise RuntimeFailure("nsenter is not installed (apt-get install util-linux)")
+    return found
 
 
 def choose_accel() -> str:
@@ -53,6 +63,11 @@ class QemuConfig:
     vcpus: int = 1
     memory_mb: int = 512
     accel: str = "tcg"
+    # The sandbox's plumbed network namespace (QEMU runs in it) and the guest NIC's MAC (the
+    # one the host's neighbour entry expects); None: no NIC at all.
+    netns: Path | None = None
+    mac: str | None = None
+    net_config: str | None = None
 
 
 def qemu_binary() -> str:
@@ -103,12 +118,26 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         f"name=opt/corral/env,file={cfg.env_file}",
         "-fw_cfg",
         f"name=opt/corral/hostname,string={cfg.hostname}",
+        *_nic(cfg),
         "-qmp",
         f"unix:{cfg.qmp_socket},server=on,wait=off",
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-pidfile",
         str(cfg.pid_file),
+    ]
+
+
+def _nic(cfg: QemuConfig) -> list[str]:
+    if cfg.mac is None or cfg.net_config is None:
+        return []
+    return [
+        "-netdev",
+        f"tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off",
+        "-device",
+        f"virtio-net-pci,netdev=net0,mac={cfg.mac}",
+        "-fw_cfg",
+        f"name=opt/corral/net,string={cfg.net_config}",
     ]
 
 
@@ -123,8 +152,18 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
     if setsid is None:
         raise RuntimeFailure("setsid is not installed (apt-get install util-linux)")
     with open(log, "ab") as out:
+        enter: list[str] = []
+        if cfg.netns is not None:
+            # QEMU opens the sandbox's tap, which exists only inside its namespace.
+            enter = [_nsenter(), f"--net={cfg.netns}"]
         proc = await asyncio.create_subprocess_exec(
-            setsid, "--fork", *qemu_argv(cfg), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            setsid,
+            "--fork",
+            *enter,
+            *qemu_argv(cfg),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
         )
         await proc.wait()
     deadline = asyncio.get_running_loop().time() + timeout
