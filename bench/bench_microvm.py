@@ -1,0 +1,139 @@
+"""The microvm tier through the SDK, side by side with the container tier in the same run:
+create -> first exec, exec round trip, and host memory per idle VM (QEMU's PSS).
+
+Starts ``corral server`` on a temporary data dir (templates linked from ``--templates-from``).
+Under TCG (these hosts: ``/dev/kvm`` is PVM) a VM boots its kernel on every create: the warm
+template clones of issue 5 are not built yet, so create is a cold boot here.
+
+Usage: ``python -m bench.bench_microvm [--templates-from /var/lib/corral] [--runs 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import Row, publish
+from bench.bench_sandbox import _prepare_data_dir, _pss, _server, _Tracker
+from corral.agent.build import agent_binary_path
+from corral.config import NetworkConfig
+from corral.core.network import purge_network
+from corral.runtime import ContainerRuntime, MicroVMRuntime
+from corral.templates.fs import remove_tree
+from corral.vm.qemu import choose_accel
+
+__all__ = ["main"]
+
+_VM = {"isolation": "microvm", "vcpus": 1, "memory_mb": 256}
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+def _tier(tracker: _Tracker, label: str, runs: int, execs: int, **kw: object) -> list[Row]:
+    first: list[float] = []
+    round_trip: list[float] = []
+    try:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sbx = tracker.create("minimal", timeout=600, **kw)
+            sbx.exec(["/bin/true"])
+            first.append(_ms(t0))
+            tracker.kill(sbx)
+        sbx = tracker.create("minimal", timeout=600, **kw)
+        for _ in range(execs):
+            t0 = time.perf_counter()
+            sbx.exec(["/bin/true"])
+            round_trip.append(_ms(t0))
+    except Exception as exc:
+        return [Row.failed("create → first exec", label, "minimal", f"{type(exc).__name__}: {exc}")]
+    finally:
+        tracker.kill_all()
+    note = "cold boot (no warm clones yet)" if kw else ""
+    return [
+        Row.latency("create → first exec", label, "minimal", first, note),
+        Row.latency("exec round trip", label, "minimal", round_trip),
+    ]
+
+
+def _vm_memory(tracker: _Tracker, data_dir: Path, count: int) -> Row:
+    try:
+        made = [tracker.create("minimal", timeout=600, **_VM) for _ in range(count)]
+        time.sleep(2.0)  # let the guests settle after boot
+        pss = []
+        for sbx in made:
+            meta = json.loads((data_dir / "vms" / sbx.id / "meta.json").read_text())
+            pss.append(_pss(int(meta["pid"])) / 1024**2)
+    except Exception as exc:
+        return Row.failed("host memory per idle VM", "corral microvm", "minimal", str(exc))
+    finally:
+        tracker.kill_all()
+    each = sum(pss) / len(pss)
+    return Row(
+        "host memory per idle VM",
+        "corral microvm (256 MB guest)",
+        "minimal",
+        f"{each:.1f} MiB PSS of QEMU each",
+        str(count),
+        "guest RAM is touched lazily; no page sharing between VMs yet",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_microvm")
+    p.add_argument("--templates-from", default="/var/lib/corral", help="data dir with templates")
+    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=int, default=5, help="creates per tier")
+    p.add_argument("--execs", type=int, default=50)
+    p.add_argument("--no-write", action="store_true", help="print only, do not update results")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rows: list[Row] = []
+    network = NetworkConfig(
+        subnet="10.252.10.0/24", prefix="bvm", nft_table="corral_bvm", dns_upstreams=["127.0.0.1:9"]
+    )
+    accel = choose_accel()
+    with tempfile.TemporaryDirectory(prefix="corral-bench-vm-") as tmp_name:
+        tmp = Path(tmp_name)
+        data_dir = _prepare_data_dir(args, tmp, ["minimal"])
+        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
+        tracker = _Tracker()
+        try:
+            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
+                os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
+                rows += _tier(tracker, f"corral microvm ({accel})", args.runs, args.execs, **_VM)
+                rows += _tier(tracker, "corral container", args.runs * 4, args.execs)
+                rows.append(_vm_memory(tracker, data_dir, 3))
+        except RuntimeError as exc:
+            rows.append(Row.failed("server start", "corral", "-", str(exc)))
+        finally:
+            tracker.kill_all()
+            agent = agent_binary_path()
+            asyncio.run(MicroVMRuntime(data_dir, agent).purge())
+            asyncio.run(ContainerRuntime(data_dir, agent).purge())
+            asyncio.run(purge_network(network))
+            remove_tree(data_dir)
+    publish(
+        "microvm",
+        "corral microvm tier (with the container tier, same run)",
+        "python -m bench.bench_microvm",
+        rows,
+        write=not args.no_write,
+    )
+    print(f"(accelerator: {accel})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
