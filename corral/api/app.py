@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
+from corral.api.deps import Caller, Svc
 from corral.api.routes import files, ports, processes, sandboxes, snapshots, templates, tenants
 from corral.config import ServerConfig
 from corral.core.ingress import IngressService
@@ -84,6 +86,13 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/info", tags=["health"])
+    async def info(_who: Caller, svc: Svc) -> dict[str, Any]:
+        """The server's version and isolation tiers (with the microvm accelerator in use)."""
+        describe = getattr(svc.runtime, "describe", None)
+        tiers = describe() if describe is not None else {svc.runtime.name: {}}
+        return {"version": __version__, "default_isolation": svc.runtime.name, "isolation": tiers}
 
     for r in (
         sandboxes.router,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from corral.config import ServerConfig
@@ -17,6 +18,8 @@ from corral.runtime.base import Runtime
 from corral.store import Store
 
 __all__ = ["Services", "build_runtime"]
+
+log = logging.getLogger("corral.server")
 
 
 def build_runtime(config: ServerConfig) -> Runtime:
@@ -61,6 +64,9 @@ class Services:
         tenants = TenantService(store)
         await tenants.ensure_admin(config.admin_key_path)
         rt = runtime if runtime is not None else build_runtime(config)
+        describe = getattr(rt, "describe", None)
+        if describe is not None:
+            log.info("isolation tiers: %s (default %s)", describe(), rt.name)
         # Late-bound: the sandbox service that answers "in use?" is made just below.
         templates = TemplateService(
             config.data_dir, in_use=lambda name: sandboxes.template_in_use(name)

@@ -73,6 +73,9 @@ class MicroVMRuntime:
         self._locks: dict[str, asyncio.Lock] = {}
         self.last_create_timings: dict[str, float] = {}
 
+    def describe(self) -> dict[str, str]:
+        return {"accelerator": self.accel}
+
     # ----------------------------------------------------------------------------- helpers
     def _check_id(self, sandbox_id: str) -> None:
         if not _ID_RE.match(sandbox_id) or ".." in sandbox_id:

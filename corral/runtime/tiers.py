@@ -48,6 +48,14 @@ class TieredRuntime:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not on this host")
         return self._tiers[name]
 
+    def describe(self) -> dict[str, dict[str, str]]:
+        """Each tier's own description (e.g. the microvm accelerator), for ``/v1/info`` and logs."""
+        out: dict[str, dict[str, str]] = {}
+        for name, rt in self._tiers.items():
+            describe = getattr(rt, "describe", None)
+            out[name] = dict(describe()) if describe is not None else {}
+        return out
+
     async def create(self, spec: SandboxSpec) -> None:
         rt = self.tier(spec.isolation)
         self._of[spec.sandbox_id] = spec.isolation

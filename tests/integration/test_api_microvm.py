@@ -67,6 +67,13 @@ def test_exec_files_pause_kill(api: httpx.Client) -> None:
     assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "stopped"
 
 
+def test_info_names_the_tiers_and_the_accelerator(api: httpx.Client) -> None:
+    info = api.get("/v1/info").json()
+    assert info["default_isolation"] == "container"
+    assert set(info["isolation"]) == {"container", "microvm"}
+    assert info["isolation"]["microvm"]["accelerator"] in ("kvm", "tcg")
+
+
 def test_what_microvm_cannot_do_yet_is_a_400(api: httpx.Client) -> None:
     before = api.get("/v1/sandboxes").json()
     for body, words in (
