@@ -36,6 +36,31 @@ def container_skip_reason() -> str | None:
     return None
 
 
+def microvm_skip_reason() -> str | None:
+    """Why the microvm tier cannot run here, or None."""
+    import platform
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("qemu-system-x86_64") is None or platform.machine() != "x86_64":
+        return "needs qemu-system-x86 on x86_64"
+    if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
+        return "needs linux-image-cloud-amd64"
+    return None
+
+
+@pytest.fixture(params=["container", "microvm"])
+def isolation(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Create-request fields for each isolation tier: a test taking it runs once per tier."""
+    if request.param == "container":
+        return {}
+    why = microvm_skip_reason()
+    if why:
+        pytest.skip(why)
+    return {"isolation": "microvm", "vcpus": 1, "memory_mb": 256}
+
+
 requires_container = pytest.mark.skipif(
     container_skip_reason() is not None, reason=container_skip_reason() or ""
 )

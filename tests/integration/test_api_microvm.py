@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import microvm_skip_reason
 from tests.integration.server_harness import RunningServer
-from tests.integration.test_microvm_runtime import _skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -29,7 +29,7 @@ def sh(c: httpx.Client, sid: str, cmd: str) -> str:
 
 @pytest.fixture
 def api(server: RunningServer) -> Iterator[httpx.Client]:
-    why = _skip_reason()
+    why = microvm_skip_reason()
     if why:
         pytest.skip(why)
     with server.client(timeout=180) as c:
@@ -100,7 +100,7 @@ def test_what_microvm_cannot_do_yet_is_a_400(api: httpx.Client) -> None:
 
 
 def test_sdk_creates_a_microvm(server: RunningServer) -> None:
-    why = _skip_reason()
+    why = microvm_skip_reason()
     if why:
         pytest.skip(why)
     from corral import Sandbox

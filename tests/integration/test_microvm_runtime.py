@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,24 +17,14 @@ import pytest
 
 from corral.errors import InvalidRequestError, RuntimeFailure
 from corral.runtime import MicroVMRuntime, SandboxSpec
-from tests.conftest import LeakWatch, sandbox_put, sandbox_run
+from tests.conftest import LeakWatch, microvm_skip_reason, sandbox_put, sandbox_run
 
 pytestmark = [pytest.mark.integration]
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if shutil.which("qemu-system-x86_64") is None or platform.machine() != "x86_64":
-        return "needs qemu-system-x86 on x86_64"
-    if not list(Path("/boot").glob("vmlinuz-*-cloud-amd64")):
-        return "needs linux-image-cloud-amd64"
-    return None
-
-
 @pytest.fixture(scope="module")
 def vm_data_dir(tmp_path_factory: pytest.TempPathFactory, agent_binary: Path) -> Iterator[Path]:
-    why = _skip_reason()
+    why = microvm_skip_reason()
     if why:
         pytest.skip(why)
     data = tmp_path_factory.mktemp("vm-data")

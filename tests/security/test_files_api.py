@@ -7,6 +7,7 @@ import secrets
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,8 +24,9 @@ def api(server: RunningServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def sandbox(api: httpx.Client) -> Iterator[str]:
-    sid = api.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600}).json()["id"]
+def sandbox(api: httpx.Client, isolation: dict[str, Any]) -> Iterator[str]:
+    body = {"template": "minimal", "timeout": 600, **isolation}
+    sid = api.post("/v1/sandboxes", json=body).json()["id"]
     yield sid
     api.delete(f"/v1/sandboxes/{sid}")
 

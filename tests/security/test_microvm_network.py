@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from corral import Sandbox
+from tests.conftest import microvm_skip_reason
 from tests.integration.fake_internet import FakeInternet
 from tests.integration.server_harness import RunningServer
-from tests.integration.test_microvm_runtime import _skip_reason
 
 pytestmark = [pytest.mark.security, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -23,7 +23,7 @@ BLOCKED_IP = "198.51.100.11"
 
 @pytest.fixture
 def vm(server: RunningServer, fake_net: FakeInternet) -> Iterator[Sandbox]:
-    why = _skip_reason()
+    why = microvm_skip_reason()
     if why:
         pytest.skip(why)
     sbx = Sandbox.create(
