@@ -6,7 +6,7 @@ container tier as its pid 1, reached over a multiplexed virtio-serial port (``co
 exec, processes, files and PTYs therefore work as in containers. Pause and resume stop and
 continue the vCPUs. Networking: the sandbox's namespace is plumbed as a container's and a tap
 in it is wired to the guest's NIC (``corral.vm.net``). Not yet: snapshots, hibernation, warm-template cloning, the jailer (QEMU still runs as root, in its
-own session only) and the cgroup limits; those raise a clear error or are documented in
+own session only); those raise a clear error or are documented in
 ``docs/microvm.md``.
 
 Host layout under ``data_dir``::
@@ -39,6 +39,7 @@ from corral.errors import (
     RuntimeFailure,
     SandboxNotRunningError,
 )
+from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
 from corral.host.process import cpu_seconds, start_time
 from corral.runtime.base import SandboxSpec
 from corral.vm.guest import build_initramfs, find_kernel, qemu_img, root_image
@@ -50,6 +51,15 @@ __all__ = ["MicroVMRuntime"]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NOT_YET = "is not supported by the microvm tier yet (issue 5)"
+# QEMU's own memory beyond guest RAM: device emulation, I/O buffers and the TCG translation
+# cache (capped with tb-size below).
+_QEMU_OVERHEAD_MB = 192
+_LIMITING = frozenset({"memory", "cpu", "cpuacct", "cpu,cpuacct", "pids"})
+
+
+def _enter_cgroups(pid: int, cgroups: list[Path]) -> None:
+    for d in cgroups:
+        (d / "cgroup.procs").write_text(str(pid))  # v1 moves every thread of the process
 
 
 class MicroVMRuntime:
@@ -180,14 +190,42 @@ class MicroVMRuntime:
             netns, net = await self._plumb(spec)
             cfg = replace(cfg, netns=netns, mac=net.mac, net_config=net.guest_config())
             step("network")
+        cgroups = await asyncio.to_thread(self._make_cgroups, sid, spec)
+        (vdir / "meta.json").write_text(json.dumps({"cgroups": [str(d) for d in cgroups]}))
         pid = await start_qemu(cfg, vdir / "qemu.log")
-        meta = {"pid": pid, "start": start_time(pid), "accel": self.accel}
+        meta: dict[str, Any] = {"pid": pid, "start": start_time(pid), "accel": self.accel}
+        meta["cgroups"] = [str(d) for d in cgroups]
         (vdir / "meta.json").write_text(json.dumps(meta))
+        await asyncio.to_thread(_enter_cgroups, pid, cgroups)
         step("qemu")
         await self._wait_ready(sid)
         step("agent_ready")
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
+
+    def _make_cgroups(self, sid: str, spec: SandboxSpec) -> list[Path]:
+        """QEMU's cgroups: guest RAM plus QEMU's own overhead, the vCPUs' share of CPU, and a
+        pids cap, so a VM cannot take more of the host than a container of the same size."""
+        made: list[Path] = []
+        limits = {
+            "memory.limit_in_bytes": str((spec.memory_mb + _QEMU_OVERHEAD_MB) * 1024 * 1024),
+            "memory.memsw.limit_in_bytes": None,
+            "cpu.cfs_period_us": "100000",
+            "cpu.cfs_quota_us": str(int(max(1, round(spec.cpu)) * 100000 + 50000)),
+            "pids.max": "256",
+        }
+        for d in sandbox_cgroup_dirs(f"corral-vm-{sid}"):
+            # Only the limiting controllers: a cpuset child would need cpus and mems set first,
+            # and the others limit nothing a VM does.
+            if not _LIMITING.intersection(d.parts):
+                continue
+            d.mkdir(exist_ok=True)
+            made.append(d)
+            for name, value in limits.items():
+                knob = d / name
+                if value is not None and knob.exists():
+                    knob.write_text(value)
+        return made
 
     async def _plumb(self, spec: SandboxSpec) -> tuple[Path, VmNet]:
         """The sandbox's namespace, plumbed by the network layer (the hook), with the tap wired
@@ -234,7 +272,8 @@ class MicroVMRuntime:
         if mux is not None:
             await mux.close()
         pid = self._pid(sid)
-        start = self._meta(sid).get("start")
+        meta = self._meta(sid)
+        start = meta.get("start")
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -243,6 +282,14 @@ class MicroVMRuntime:
                 await asyncio.sleep(0.005)
             if start_time(pid) == start:
                 raise RuntimeFailure(f"QEMU of {sid} (pid {pid}) did not die")
+        cgroups = [Path(d) for d in meta.get("cgroups", [])] or sandbox_cgroup_dirs(
+            f"corral-vm-{sid}"
+        )
+        for d in cgroups:
+            try:
+                await asyncio.to_thread(remove_cgroup_tree, d)
+            except OSError as exc:
+                raise RuntimeFailure(f"cgroup {d} of {sid}: {exc}") from exc
         shutil.rmtree(self._dir(sid), ignore_errors=True)
 
     # ------------------------------------------------------------------------- pause/resume

@@ -84,7 +84,10 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         "-name",
         f"corral-{cfg.name}",
         "-machine",
-        f"pc,accel={cfg.accel}",
+        "pc",
+        "-accel",
+        # TCG's translation cache defaults to 1 GiB: 64 MiB keeps QEMU inside its cgroup.
+        "kvm" if cfg.accel == "kvm" else "tcg,tb-size=64",
         "-cpu",
         cpu,
         "-smp",

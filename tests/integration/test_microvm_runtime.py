@@ -1,6 +1,7 @@
 """A microvm sandbox runs its own kernel (not the host's) with the agent as its init, carries many
-concurrent agent streams intact over one virtio-serial port, stops using CPU when paused, and
-is gone without a trace when destroyed, when QEMU is killed, or when its guest fails to boot."""
+concurrent agent streams intact over one virtio-serial port, stops using CPU when paused, keeps
+QEMU inside its cgroup limits, and is gone without a trace when destroyed, when QEMU is killed,
+or when its guest fails to boot."""
 
 from __future__ import annotations
 
@@ -148,3 +149,21 @@ async def test_unsupported_requests_are_refused(
     with pytest.raises(InvalidRequestError, match="snapshots"):
         await rt.snapshot("vm-none", "snap-y")
     assert await rt.list_sandboxes() == []
+
+
+async def test_qemu_runs_inside_its_cgroup_limits(
+    vm_runtime: MicroVMRuntime, minimal_rootfs: Path
+) -> None:
+    rt = vm_runtime
+    await rt.create(_spec("vm-cg", minimal_rootfs, memory_mb=256))
+    meta = json.loads((rt.data_dir / "vms" / "vm-cg" / "meta.json").read_text())
+    dirs = [Path(d) for d in meta["cgroups"]]
+    try:
+        memory = next(d for d in dirs if (d / "memory.limit_in_bytes").exists())
+        assert int((memory / "memory.limit_in_bytes").read_text()) == (256 + 192) * 1024**2
+        assert str(meta["pid"]) in (memory / "cgroup.procs").read_text().split()
+        pids = next(d for d in dirs if (d / "pids.max").exists())
+        assert (pids / "pids.max").read_text().strip() == "256"
+    finally:
+        await rt.destroy("vm-cg")
+    assert not any(d.exists() for d in dirs)
