@@ -1,5 +1,6 @@
 """After a server crash or restart, running sandboxes are adopted again (their background output
-meanwhile intact) and orphans on the host are removed; after a host reboot, disks and snapshots
+meanwhile intact, containers and microvms alike) and orphans on the host are removed; after a host
+reboot, disks and snapshots
 are still there."""
 
 from __future__ import annotations
@@ -65,13 +66,16 @@ def _output(c: httpx.Client, sid: str, pid: int) -> tuple[str, list[dict[str, ob
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["restart", "kill-9"])
-def test_background_output_survives_a_server_restart(tmp_path: Path, hard: bool) -> None:
+def test_background_output_survives_a_server_restart(
+    tmp_path: Path, hard: bool, isolation: dict[str, object]
+) -> None:
     why = container_skip_reason()
     if why:
         pytest.skip(why)
     with own_server(tmp_path) as own:
-        with own.server.client() as c:
-            sid = c.post("/v1/sandboxes", json={"template": "minimal", "timeout": 600}).json()["id"]
+        with own.server.client(timeout=180) as c:
+            body = {"template": "minimal", "timeout": 600, **isolation}
+            sid = c.post("/v1/sandboxes", json=body).json()["id"]
             script = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.05; done"
             r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": script, "background": True})
             pid = r.json()["pid"]
