@@ -31,7 +31,10 @@ class PortMux:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._ids = itertools.count(1)
-        self._chans: dict[int, socket.socket] = {}
+        # Our end of each channel's socketpair, as streams: a transport removes its reader from
+        # the loop before it closes the descriptor, where a raw ``sock_recv`` cancelled around a
+        # close lets a recycled descriptor lose its reader (seen: a hung channel).
+        self._chans: dict[int, asyncio.StreamWriter] = {}
         self._pumps: dict[int, asyncio.Task[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -59,37 +62,38 @@ class PortMux:
 
     async def open(self) -> Streams:
         """A fresh stream to the guest agent."""
-        writer = await self._connect()
+        port = await self._connect()
         ch = next(self._ids)
         ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        self._chans[ch] = ours
-        writer.write(_HDR.pack(ch, _OPEN, 0))
-        self._pumps[ch] = asyncio.create_task(self._pump(ch, ours, writer))
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        self._chans[ch] = writer
+        port.write(_HDR.pack(ch, _OPEN, 0))
+        self._pumps[ch] = asyncio.create_task(self._pump(ch, reader, port))
         return await asyncio.open_connection(sock=theirs)
 
-    async def _pump(self, ch: int, sock: socket.socket, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, ch: int, local: asyncio.StreamReader, port: asyncio.StreamWriter) -> None:
         """Local side → port, as DATA frames; EOF → CLOSE."""
-        loop = asyncio.get_running_loop()
         try:
-            while True:
-                data = await loop.sock_recv(sock, _CHUNK)
-                if not data:
-                    break
-                writer.write(_HDR.pack(ch, _DATA, len(data)) + data)
-                await writer.drain()
+            while data := await local.read(_CHUNK):
+                port.write(_HDR.pack(ch, _DATA, len(data)) + data)
+                await port.drain()
         except (OSError, ConnectionError):
             pass
         finally:
-            if self._chans.pop(ch, None) is not None:
-                with contextlib.suppress(Exception):
-                    writer.write(_HDR.pack(ch, _CLOSE, 0))
-                sock.close()
             self._pumps.pop(ch, None)
+            writer = self._chans.pop(ch, None)
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    port.write(_HDR.pack(ch, _CLOSE, 0))
+                writer.close()
 
     async def _read_port(self, reader: asyncio.StreamReader) -> None:
         """Port → local sides."""
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 header = await reader.readexactly(_HDR.size)
@@ -97,13 +101,14 @@ class PortMux:
                 if length > _MAX_PAYLOAD:
                     break  # not our guest any more: drop everything
                 data = await reader.readexactly(length) if length else b""
-                sock = self._chans.get(ch)
-                if sock is None:
+                writer = self._chans.get(ch)
+                if writer is None:
                     continue
                 if kind == _DATA:
                     try:
-                        await loop.sock_sendall(sock, data)
-                    except OSError:
+                        writer.write(data)
+                        await writer.drain()
+                    except (OSError, ConnectionError):
                         self._close(ch)
                 elif kind == _CLOSE:
                     self._close(ch)
@@ -116,9 +121,9 @@ class PortMux:
                 self._writer.close()
 
     def _close(self, ch: int) -> None:
-        sock = self._chans.pop(ch, None)
-        if sock is not None:
-            sock.close()
+        writer = self._chans.pop(ch, None)
+        if writer is not None:
+            writer.close()
         pump = self._pumps.pop(ch, None)
         if pump is not None:
             pump.cancel()

@@ -1,7 +1,6 @@
 """After a server crash or restart, running sandboxes are adopted again (their background output
-meanwhile intact, containers and microvms alike) and orphans on the host are removed; after a host
-reboot, disks and snapshots
-are still there."""
+meanwhile intact, containers and microvms alike) and orphans on the host are removed; after a
+host reboot, disks and snapshots are still there."""
 
 from __future__ import annotations
 
