@@ -252,7 +252,7 @@ def _kept(path: str) -> bool:
     ):
         return True
     return path == str(RUN_CORRAL) or (
-        path.startswith(f"{RUN_CORRAL}/rootfs-") and path.count("/") == 3
+        path.startswith((f"{RUN_CORRAL}/rootfs-", f"{RUN_CORRAL}/vm-")) and path.count("/") == 3
     )
 
 

@@ -63,7 +63,7 @@
 /* Frame types. */
 enum {
     T_PING = 1, T_SPAWN = 2, T_ATTACH = 3, T_WAIT = 4, T_LIST = 5, T_STDIN = 6,
-    T_CLOSE_STDIN = 7, T_SIGNAL = 8, T_RESIZE = 9,
+    T_CLOSE_STDIN = 7, T_SIGNAL = 8, T_RESIZE = 9, T_SETENV = 10,
     T_STAT = 16, T_LISTDIR = 17, T_READ = 18, T_WRITE = 19, T_MKDIR = 20, T_REMOVE = 21,
     T_RENAME = 22, T_SYMLINK = 23,
     T_DATA = 32, T_END = 33,
@@ -1898,6 +1898,34 @@ static void dispatch(struct conn *c, int type, const uint8_t *payload, size_t le
         while (*pp) pp = &(*pp)->q_next;
         *pp = c;
         stdin_pump(p);
+        return;
+    }
+    case T_SETENV: {
+        /* Replace the environment every later process starts from (a microvm cloned from a
+         * warm template learns its own this way; a container gets it at start). */
+        int n = field_count(&f, F_ENV), k = 0;
+        char **env = xrealloc(NULL, sizeof(char *) * ((size_t)n + 1));
+        for (int i = 0; i < n && !bad; i++) {
+            char *e = field_strdup(&f, F_ENV, i, &bad);
+            if (!e) break;
+            char *eq = strchr(e, '=');
+            if (!eq || eq == e) bad = 1;
+            env[k++] = e;
+        }
+        env[k] = NULL;
+        if (bad) {
+            for (int i = 0; i < k; i++) free(env[i]);
+            free(env);
+            conn_error(c, "invalid", "environment entries must be KEY=VALUE");
+            return;
+        }
+        for (char **e = g_env; *e; e++) free(*e);
+        free(g_env);
+        g_env = env;
+        size_t at = frame_begin(&c->out, T_OK);
+        frame_end(&c->out, at);
+        c->state = C_DONE;
+        conn_flush(c);
         return;
     }
     case T_SIGNAL: {

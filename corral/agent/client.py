@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, cast
@@ -395,6 +395,15 @@ class AgentClient:
             "version": fields.text(Field.VERSION)[:100],
             "protocol": fields.text(Field.PROTOCOL)[:100],
         }
+
+    async def set_env(self, env: Mapping[str, str]) -> None:
+        """Replace the environment every later process of the sandbox starts from."""
+        items: list[tuple[int, FieldValue | None]] = []
+        for key, value in env.items():
+            if not key or "=" in key:
+                raise InvalidRequestError(f"invalid environment name {key!r}")
+            items.append((Field.ENV, f"{key}={_check_text(value, f'env[{key}]')}"))
+        await self._call(FrameType.SETENV, items)
 
     async def spawn(self, req: ExecRequest) -> int:
         fields = await self._call_raw(FrameType.SPAWN, _spawn_payload(req, False))

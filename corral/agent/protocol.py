@@ -50,6 +50,7 @@ class FrameType(IntEnum):
     CLOSE_STDIN = 7
     SIGNAL = 8
     RESIZE = 9
+    SETENV = 10
     STAT = 16
     LISTDIR = 17
     READ = 18

@@ -11,23 +11,30 @@ own session only); those raise a clear error or are documented in
 
 Host layout under ``data_dir``::
 
-    vms/<id>/      disk.qcow2 (overlay of the template image), agent.sock (the agent port),
-                   qmp.sock, console.log (the guest's serial console), qemu.log, qemu.pid,
-                   env (NUL-separated environment for the agent), meta.json
-    vm-cache/      initramfs-<hash>.cpio, <template>-<hash>.ext4 (template images)
+    vms/<id>/      disk.qcow2 (overlay of the warm template's disk), console.log (the guest's
+                   serial console), qemu.log, qemu.pid, env (NUL-separated environment),
+                   meta.json
+    vm-cache/      initramfs-<hash>.cpio, <template>-<hash>.ext4 (template images),
+                   warm-<hash>/ (a booted template: disk.qcow2, mem, state)
+
+and ``/run/corral/vm-<hash of data_dir>/<id>/{agent,qmp}.sock`` (a socket path must be short).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,10 +49,10 @@ from corral.errors import (
 from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
 from corral.host.process import cpu_seconds, start_time
 from corral.runtime.base import SandboxSpec
-from corral.vm.guest import build_initramfs, find_kernel, qemu_img, root_image
+from corral.vm.guest import GuestKernel, build_initramfs, find_kernel, qemu_img, root_image
 from corral.vm.mux import PortMux, Streams
-from corral.vm.net import VmNet, fresh_netns_fd, wire_tap
-from corral.vm.qemu import QemuConfig, Qmp, choose_accel, start_qemu
+from corral.vm.net import VmNet, add_tap, fresh_netns_fd, wire_tap
+from corral.vm.qemu import QemuConfig, Qmp, choose_accel, start_incoming, start_qemu
 
 __all__ = ["MicroVMRuntime"]
 
@@ -54,7 +61,42 @@ _NOT_YET = "is not supported by the microvm tier yet (issue 5)"
 # QEMU's own memory beyond guest RAM: device emulation, I/O buffers and the TCG translation
 # cache (capped with tb-size below).
 _QEMU_OVERHEAD_MB = 192
+# Every clone's NIC starts with the template's MAC; ``_personalize`` gives it the sandbox's.
+_TEMPLATE_MAC = "52:54:00:c0:4a:11"
 _LIMITING = frozenset({"memory", "cpu", "cpuacct", "cpu,cpuacct", "pids"})
+
+
+async def _qcow2_overlay(backing: Path, backing_format: str, disk: Path) -> None:
+    argv = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(backing)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, str(disk), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeFailure(f"qemu-img create failed: {out.decode(errors='replace')}")
+
+
+async def _until_running(qmp: Qmp, timeout: float) -> None:
+    """Wait for an incoming VM state to be loaded, then let it run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = (await qmp.execute("query-status")).get("status")
+        if status == "running":
+            return
+        if status in ("paused", "postmigrate", "prelaunch"):
+            await qmp.execute("cont")
+            return
+        if status in ("internal-error", "shutdown", "guest-panicked"):
+            break
+        await asyncio.sleep(0.005)
+    raise RuntimeFailure(f"the VM did not start from its template ({status})")
+
+
+async def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    start = start_time(pid)
+    deadline = time.monotonic() + timeout
+    while start is not None and start_time(pid) == start and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def _enter_cgroups(pid: int, cgroups: list[Path]) -> None:
@@ -72,15 +114,21 @@ class MicroVMRuntime:
         *,
         ready_timeout: float = 90.0,
         accel: str | None = None,
+        warm: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.agent_binary = Path(agent_binary)
         self.ready_timeout = ready_timeout
         self.accel = accel or choose_accel()
         self._vms = self.data_dir / "vms"
+        digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:12]
+        self._run = Path("/run/corral") / f"vm-{digest}"
         self._cache = self.data_dir / "vm-cache"
         self._muxes: dict[str, PortMux] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._warm_locks: dict[str, asyncio.Lock] = {}
+        self._images_seen: dict[tuple[object, ...], tuple[Path, Path]] = {}
+        self.warm = warm
         self.last_create_timings: dict[str, float] = {}
 
     def describe(self) -> dict[str, str]:
@@ -93,6 +141,14 @@ class MicroVMRuntime:
 
     def _dir(self, sandbox_id: str) -> Path:
         return self._vms / sandbox_id
+
+    def _sock(self, name: str, kind: str) -> Path:
+        """A unix socket path of VM ``name``: under /run, because ``sun_path`` holds 108 bytes
+        and a data dir can be deep (``_socket_dir`` makes the directory before QEMU starts)."""
+        return self._run / name / f"{kind}.sock"
+
+    def _socket_dir(self, name: str) -> None:
+        (self._run / name).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -153,21 +209,20 @@ class MicroVMRuntime:
         vdir = self._dir(sid)
         self._vms.mkdir(parents=True, exist_ok=True, mode=0o700)
         vdir.mkdir(mode=0o700)
-        kernel = find_kernel()
-        initramfs = await asyncio.to_thread(build_initramfs, self._cache, kernel, self.agent_binary)
-        rootfs = spec.layers[0]
-        image = await asyncio.to_thread(
-            root_image, self._cache, rootfs.parent.name, rootfs, spec.disk_mb
-        )
+        self._socket_dir(sid)
+        kernel, initramfs, image = await self._images(spec)
+        vcpus = max(1, round(spec.cpu))
+        warm: Path | None = None
+        if self.warm:
+            warm = await self._warm_template(
+                kernel.vmlinuz, initramfs, image, vcpus, spec.memory_mb, spec.network is not None
+            )
         step("images")
         disk = vdir / "disk.qcow2"
-        argv = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image)]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, str(disk), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeFailure(f"qemu-img create failed: {out.decode(errors='replace')}")
+        if warm is not None:  # frozen at the instant of the template's memory
+            await _qcow2_overlay(warm / "disk.qcow2", "qcow2", disk)
+        else:
+            await _qcow2_overlay(image, "raw", disk)
         env = vdir / "env"
         env.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in spec.env.items()))
         step("disk")
@@ -176,32 +231,226 @@ class MicroVMRuntime:
             kernel=kernel.vmlinuz,
             initramfs=initramfs,
             disk=disk,
-            agent_socket=vdir / "agent.sock",
-            qmp_socket=vdir / "qmp.sock",
+            agent_socket=self._sock(sid, "agent"),
+            qmp_socket=self._sock(sid, "qmp"),
             console_log=vdir / "console.log",
             pid_file=vdir / "qemu.pid",
             env_file=env,
             hostname=spec.hostname,
-            vcpus=max(1, round(spec.cpu)),
+            vcpus=vcpus,
             memory_mb=spec.memory_mb,
             accel=self.accel,
         )
+        net: VmNet | None = None
         if spec.network is not None:
             netns, net = await self._plumb(spec)
-            cfg = replace(cfg, netns=netns, mac=net.mac, net_config=net.guest_config())
+            if warm is not None:  # the clone's NIC is the template's; personalize fixes it up
+                cfg = replace(cfg, netns=netns, mac=_TEMPLATE_MAC)
+            else:
+                cfg = replace(cfg, netns=netns, mac=net.mac, net_config=net.guest_config())
             step("network")
         cgroups = await asyncio.to_thread(self._make_cgroups, sid, spec)
         (vdir / "meta.json").write_text(json.dumps({"cgroups": [str(d) for d in cgroups]}))
-        pid = await start_qemu(cfg, vdir / "qemu.log")
+        state_fd: int | None = None
+        if warm is not None:
+            state_fd = os.open(warm / "state", os.O_RDONLY)
+            cfg = replace(cfg, memory_file=warm / "mem", incoming_fd=state_fd)
+        try:
+            pid = await start_qemu(cfg, vdir / "qemu.log")
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
         meta: dict[str, Any] = {"pid": pid, "start": start_time(pid), "accel": self.accel}
         meta["cgroups"] = [str(d) for d in cgroups]
         (vdir / "meta.json").write_text(json.dumps(meta))
         await asyncio.to_thread(_enter_cgroups, pid, cgroups)
         step("qemu")
+        if warm is not None:
+            qmp = Qmp(self._sock(sid, "qmp"))
+            assert cfg.incoming_fd is not None
+            await start_incoming(qmp, cfg.incoming_fd)
+            await _until_running(qmp, self.ready_timeout)
+            step("restore")
         await self._wait_ready(sid)
         step("agent_ready")
+        if warm is not None:
+            await self._personalize(sid, spec, net)
+            step("personalize")
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
+
+    async def _images(self, spec: SandboxSpec) -> tuple[GuestKernel, Path, Path]:
+        """Kernel, initramfs and template image, remembered between creates: checking them
+        means hashing a few MB, ~50 ms of a ~300 ms create."""
+        kernel = find_kernel()
+        rootfs = spec.layers[0]
+        agent = self.agent_binary.stat()
+        meta = rootfs.parent / "meta.json"
+        stamp = meta.stat().st_mtime_ns if meta.exists() else rootfs.stat().st_mtime_ns
+        key = (kernel.version, agent.st_mtime_ns, agent.st_size, str(rootfs), stamp, spec.disk_mb)
+        known = self._images_seen.get(key)
+        if known is not None and known[0].exists() and known[1].exists():
+            return kernel, known[0], known[1]
+        initramfs = await asyncio.to_thread(build_initramfs, self._cache, kernel, self.agent_binary)
+        image = await asyncio.to_thread(
+            root_image, self._cache, rootfs.parent.name, rootfs, spec.disk_mb
+        )
+        self._images_seen[key] = (initramfs, image)
+        return kernel, initramfs, image
+
+    # ------------------------------------------------------------------ warm templates
+    async def _warm_template(
+        self,
+        kernel: Path,
+        initramfs: Path,
+        image: Path,
+        vcpus: int,
+        memory_mb: int,
+        with_net: bool,
+    ) -> Path:
+        """The saved, booted VM that creates of this shape clone (built on first use)."""
+        key = hashlib.sha256(
+            f"{kernel}|{initramfs.name}|{image.name}|{vcpus}|{memory_mb}|{with_net}|{self.accel}".encode()
+        ).hexdigest()[:16]
+        tdir = self._cache / f"warm-{key}"
+        if (tdir / "ready").exists():
+            return tdir
+        async with self._warm_locks.setdefault(key, asyncio.Lock()):
+            if not (tdir / "ready").exists():
+                await self._build_template(
+                    tdir, kernel, initramfs, image, vcpus, memory_mb, with_net
+                )
+        return tdir
+
+    async def _build_template(
+        self,
+        tdir: Path,
+        kernel: Path,
+        initramfs: Path,
+        image: Path,
+        vcpus: int,
+        memory_mb: int,
+        with_net: bool,
+    ) -> None:
+        """Boot the template once with its RAM in a shared file, stop it with the agent
+        answering, and save its device state beside it (Kata-style: ``x-ignore-shared`` keeps
+        the RAM out of the stream). Everything lands under a temporary name, renamed at the end.
+        """
+        tmp = tdir.with_name(f".{tdir.name}.{secrets.token_hex(4)}")
+        tmp.mkdir(mode=0o700, parents=True)
+        tname = f"t-{secrets.token_hex(6)}"
+        self._socket_dir(tname)
+        netfd: int | None = None
+        pid: int | None = None
+        try:
+            await _qcow2_overlay(image, "raw", tmp / "disk.qcow2")
+            (tmp / "env").write_bytes(
+                b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\0"
+            )
+            netns: Path | None = None
+            if with_net:  # the clones' NIC must exist in the template too; any tap will do here
+                netfd = await asyncio.to_thread(fresh_netns_fd)
+                netns = Path(f"/proc/{os.getpid()}/fd/{netfd}")
+                await asyncio.to_thread(add_tap, netns)
+            cfg = QemuConfig(
+                name=f"template-{tdir.name}",
+                kernel=kernel,
+                initramfs=initramfs,
+                disk=tmp / "disk.qcow2",
+                agent_socket=self._sock(tname, "agent"),
+                qmp_socket=self._sock(tname, "qmp"),
+                console_log=tmp / "console.log",
+                pid_file=tmp / "qemu.pid",
+                env_file=tmp / "env",
+                hostname="corral",
+                vcpus=vcpus,
+                memory_mb=memory_mb,
+                accel=self.accel,
+                netns=netns,
+                mac=_TEMPLATE_MAC if with_net else None,
+                memory_file=tmp / "mem",
+                memory_shared=True,
+                # Only our own boot runs in it; ``migrate exec:`` needs a shell.
+                allow_spawn=True,
+            )
+            pid = await start_qemu(cfg, tmp / "qemu.log")
+            mux = PortMux(self._sock(tname, "agent"))
+            try:
+                await self._await_agent(mux.open, lambda: start_time(pid or 0) is not None, tmp)
+            finally:
+                await mux.close()
+            qmp = Qmp(self._sock(tname, "qmp"))
+            caps = [{"capability": "x-ignore-shared", "state": True}]
+            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+            await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 34})
+            await qmp.execute("stop")
+            await qmp.execute("migrate", {"uri": f"exec:cat > {tmp / 'state'}"})
+            deadline = time.monotonic() + 60
+            while True:
+                status = (await qmp.execute("query-migrate")).get("status")
+                if status == "completed":
+                    break
+                if status == "failed" or time.monotonic() > deadline:
+                    raise RuntimeFailure(f"saving the VM template failed ({status})")
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(RuntimeFailure):
+                await qmp.execute("quit")
+            await _wait_gone(pid)
+            pid = None
+            shutil.rmtree(self._run / tname, ignore_errors=True)
+            (tmp / "ready").touch()
+            os.replace(tmp, tdir)
+        except BaseException:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                await _wait_gone(pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(self._run / tname, ignore_errors=True)
+            raise
+        finally:
+            if netfd is not None:
+                os.close(netfd)
+
+    async def _personalize(self, sid: str, spec: SandboxSpec, net: VmNet | None) -> None:
+        """What a clone of the template must be told: its environment, name, clock, fresh
+        entropy (every clone starts from the same RNG state) and its network."""
+        from corral.agent import AgentClient, ExecRequest
+
+        client = AgentClient(lambda: self.open_agent(sid))
+        await client.set_env(spec.env)
+        bb = "/.corral/busybox"
+        # One helper call for what needs no shell: name, clock, fresh entropy.
+        lines = [
+            f"/.corral/vmux --clone {shlex.quote(spec.hostname)} {time.time_ns()} "
+            f"{secrets.token_hex(64)}"
+        ]
+        if net is not None:
+            lines += [
+                f"{bb} ip link set eth0 down",
+                f"{bb} ip link set eth0 address {net.mac}",
+                f"{bb} ip link set eth0 up",
+                f"{bb} ip addr add {net.address}/32 dev eth0",
+                f"{bb} ip route add {net.gateway} dev eth0",
+                f"{bb} ip route add default via {net.gateway} dev eth0",
+                f"{bb} arp -i eth0 -s {net.gateway} {net.gateway_mac}",
+                f"[ -d /etc ] && echo nameserver {net.gateway} > /etc/resolv.conf",
+            ]
+        script = "set -e\n" + "\n".join(lines)
+        _, events = await client.exec_stream(
+            ExecRequest(argv=[bb, "sh", "-c", script], stdin=False)
+        )
+        output = bytearray()
+        code: int | None = None
+        async for ev in events:
+            if ev.kind in ("stdout", "stderr"):
+                output += ev.data
+            else:
+                code = ev.exit_code
+        if code != 0:
+            raise RuntimeFailure(
+                f"setting up the clone {sid} failed ({code}): {output.decode(errors='replace')}"
+            )
 
     def _make_cgroups(self, sid: str, spec: SandboxSpec) -> list[Path]:
         """QEMU's cgroups: guest RAM plus QEMU's own overhead, the vCPUs' share of CPU, and a
@@ -240,24 +489,32 @@ class MicroVMRuntime:
         return netns, await asyncio.to_thread(wire_tap, netns)
 
     async def _wait_ready(self, sid: str) -> None:
+        await self._await_agent(
+            lambda: self.open_agent(sid), lambda: self._pid(sid) is not None, self._dir(sid)
+        )
+
+    async def _await_agent(
+        self, opener: Callable[[], Awaitable[Streams]], alive: Callable[[], bool], vdir: Path
+    ) -> None:
         from corral.agent import AgentClient
 
         deadline = time.monotonic() + self.ready_timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if self._pid(sid) is None:
-                tail = self.console_log(sid)[-1500:]
-                raise RuntimeFailure(f"the VM of {sid} exited while booting; console:\n{tail}")
+            if not alive():
+                try:
+                    tail = (vdir / "console.log").read_text(errors="replace")[-1500:]
+                except OSError:
+                    tail = ""
+                raise RuntimeFailure(f"the VM {vdir.name} exited while booting; console:\n{tail}")
             try:
-                await asyncio.wait_for(
-                    AgentClient(lambda: self.open_agent(sid)).ping(), timeout=2.0
-                )
+                await asyncio.wait_for(AgentClient(opener).ping(), timeout=2.0)
                 return
             except (CorralError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 last = exc
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         raise RuntimeFailure(
-            f"the agent of VM {sid} did not answer within {self.ready_timeout} s ({last!r})"
+            f"the agent of VM {vdir.name} did not answer within {self.ready_timeout} s ({last!r})"
         )
 
     # ------------------------------------------------------------------------------ destroy
@@ -291,6 +548,7 @@ class MicroVMRuntime:
             except OSError as exc:
                 raise RuntimeFailure(f"cgroup {d} of {sid}: {exc}") from exc
         shutil.rmtree(self._dir(sid), ignore_errors=True)
+        shutil.rmtree(self._run / sid, ignore_errors=True)
 
     # ------------------------------------------------------------------------- pause/resume
     async def pause(self, sandbox_id: str) -> None:
@@ -306,7 +564,7 @@ class MicroVMRuntime:
     async def _qmp(self, sandbox_id: str, command: str) -> Any:
         if self._pid(sandbox_id) is None:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
-        return await Qmp(self._dir(sandbox_id) / "qmp.sock").execute(command)
+        return await Qmp(self._sock(sandbox_id, "qmp")).execute(command)
 
     async def cpu_seconds(self, sandbox_id: str) -> float:
         pid = self._pid(sandbox_id)
@@ -348,7 +606,7 @@ class MicroVMRuntime:
         self._check_id(sandbox_id)
         mux = self._muxes.get(sandbox_id)
         if mux is None:
-            mux = self._muxes[sandbox_id] = PortMux(self._dir(sandbox_id) / "agent.sock")
+            mux = self._muxes[sandbox_id] = PortMux(self._sock(sandbox_id, "agent"))
         return await mux.open()
 
     async def close(self) -> None:
@@ -363,3 +621,6 @@ class MicroVMRuntime:
             await self.destroy(sid)
         shutil.rmtree(self._vms, ignore_errors=True)
         shutil.rmtree(self._cache, ignore_errors=True)
+        shutil.rmtree(self._run, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._run.parent.rmdir()  # only when nothing else uses /run/corral

@@ -56,7 +56,7 @@ for m in MODULES; do $b insmod /lib/modules/$m.ko || fail "insmod $m"; done
 $b mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount the sandbox disk"
 $b mkdir -p /newroot/.corral /newroot/dev /newroot/proc /newroot/sys
 $b mount -t tmpfs -o mode=0755,size=64m corral /newroot/.corral
-$b cp /corral/agent /corral/vmux /newroot/.corral/ || fail "cannot install the agent"
+$b cp /corral/agent /corral/vmux /bin/busybox /newroot/.corral/ || fail "cannot install the agent"
 fw=/sys/firmware/qemu_fw_cfg/by_name/opt/corral
 $b cat $fw/env/raw > /newroot/.corral/env 2>/dev/null
 host=$($b cat $fw/hostname/raw 2>/dev/null)

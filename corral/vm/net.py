@@ -22,7 +22,7 @@ from corral.host.syscalls import unshare
 from corral.host.userns import CLONE_NEWNET
 from corral.vm.qemu import TAP
 
-__all__ = ["VmNet", "fresh_netns_fd", "wire_tap"]
+__all__ = ["VmNet", "add_tap", "fresh_netns_fd", "wire_tap"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ def _in_netns(netns: Path, argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeFailure(f"{argv[0]} in {netns.name} failed: {exc}") from exc
     return proc.stdout
+
+
+def add_tap(netns: Path) -> None:
+    """Just the tap, up, in ``netns`` (a template's boot needs a NIC but no network)."""
+    _in_netns(netns, ["sh", "-c", f"ip tuntap add dev {TAP} mode tap && ip link set {TAP} up"])
 
 
 def wire_tap(netns: Path) -> VmNet:

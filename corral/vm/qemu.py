@@ -19,7 +19,7 @@ from typing import Any
 
 from corral.errors import RuntimeFailure
 
-__all__ = ["TAP", "QemuConfig", "Qmp", "choose_accel", "qemu_argv", "start_qemu"]
+__all__ = ["TAP", "QemuConfig", "Qmp", "choose_accel", "qemu_argv", "start_incoming", "start_qemu"]
 
 
 TAP = "tap0"
@@ -68,6 +68,14 @@ class QemuConfig:
     netns: Path | None = None
     mac: str | None = None
     net_config: str | None = None
+    # Guest RAM in this file (a warm template: shared while it is built, private copy-on-write
+    # in its clones); None: anonymous memory.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    # A descriptor (inherited) to read a saved VM state from: the VM starts from it.
+    incoming_fd: int | None = None
+    # Building a template: the state is saved with ``migrate exec:``, which spawns a shell.
+    allow_spawn: bool = False
 
 
 def qemu_binary() -> str:
@@ -84,7 +92,7 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         "-name",
         f"corral-{cfg.name}",
         "-machine",
-        "pc",
+        "pc,memory-backend=mem0" if cfg.memory_file is not None else "pc",
         "-accel",
         # TCG's translation cache defaults to 1 GiB: 64 MiB keeps QEMU inside its cgroup.
         "kvm" if cfg.accel == "kvm" else "tcg,tb-size=64",
@@ -122,26 +130,53 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         "-fw_cfg",
         f"name=opt/corral/hostname,string={cfg.hostname}",
         *_nic(cfg),
+        *_memory(cfg),
         "-qmp",
         f"unix:{cfg.qmp_socket},server=on,wait=off",
         "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"
+        + ("" if cfg.allow_spawn else ",spawn=deny"),
         "-pidfile",
         str(cfg.pid_file),
     ]
 
 
 def _nic(cfg: QemuConfig) -> list[str]:
-    if cfg.mac is None or cfg.net_config is None:
+    if cfg.mac is None:
         return []
-    return [
+    nic = [
         "-netdev",
         f"tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off",
         "-device",
         f"virtio-net-pci,netdev=net0,mac={cfg.mac}",
-        "-fw_cfg",
-        f"name=opt/corral/net,string={cfg.net_config}",
     ]
+    if cfg.net_config is not None:
+        nic += ["-fw_cfg", f"name=opt/corral/net,string={cfg.net_config}"]
+    return nic
+
+
+def _memory(cfg: QemuConfig) -> list[str]:
+    out: list[str] = []
+    if cfg.memory_file is not None:
+        share = "on" if cfg.memory_shared else "off"
+        out += [
+            "-object",
+            f"memory-backend-file,id=mem0,size={cfg.memory_mb}M,mem-path={cfg.memory_file},"
+            f"share={share}",
+        ]
+    if cfg.incoming_fd is not None:
+        # Started over QMP (``start_incoming``) once x-ignore-shared is on: QEMU 7.2 has no
+        # command-line property for that capability.
+        out += ["-incoming", "defer"]
+    return out
+
+
+async def start_incoming(qmp: Qmp, fd: int) -> None:
+    """Load the saved state from inherited descriptor ``fd``; template pages come from the
+    (privately mapped) memory file, not from the stream."""
+    caps = [{"capability": "x-ignore-shared", "state": True}]
+    await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+    await qmp.execute("migrate-incoming", {"uri": f"fd:{fd}"})
 
 
 async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
@@ -167,6 +202,7 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            pass_fds=() if cfg.incoming_fd is None else (cfg.incoming_fd,),
         )
         await proc.wait()
     deadline = asyncio.get_running_loop().time() + timeout

@@ -17,6 +17,7 @@
  *
  * Usage: corral-vmux PORT_DEVICE AGENT_SOCKET
  *        corral-vmux --boot ENV_FILE HOSTNAME PORT_DEVICE AGENT_SOCKET -- AGENT ARGS...
+ *        corral-vmux --clone HOSTNAME EPOCH_NS HEX   (a warm clone's name, clock, entropy)
  * The second form is the guest's pid 1 after switch_root: it sets the host name, forks the mux
  * (which waits for the agent's socket), and becomes the agent with the environment in ENV_FILE
  * (NUL-separated KEY=VALUE entries, as the host wrote them), so the agent is the guest's init
@@ -30,6 +31,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -246,6 +249,31 @@ static char **read_env(const char *path) {
 
 static int mux(const char *port, const char *sock);
 
+/* Every clone of a warm template starts from the template's RNG state: writing to /dev/urandom
+ * only mixes into the input pool, so the output stays the same until the kernel reseeds. The
+ * host's fresh bytes are added with credit and the CRNG is reseeded at once. */
+static int reseed(const char *hex) {
+    struct {
+        int entropy_count, buf_size;
+        uint8_t buf[256];
+    } info = {0};
+    size_t n = strlen(hex) / 2;
+    if (n == 0 || n > sizeof info.buf) return 2;
+    for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1) return 2;
+        info.buf[i] = (uint8_t)v;
+    }
+    info.buf_size = (int)n;
+    info.entropy_count = (int)n * 8;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) die("/dev/urandom");
+    if (ioctl(fd, RNDADDENTROPY, &info) < 0) die("RNDADDENTROPY");
+    if (ioctl(fd, RNDRESEEDCRNG) < 0) die("RNDRESEEDCRNG");
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 8 && strcmp(argv[1], "--boot") == 0 && strcmp(argv[6], "--") == 0) {
         char **env = read_env(argv[2]);
@@ -255,6 +283,14 @@ int main(int argc, char **argv) {
         if (pid == 0) return mux(argv[4], argv[5]);
         execve(argv[7], argv + 7, env);
         die(argv[7]);
+    }
+    if (argc == 5 && strcmp(argv[1], "--clone") == 0) {
+        /* A clone of a warm template: its own name, the host's clock, fresh entropy. */
+        if (sethostname(argv[2], strlen(argv[2])) < 0) die("sethostname");
+        long long ns = atoll(argv[3]);
+        struct timespec now = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+        if (clock_settime(CLOCK_REALTIME, &now) < 0) die("clock_settime");
+        return reseed(argv[4]);
     }
     if (argc != 3) {
         fprintf(stderr, "usage: corral-vmux PORT_DEVICE AGENT_SOCKET\n");

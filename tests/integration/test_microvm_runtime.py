@@ -1,7 +1,8 @@
 """A microvm sandbox runs its own kernel (not the host's) with the agent as its init, carries many
 concurrent agent streams intact over one virtio-serial port, stops using CPU when paused, keeps
-QEMU inside its cgroup limits, and is gone without a trace when destroyed, when QEMU is killed,
-or when its guest fails to boot."""
+QEMU inside its cgroup limits, starts as a clone of a warm template with its own name,
+environment, clock, entropy and disk, and is gone without a trace when destroyed, when QEMU is
+killed, or when its guest fails to boot."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import json
 import os
 import platform
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,7 @@ async def test_a_guest_that_cannot_boot_fails_create_and_leaves_nothing(
     vm_runtime: MicroVMRuntime, tmp_path: Path
 ) -> None:
     rt = vm_runtime
+    rt.warm = False  # a cold boot: a warm clone would resume the template's page cache
     rootfs = tmp_path / "broken" / "rootfs"
     rootfs.mkdir(parents=True)
     (rootfs / "hello").write_text("no init, no shell")
@@ -167,3 +171,27 @@ async def test_qemu_runs_inside_its_cgroup_limits(
     finally:
         await rt.destroy("vm-cg")
     assert not any(d.exists() for d in dirs)
+
+
+async def test_warm_clones_are_separate_machines(
+    vm_runtime: MicroVMRuntime, minimal_rootfs: Path
+) -> None:
+    """Clones of one warm template: each its own name, environment, clock, entropy and disk."""
+    rt = vm_runtime
+    script = "hostname; echo $GREETING; date +%s; head -c 16 /dev/urandom | od -An -tx1"
+    outs = []
+    try:
+        for sid in ("vm-c1", "vm-c2"):
+            spec = _spec(sid, minimal_rootfs)
+            await rt.create(replace(spec, env={**spec.env, "GREETING": sid}))
+            assert "restore" in rt.last_create_timings  # a clone, not a boot
+            outs.append((await sandbox_run(rt, sid, ["/bin/sh", "-c", script])).out.splitlines())
+        await sandbox_run(rt, "vm-c1", ["/bin/sh", "-c", "echo mine > /root/only-c1"])
+        assert (await sandbox_run(rt, "vm-c2", ["/bin/ls", "/root"])).out == ""
+    finally:
+        for sid in ("vm-c1", "vm-c2"):
+            await rt.destroy(sid)
+    (n1, g1, t1, r1), (n2, g2, t2, r2) = outs
+    assert (n1, g1, n2, g2) == ("vm-c1", "vm-c1", "vm-c2", "vm-c2")
+    assert abs(int(t1) - time.time()) < 30 and abs(int(t2) - time.time()) < 30
+    assert r1 != r2  # every clone starts from the template's RNG state unless reseeded

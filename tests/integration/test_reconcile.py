@@ -74,7 +74,9 @@ def test_background_output_survives_a_server_restart(
     with own_server(tmp_path) as own:
         with own.server.client(timeout=180) as c:
             body = {"template": "minimal", "timeout": 600, **isolation}
-            sid = c.post("/v1/sandboxes", json=body).json()["id"]
+            r = c.post("/v1/sandboxes", json=body)
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
             script = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.05; done"
             r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": script, "background": True})
             pid = r.json()["pid"]
