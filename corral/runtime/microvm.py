@@ -29,7 +29,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -419,27 +418,12 @@ class MicroVMRuntime:
 
         client = AgentClient(lambda: self.open_agent(sid))
         await client.set_env(spec.env)
-        bb = "/.corral/busybox"
-        # One helper call for what needs no shell: name, clock, fresh entropy.
-        lines = [
-            f"/.corral/vmux --clone {shlex.quote(spec.hostname)} {time.time_ns()} "
-            f"{secrets.token_hex(64)}"
-        ]
+        # One helper call, no shell: name, clock, fresh entropy and the network.
+        argv = ["/.corral/vmux", "--clone", spec.hostname, str(time.time_ns())]
+        argv.append(secrets.token_hex(64))
         if net is not None:
-            lines += [
-                f"{bb} ip link set eth0 down",
-                f"{bb} ip link set eth0 address {net.mac}",
-                f"{bb} ip link set eth0 up",
-                f"{bb} ip addr add {net.address}/32 dev eth0",
-                f"{bb} ip route add {net.gateway} dev eth0",
-                f"{bb} ip route add default via {net.gateway} dev eth0",
-                f"{bb} arp -i eth0 -s {net.gateway} {net.gateway_mac}",
-                f"[ -d /etc ] && echo nameserver {net.gateway} > /etc/resolv.conf",
-            ]
-        script = "set -e\n" + "\n".join(lines)
-        _, events = await client.exec_stream(
-            ExecRequest(argv=[bb, "sh", "-c", script], stdin=False)
-        )
+            argv += [net.mac, net.address, net.gateway, net.gateway_mac]
+        _, events = await client.exec_stream(ExecRequest(argv=argv, stdin=False))
         output = bytearray()
         code: int | None = None
         async for ev in events:

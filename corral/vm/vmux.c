@@ -17,7 +17,8 @@
  *
  * Usage: corral-vmux PORT_DEVICE AGENT_SOCKET
  *        corral-vmux --boot ENV_FILE HOSTNAME PORT_DEVICE AGENT_SOCKET -- AGENT ARGS...
- *        corral-vmux --clone HOSTNAME EPOCH_NS HEX   (a warm clone's name, clock, entropy)
+ *        corral-vmux --clone HOSTNAME EPOCH_NS HEX [MAC ADDRESS GATEWAY GATEWAY_MAC]
+ *            (a warm clone's name, clock, entropy and network)
  * The second form is the guest's pid 1 after switch_root: it sets the host name, forks the mux
  * (which waits for the agent's socket), and becomes the agent with the environment in ENV_FILE
  * (NUL-separated KEY=VALUE entries, as the host wrote them), so the agent is the guest's init
@@ -31,7 +32,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <linux/random.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <net/route.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -249,6 +254,82 @@ static char **read_env(const char *path) {
 
 static int mux(const char *port, const char *sock);
 
+static int parse_mac(const char *text, unsigned char out[6]) {
+    unsigned v[6];
+    if (sscanf(text, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) return -1;
+    for (int i = 0; i < 6; i++) out[i] = (unsigned char)v[i];
+    return 0;
+}
+
+static void set_in(struct sockaddr *sa, const char *ip) {
+    struct sockaddr_in *in = (struct sockaddr_in *)sa;
+    memset(in, 0, sizeof *in);
+    in->sin_family = AF_INET;
+    if (inet_pton(AF_INET, ip, &in->sin_addr) != 1) {
+        errno = EINVAL;
+        die(ip);
+    }
+}
+
+/* A clone's network, as the cold boot's init sets it with busybox: eth0 with the sandbox's MAC
+ * and /32, a host route to the gateway, the default route through it, and the gateway's MAC
+ * fixed. Plain ioctls: under TCG each forked tool costs ~20 ms. */
+static void net_config(const char *mac, const char *addr, const char *gw, const char *gwmac) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) die("socket");
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("eth0");
+    ifr.ifr_flags &= ~IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("eth0 down");
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    if (parse_mac(mac, (unsigned char *)ifr.ifr_hwaddr.sa_data) < 0) {
+        errno = EINVAL;
+        die(mac);
+    }
+    if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0) die("eth0 address");
+    set_in(&ifr.ifr_addr, addr);
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) die("eth0 ip");
+    set_in(&ifr.ifr_netmask, "255.255.255.255");
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) die("eth0 netmask");
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("eth0");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("eth0 up");
+    char dev[] = "eth0";
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    set_in(&rt.rt_dst, gw);
+    set_in(&rt.rt_genmask, "255.255.255.255");
+    rt.rt_flags = RTF_UP | RTF_HOST;
+    rt.rt_dev = dev;
+    if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) die("route to the gateway");
+    memset(&rt, 0, sizeof rt);
+    set_in(&rt.rt_dst, "0.0.0.0");
+    set_in(&rt.rt_genmask, "0.0.0.0");
+    set_in(&rt.rt_gateway, gw);
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    rt.rt_dev = dev;
+    if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) die("default route");
+    struct arpreq arp;
+    memset(&arp, 0, sizeof arp);
+    set_in(&arp.arp_pa, gw);
+    arp.arp_ha.sa_family = ARPHRD_ETHER;
+    if (parse_mac(gwmac, (unsigned char *)arp.arp_ha.sa_data) < 0) {
+        errno = EINVAL;
+        die(gwmac);
+    }
+    arp.arp_flags = ATF_PERM | ATF_COM;
+    strncpy(arp.arp_dev, "eth0", sizeof arp.arp_dev - 1);
+    if (ioctl(s, SIOCSARP, &arp) < 0) die("gateway neighbour");
+    close(s);
+    int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+        dprintf(fd, "nameserver %s\n", gw);
+        close(fd);
+    }
+}
+
 /* Every clone of a warm template starts from the template's RNG state: writing to /dev/urandom
  * only mixes into the input pool, so the output stays the same until the kernel reseeds. The
  * host's fresh bytes are added with credit and the CRNG is reseeded at once. */
@@ -284,7 +365,8 @@ int main(int argc, char **argv) {
         execve(argv[7], argv + 7, env);
         die(argv[7]);
     }
-    if (argc == 5 && strcmp(argv[1], "--clone") == 0) {
+    if ((argc == 5 || argc == 9) && strcmp(argv[1], "--clone") == 0) {
+        if (argc == 9) net_config(argv[5], argv[6], argv[7], argv[8]);
         /* A clone of a warm template: its own name, the host's clock, fresh entropy. */
         if (sethostname(argv[2], strlen(argv[2])) < 0) die("sethostname");
         long long ns = atoll(argv[3]);
