@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,27 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
         if pid is not None and not Path(f"/proc/{pid}").exists():
             break
         await asyncio.sleep(0.01)
+    # Never leave a QEMU that came up too slowly behind: nobody would know its pid.
+    strays = set(_qemus_with(str(cfg.pid_file)))
+    if pid is not None:
+        strays.add(pid)
+    for stray in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stray, signal.SIGKILL)
     tail = log.read_text(errors="replace")[-2000:].strip()
     raise RuntimeFailure(f"QEMU did not start: {tail or 'no output'}")
+
+
+def _qemus_with(argument: str) -> list[int]:
+    """Pids of processes whose command line holds ``argument`` (a VM's own pid-file path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if argument.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
 
 
 class Qmp:
