@@ -21,7 +21,14 @@ import httpx
 
 from corral.templates import build_in_data_dir
 
-__all__ = ["Restartable", "RunningServer", "own_server", "running_server", "shared_templates_dir"]
+__all__ = [
+    "Restartable",
+    "RunningServer",
+    "exec_stdout",
+    "own_server",
+    "running_server",
+    "shared_templates_dir",
+]
 
 
 @dataclass
@@ -193,3 +200,14 @@ def own_server(scratch: Path) -> Iterator[Restartable]:
         finally:
             stop_server(handle.server)
             release_data_dir(data)
+
+
+def exec_stdout(c: httpx.Client, sandbox_id: str, cmd: str) -> str:
+    """Run ``cmd`` in the sandbox through the HTTP API; its stdout (it must exit 0)."""
+    import base64
+
+    r = c.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": cmd})
+    assert r.status_code == 200, r.text
+    events = [json.loads(line) for line in r.text.splitlines() if line]
+    assert next(e["exit_code"] for e in events if e["type"] == "exit") == 0, events
+    return b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout").decode()

@@ -4,8 +4,6 @@ tier cannot do yet (snapshots, hibernation) is a clear 400 that changes nothing.
 
 from __future__ import annotations
 
-import base64
-import json
 import platform
 from collections.abc import Iterator
 from typing import Any
@@ -14,17 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import microvm_skip_reason
-from tests.integration.server_harness import RunningServer
+from tests.integration.server_harness import RunningServer, exec_stdout
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
-
-
-def sh(c: httpx.Client, sid: str, cmd: str) -> str:
-    r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd})
-    assert r.status_code == 200, r.text
-    events = [json.loads(line) for line in r.text.splitlines() if line]
-    assert next(e["exit_code"] for e in events if e["type"] == "exit") == 0, events
-    return b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout").decode()
 
 
 @pytest.fixture
@@ -50,18 +40,18 @@ def test_exec_files_pause_kill(api: httpx.Client) -> None:
     sid = vm["id"]
     try:
         assert vm["runtime"] == "microvm" and vm["cpu"] == 1.0 and vm["state"] == "running"
-        kernel = sh(api, sid, "uname -r").strip()
+        kernel = exec_stdout(api, sid, "uname -r").strip()
         assert kernel != platform.release() and kernel.endswith("-cloud-amd64")
-        assert sh(api, sid, "hostname; echo $CORRAL_SANDBOX_ID").split() == [sid, sid]
+        assert exec_stdout(api, sid, "hostname; echo $CORRAL_SANDBOX_ID").split() == [sid, sid]
         r = api.put(f"/v1/sandboxes/{sid}/files", params={"path": "/root/note"}, content=b"vm!")
         assert r.status_code in (200, 201, 204), r.text
         assert (
             api.get(f"/v1/sandboxes/{sid}/files", params={"path": "/root/note"}).content == b"vm!"
         )
         assert api.post(f"/v1/sandboxes/{sid}/pause").json()["state"] == "paused"
-        assert sh(api, sid, "echo back") == "back\n"  # auto-resume
+        assert exec_stdout(api, sid, "echo back") == "back\n"  # auto-resume
         # Its NIC carries the sandbox's address (egress is the network tests' business).
-        assert vm["network"]["address"] in sh(api, sid, "ip -4 addr show dev eth0")
+        assert vm["network"]["address"] in exec_stdout(api, sid, "ip -4 addr show dev eth0")
     finally:
         assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
     assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "stopped"
@@ -94,7 +84,7 @@ def test_what_microvm_cannot_do_yet_is_a_400(api: httpx.Client) -> None:
         assert r.status_code == 400 and "microvm" in r.json()["error"]["message"]
         r = api.post(f"/v1/sandboxes/{vm['id']}/hibernate")
         assert r.status_code == 400 and "microvm" in r.json()["error"]["message"]
-        assert sh(api, vm["id"], "echo still here") == "still here\n"
+        assert exec_stdout(api, vm["id"], "echo still here") == "still here\n"
     finally:
         api.delete(f"/v1/sandboxes/{vm['id']}")
 

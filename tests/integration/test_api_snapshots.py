@@ -4,8 +4,6 @@ count are clear 4xx that change nothing."""
 
 from __future__ import annotations
 
-import base64
-import json
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -13,17 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.server_harness import RunningServer
+from tests.integration.server_harness import RunningServer, exec_stdout
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
-
-
-def sh(c: httpx.Client, sid: str, cmd: str) -> str:
-    r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd})
-    assert r.status_code == 200, r.text
-    events = [json.loads(line) for line in r.text.splitlines() if line]
-    assert next(e["exit_code"] for e in events if e["type"] == "exit") == 0, events
-    return b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout").decode()
 
 
 @pytest.fixture
@@ -58,12 +48,12 @@ def _snap(api: httpx.Client, made: dict[str, list[str]], sid: str, **body: Any) 
 
 def test_take_list_restore_delete(api: httpx.Client, cleanup: dict[str, list[str]]) -> None:
     sid = _create(api, cleanup)["id"]
-    sh(api, sid, "echo v1 > /root/v")
+    exec_stdout(api, sid, "echo v1 > /root/v")
     first = _snap(api, cleanup, sid, name="before")
     assert first["name"] == "before" and first["sandbox_id"] == sid
     assert first["template"] == "minimal" and first["size_bytes"] > 0
     assert api.post(f"/v1/sandboxes/{sid}/snapshots", json={"name": "before"}).status_code == 409
-    sh(api, sid, "echo v2 > /root/v")
+    exec_stdout(api, sid, "echo v2 > /root/v")
     second = _snap(api, cleanup, sid)
     assert second["name"] == second["id"]
     listed = api.get(f"/v1/sandboxes/{sid}/snapshots").json()
@@ -71,27 +61,27 @@ def test_take_list_restore_delete(api: httpx.Client, cleanup: dict[str, list[str
     assert api.get(f"/v1/snapshots/{first['id']}").json() == first
     assert first["id"] in [s["id"] for s in api.get("/v1/snapshots").json()]
 
-    sh(api, sid, "echo v3 > /root/v; touch /root/later")
+    exec_stdout(api, sid, "echo v3 > /root/v; touch /root/later")
     r = api.post(f"/v1/sandboxes/{sid}/restore", json={"snapshot": "before"})  # by name
     assert r.status_code == 200, r.text
     assert r.json()["state"] == "running" and r.json()["id"] == sid
-    assert sh(api, sid, "cat /root/v; ls /root").split() == ["v1", "v"]
+    assert exec_stdout(api, sid, "cat /root/v; ls /root").split() == ["v1", "v"]
     r = api.post(f"/v1/sandboxes/{sid}/restore", json={"snapshot": second["id"]})  # by id
     assert r.status_code == 200, r.text
-    assert sh(api, sid, "cat /root/v") == "v2\n"
+    assert exec_stdout(api, sid, "cat /root/v") == "v2\n"
 
     assert api.delete(f"/v1/snapshots/{first['id']}").status_code == 204
     assert api.get(f"/v1/snapshots/{first['id']}").status_code == 404
     r = api.post(f"/v1/sandboxes/{sid}/restore", json={"snapshot": first["id"]})
     assert r.status_code == 404 and "snap" in r.json()["error"]["message"]
-    assert sh(api, sid, "cat /root/v") == "v2\n"  # nothing changed
+    assert exec_stdout(api, sid, "cat /root/v") == "v2\n"  # nothing changed
 
 
 def test_fork_gives_independent_copies(api: httpx.Client, cleanup: dict[str, list[str]]) -> None:
     src = _create(api, cleanup, metadata={"job": "src"}, env={"FROM": "src"}, cpu=0.5)["id"]
-    sh(api, src, "echo base > /root/f")
+    exec_stdout(api, src, "echo base > /root/f")
     snap = _snap(api, cleanup, src)
-    sh(api, src, "echo later > /root/f")
+    exec_stdout(api, src, "echo later > /root/f")
     r = api.post(f"/v1/snapshots/{snap['id']}/fork", json={"count": 3, "metadata": {"job": "f"}})
     assert r.status_code == 201, r.text
     forks = r.json()
@@ -101,18 +91,18 @@ def test_fork_gives_independent_copies(api: httpx.Client, cleanup: dict[str, lis
         assert f["state"] == "running" and f["metadata"] == {"job": "f"}
         assert f["cpu"] == 0.5 and f["env_keys"] == ["FROM"]  # the source's settings
     for i, f in enumerate(forks):
-        assert sh(api, f["id"], f"cat /root/f; echo {i} > /root/f; hostname") == (
+        assert exec_stdout(api, f["id"], f"cat /root/f; echo {i} > /root/f; hostname") == (
             f"base\n{f['id']}\n"
         )
-    assert [sh(api, f["id"], "cat /root/f") for f in forks] == ["0\n", "1\n", "2\n"]
-    assert sh(api, src, "cat /root/f") == "later\n"
+    assert [exec_stdout(api, f["id"], "cat /root/f") for f in forks] == ["0\n", "1\n", "2\n"]
+    assert exec_stdout(api, src, "cat /root/f") == "later\n"
 
     # One sandbox from a snapshot through the plain create call.
     r = api.post("/v1/sandboxes", json={"snapshot": snap["id"], "timeout": 300})
     assert r.status_code == 201, r.text
     cleanup["sandboxes"].append(r.json()["id"])
     assert r.json()["timeout"] == 300 and r.json()["metadata"] == {"job": "src"}
-    assert sh(api, r.json()["id"], "cat /root/f") == "base\n"
+    assert exec_stdout(api, r.json()["id"], "cat /root/f") == "base\n"
     # Killing the source leaves its snapshots usable.
     assert api.delete(f"/v1/sandboxes/{src}").status_code == 204
     assert [s["id"] for s in api.get(f"/v1/sandboxes/{src}/snapshots").json()] == [snap["id"]]

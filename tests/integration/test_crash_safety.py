@@ -5,9 +5,7 @@ and at the end nothing is left on the host."""
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import random
 import threading
 from pathlib import Path
@@ -16,19 +14,11 @@ import httpx
 import pytest
 
 from tests.conftest import RUN_CORRAL, LeakWatch, container_skip_reason
-from tests.integration.server_harness import RunningServer, own_server
+from tests.integration.server_harness import RunningServer, exec_stdout, own_server
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = 5
-
-
-def _sh(c: httpx.Client, sid: str, cmd: str) -> str:
-    r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd})
-    assert r.status_code == 200, r.text
-    events = [json.loads(line) for line in r.text.splitlines() if line]
-    assert next(e["exit_code"] for e in events if e["type"] == "exit") == 0, events
-    return b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout").decode()
 
 
 def _fire(server: RunningServer, method: str, path: str, body: object) -> threading.Thread:
@@ -50,7 +40,7 @@ def _check_consistent(server: RunningServer, src: str, allowed: set[str]) -> Non
         state = c.get(f"/v1/sandboxes/{src}").json()["state"]
         assert state in ("running", "hibernated"), state
         # An exec wakes a hibernated sandbox; its disk is one whole version or the other.
-        assert _sh(c, src, "cat /root/v").strip() in allowed
+        assert exec_stdout(c, src, "cat /root/v").strip() in allowed
         snaps = {s["id"] for s in c.get("/v1/snapshots").json()}
         on_disk = {p.stem for p in (data / "pool" / "snapshots").glob("*.img")}
         assert snaps == on_disk
@@ -77,7 +67,7 @@ def test_kill_9_mid_operation_leaves_previous_state_and_no_leak(
             src = c.post("/v1/sandboxes", json={"template": "minimal", "timeout": 3600}).json()[
                 "id"
             ]
-            _sh(c, src, "echo base > /root/v")
+            exec_stdout(c, src, "echo base > /root/v")
             r = c.post(f"/v1/sandboxes/{src}/snapshots", json={"name": "base"})
             assert r.status_code == 201, r.text
             base = r.json()["id"]
@@ -89,7 +79,7 @@ def test_kill_9_mid_operation_leaves_previous_state_and_no_leak(
         for i in range(ROUNDS):
             for method, path, body in ops:
                 with own.server.client() as c:
-                    _sh(c, src, f"echo r{i} > /root/v")
+                    exec_stdout(c, src, f"echo r{i} > /root/v")
                 sender = _fire(own.server, method, path, body)
                 threading.Event().wait(rng.uniform(0.0, 0.25))
                 server = own.restart(hard=True, between=functools.partial(sender.join, 30))
