@@ -11,22 +11,15 @@ Usage: ``python -m bench.bench_microvm [--templates-from /var/lib/corral] [--run
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench import Row, publish
-from bench.bench_sandbox import _prepare_data_dir, _pss, _server, _Tracker
-from corral.agent.build import agent_binary_path
+from bench.bench_sandbox import _pss, _Tracker, served
 from corral.config import NetworkConfig
-from corral.core.network import purge_network
-from corral.runtime import ContainerRuntime, MicroVMRuntime
-from corral.templates.fs import remove_tree
 from corral.vm.qemu import choose_accel
 
 __all__ = ["main"]
@@ -120,26 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         subnet="10.252.10.0/24", prefix="bvm", nft_table="corral_bvm", dns_upstreams=["127.0.0.1:9"]
     )
     accel = choose_accel()
-    with tempfile.TemporaryDirectory(prefix="corral-bench-vm-") as tmp_name:
-        tmp = Path(tmp_name)
-        data_dir = _prepare_data_dir(args, tmp, ["minimal"])
-        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
-        tracker = _Tracker()
-        try:
-            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
-                os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
-                rows += _tier(tracker, f"corral microvm ({accel})", args.runs, args.execs, **_VM)
-                rows += _tier(tracker, "corral container", args.runs * 4, args.execs)
-                rows.append(_vm_memory(tracker, data_dir, 3))
-        except RuntimeError as exc:
-            rows.append(Row.failed("server start", "corral", "-", str(exc)))
-        finally:
-            tracker.kill_all()
-            agent = agent_binary_path()
-            asyncio.run(MicroVMRuntime(data_dir, agent).purge())
-            asyncio.run(ContainerRuntime(data_dir, agent).purge())
-            asyncio.run(purge_network(network))
-            remove_tree(data_dir)
+    try:
+        with served(args, ["minimal"], network, "corral-bench-vm-") as (tracker, data_dir, _):
+            rows += _tier(tracker, f"corral microvm ({accel})", args.runs, args.execs, **_VM)
+            rows += _tier(tracker, "corral container", args.runs * 4, args.execs)
+            rows.append(_vm_memory(tracker, data_dir, 3))
+    except RuntimeError as exc:
+        rows.append(Row.failed("server start", "corral", "-", str(exc)))
     publish(
         "microvm",
         "corral microvm tier (with the container tier, same run)",

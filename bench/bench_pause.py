@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench import Row, publish
-from bench.bench_sandbox import _prepare_data_dir, _server, _Tracker
+from bench.bench_sandbox import _Tracker, served
 from corral.agent import AgentClient, ExecRequest
 from corral.agent.build import agent_binary_path
 from corral.config import NetworkConfig
-from corral.core.network import purge_network
 from corral.runtime import ContainerRuntime, SandboxSpec
 from corral.templates import rootfs_path
-from corral.templates.fs import remove_tree
 
 __all__ = ["main"]
 
@@ -129,25 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         nft_table="corral_bpause",
         dns_upstreams=["127.0.0.1:9"],
     )
-    with tempfile.TemporaryDirectory(prefix="corral-bench-pause-") as tmp_name:
-        tmp = Path(tmp_name)
-        data_dir = _prepare_data_dir(args, tmp, ["minimal", "base"])
-        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
-        tracker = _Tracker()
-        try:
-            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
-                os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
-                rows += _sdk(tracker, args.runs)
-                for template in ("minimal", "base"):
-                    rows += _hibernate_wake(tracker, template, max(10, args.runs // 5))
+    try:
+        with served(args, ["minimal", "base"], network, "corral-bench-pause-") as (tracker, _, tmp):
+            rows += _sdk(tracker, args.runs)
+            for template in ("minimal", "base"):
+                rows += _hibernate_wake(tracker, template, max(10, args.runs // 5))
             rows += asyncio.run(_runtime(tmp / "runtime", Path(args.templates_from), args.runs))
-        except RuntimeError as exc:
-            rows.append(Row.failed("server start", "corral", "-", str(exc)))
-        finally:
-            tracker.kill_all()
-            asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
-            asyncio.run(purge_network(network))
-            remove_tree(data_dir)
+    except RuntimeError as exc:
+        rows.append(Row.failed("server start", "corral", "-", str(exc)))
     publish(
         "pause",
         "corral pause and resume",

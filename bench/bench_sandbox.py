@@ -362,6 +362,33 @@ def _with_targets(rows: list[Row]) -> list[Row]:
     return out
 
 
+@contextlib.contextmanager
+def served(
+    args: argparse.Namespace, templates: Sequence[str], network: NetworkConfig, prefix: str
+) -> Iterator[tuple[_Tracker, Path, Path]]:
+    """A ``corral server`` on a temporary data dir of its own with ``network``, the SDK pointed
+    at it: (tracker of what is created, data dir, scratch dir). Whatever happens, every sandbox
+    is killed and every tier's host state and the network are removed at the end."""
+    from corral.runtime.microvm import MicroVMRuntime
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_name:
+        tmp = Path(tmp_name)
+        data_dir = _prepare_data_dir(args, tmp, templates)
+        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
+        tracker = _Tracker()
+        try:
+            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
+                os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
+                yield tracker, data_dir, tmp
+        finally:
+            tracker.kill_all()
+            agent = agent_binary_path()
+            asyncio.run(MicroVMRuntime(data_dir, agent).purge())
+            asyncio.run(ContainerRuntime(data_dir, agent).purge())
+            asyncio.run(purge_network(network))
+            remove_tree(data_dir)
+
+
 def _prepare_data_dir(args: argparse.Namespace, tmp: Path, templates: Sequence[str]) -> Path:
     if args.data_dir:
         data_dir = Path(args.data_dir)

@@ -14,24 +14,15 @@ Usage: ``python -m bench.bench_snapshot [--templates-from /var/lib/corral] [--ru
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from bench import Row, publish
-from bench.bench_sandbox import _prepare_data_dir, _server, _Tracker
-from corral.agent.build import agent_binary_path
+from bench.bench_sandbox import _Tracker, served
 from corral.config import NetworkConfig
-from corral.core.network import purge_network
-from corral.runtime import ContainerRuntime
-from corral.templates.fs import remove_tree
 
 __all__ = ["main"]
 
@@ -196,25 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         nft_table="corral_bsnap",
         dns_upstreams=["127.0.0.1:9"],
     )
-    with tempfile.TemporaryDirectory(prefix="corral-bench-snap-") as tmp_name:
-        tmp = Path(tmp_name)
-        data_dir = _prepare_data_dir(args, tmp, ["minimal", "base"])
-        (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))
-        tracker = _Tracker()
-        try:
-            with _server(data_dir, tmp / "server.log", tmp / "server.json") as (url, key, _):
-                os.environ["CORRAL_URL"], os.environ["CORRAL_API_KEY"] = url, key
-                rows += _snapshot_after_write(tracker, max(3, args.runs // 4))
-                for template in ("minimal", "base"):
-                    rows += _restore_and_fork(tracker, template, args.runs)
-                rows += _chain(tracker, args.generations, args.runs)
-        except RuntimeError as exc:
-            rows.append(Row.failed("server start", "corral", "-", str(exc)))
-        finally:
-            tracker.kill_all()
-            asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
-            asyncio.run(purge_network(network))
-            remove_tree(data_dir)
+    try:
+        with served(args, ["minimal", "base"], network, "corral-bench-snap-") as (tracker, _, _):
+            rows += _snapshot_after_write(tracker, max(3, args.runs // 4))
+            for template in ("minimal", "base"):
+                rows += _restore_and_fork(tracker, template, args.runs)
+            rows += _chain(tracker, args.generations, args.runs)
+    except RuntimeError as exc:
+        rows.append(Row.failed("server start", "corral", "-", str(exc)))
     publish(
         "snapshot",
         "corral snapshots, restore and fork",
