@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -25,28 +24,13 @@ pytest.importorskip(
     "corral.api.server", reason="corral.api.server does not import yet (the server is in progress)"
 )
 
+from tests.integration.cli_harness import CORRAL, TEMPLATE, corral
 from tests.integration.server_harness import (
     network_config_for_tests,
     release_data_dir,
 )
 
 pytestmark = pytest.mark.integration
-
-CORRAL = str(Path(sys.executable).with_name("corral"))
-TEMPLATE = "minimal"
-
-
-def corral(
-    env: dict[str, str], *args: str, input: bytes | None = None, check: bool = True
-) -> subprocess.CompletedProcess[bytes]:
-    proc = subprocess.run(
-        [CORRAL, *args], env=env, input=input, capture_output=True, timeout=120,
-        stdin=None if input is not None else subprocess.DEVNULL,
-    )  # fmt: skip
-    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
-    if check:
-        assert proc.returncode == 0, (args, proc.stderr.decode())
-    return proc
 
 
 @pytest.fixture

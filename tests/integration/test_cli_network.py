@@ -7,7 +7,6 @@ import json
 import os
 import select
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,25 +18,10 @@ pytest.importorskip(
     "corral.api.server", reason="corral.api.server does not import yet (the server is in progress)"
 )
 
+from tests.integration.cli_harness import CORRAL, TEMPLATE, corral
 from tests.integration.server_harness import RunningServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
-
-CORRAL = str(Path(sys.executable).with_name("corral"))
-TEMPLATE = "minimal"
-
-
-def corral(
-    env: dict[str, str], *args: str, check: bool = True, input: bytes | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    proc = subprocess.run(
-        [CORRAL, *args], env=env, input=input, capture_output=True, timeout=120,
-        stdin=None if input is not None else subprocess.DEVNULL,
-    )  # fmt: skip
-    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
-    if check:
-        assert proc.returncode == 0, (args, proc.stderr.decode())
-    return proc
 
 
 def _policy(env: dict[str, str], sid: str) -> dict[str, object]:
