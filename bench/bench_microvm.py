@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import Row, publish
-from bench.bench_sandbox import _pss, _Tracker, served
-from corral.config import NetworkConfig
+from bench.bench_sandbox import _pss, _Tracker, served, served_parser
 from corral.vm.qemu import choose_accel
 
 __all__ = ["main"]
@@ -97,24 +96,17 @@ def _vm_memory(tracker: _Tracker, data_dir: Path, count: int) -> Row:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_microvm")
-    p.add_argument("--templates-from", default="/var/lib/corral", help="data dir with templates")
-    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--runs", type=int, default=5, help="creates per tier")
+    p = served_parser("bench_microvm", 5, "creates per tier")
     p.add_argument("--execs", type=int, default=50)
-    p.add_argument("--no-write", action="store_true", help="print only, do not update results")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rows: list[Row] = []
-    network = NetworkConfig(
-        subnet="10.252.10.0/24", prefix="bvm", nft_table="corral_bvm", dns_upstreams=["127.0.0.1:9"]
-    )
     accel = choose_accel()
     try:
-        with served(args, ["minimal"], network, "corral-bench-vm-") as (tracker, data_dir, _):
+        with served(args, ["minimal"], "vm", 10) as (tracker, data_dir, _):
             rows += _tier(tracker, f"corral microvm ({accel})", args.runs, args.execs, **_VM)
             rows += _tier(tracker, "corral container", args.runs * 4, args.execs)
             rows.append(_vm_memory(tracker, data_dir, 3))

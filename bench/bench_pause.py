@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import Row, publish
-from bench.bench_sandbox import _Tracker, served
+from bench.bench_sandbox import _Tracker, served, served_parser
 from corral.agent import AgentClient, ExecRequest
 from corral.agent.build import agent_binary_path
-from corral.config import NetworkConfig
 from corral.runtime import ContainerRuntime, SandboxSpec
 from corral.templates import rootfs_path
 
@@ -107,25 +106,15 @@ async def _runtime(data_dir: Path, templates: Path, runs: int) -> list[Row]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_pause")
-    p.add_argument("--templates-from", default="/var/lib/corral", help="data dir with templates")
-    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--no-write", action="store_true", help="print only, do not update results")
+    p = served_parser("bench_pause", 100)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rows: list[Row] = []
-    network = NetworkConfig(
-        subnet="10.252.8.0/24",
-        prefix="bpau",
-        nft_table="corral_bpause",
-        dns_upstreams=["127.0.0.1:9"],
-    )
     try:
-        with served(args, ["minimal", "base"], network, "corral-bench-pause-") as (tracker, _, tmp):
+        with served(args, ["minimal", "base"], "pause", 8) as (tracker, _, tmp):
             rows += _sdk(tracker, args.runs)
             for template in ("minimal", "base"):
                 rows += _hibernate_wake(tracker, template, max(10, args.runs // 5))

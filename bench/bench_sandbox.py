@@ -362,16 +362,34 @@ def _with_targets(rows: list[Row]) -> list[Row]:
     return out
 
 
+def served_parser(prog: str, runs: int, runs_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark run through ``served`` takes."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{prog}")
+    p.add_argument("--templates-from", default="/var/lib/corral", help="data dir with templates")
+    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=int, default=runs, help=runs_help)
+    p.add_argument("--no-write", action="store_true", help="print only, do not update results")
+    return p
+
+
 @contextlib.contextmanager
 def served(
-    args: argparse.Namespace, templates: Sequence[str], network: NetworkConfig, prefix: str
+    args: argparse.Namespace, templates: Sequence[str], tag: str, subnet: int
 ) -> Iterator[tuple[_Tracker, Path, Path]]:
-    """A ``corral server`` on a temporary data dir of its own with ``network``, the SDK pointed
-    at it: (tracker of what is created, data dir, scratch dir). Whatever happens, every sandbox
-    is killed and every tier's host state and the network are removed at the end."""
+    """A ``corral server`` on a temporary data dir of its own, with a network of its own
+    (``10.252.<subnet>.0/24``, host objects named after ``tag``) so that benchmarks never meet
+    each other or a test server, the SDK pointed at it: (tracker of what is created, data dir,
+    scratch dir). Whatever happens, every sandbox is killed and every tier's host state and the
+    network are removed at the end."""
     from corral.runtime.microvm import MicroVMRuntime
 
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_name:
+    network = NetworkConfig(
+        subnet=f"10.252.{subnet}.0/24",
+        prefix=f"b{tag[:3]}",  # interface names: prefix + 10 hex digits, 15 at most
+        nft_table=f"corral_b{tag}",
+        dns_upstreams=["127.0.0.1:9"],
+    )
+    with tempfile.TemporaryDirectory(prefix=f"corral-bench-{tag}-") as tmp_name:
         tmp = Path(tmp_name)
         data_dir = _prepare_data_dir(args, tmp, templates)
         (tmp / "server.json").write_text(json.dumps({"network": network.model_dump(mode="json")}))

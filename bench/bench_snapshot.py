@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench import Row, publish
-from bench.bench_sandbox import _Tracker, served
-from corral.config import NetworkConfig
+from bench.bench_sandbox import _Tracker, served, served_parser
 
 __all__ = ["main"]
 
@@ -169,26 +168,16 @@ def _chain(tracker: _Tracker, generations: int, runs: int) -> list[Row]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_snapshot")
-    p.add_argument("--templates-from", default="/var/lib/corral", help="data dir with templates")
-    p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--runs", type=int, default=20)
+    p = served_parser("bench_snapshot", 20)
     p.add_argument("--generations", type=int, default=100)
-    p.add_argument("--no-write", action="store_true", help="print only, do not update results")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rows: list[Row] = []
-    network = NetworkConfig(
-        subnet="10.252.9.0/24",
-        prefix="bsnp",
-        nft_table="corral_bsnap",
-        dns_upstreams=["127.0.0.1:9"],
-    )
     try:
-        with served(args, ["minimal", "base"], network, "corral-bench-snap-") as (tracker, _, _):
+        with served(args, ["minimal", "base"], "snap", 9) as (tracker, _, _):
             rows += _snapshot_after_write(tracker, max(3, args.runs // 4))
             for template in ("minimal", "base"):
                 rows += _restore_and_fork(tracker, template, args.runs)
