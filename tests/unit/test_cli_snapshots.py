@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from corral.cli.main import app
-from tests.unit.test_sdk_snapshots import OLDER, SNAP, Recorder, _by_route, _error, server
+from tests.unit.sdk_mock import Recorder, error_response
+from tests.unit.test_sdk_snapshots import OLDER, SNAP, _by_route, server
 
 __all__ = ["server"]  # the fixture, imported to be used here
 
@@ -82,7 +83,7 @@ def test_snapshot_rm_deletes_each_and_reports_the_failures(
 
     def answer(req: httpx.Request) -> httpx.Response:
         if req.url.path.endswith("/snap-gone"):
-            return _error(404, "not_found", "no snapshot snap-gone")
+            return error_response(404, "not_found", "no snapshot snap-gone")
         return httpx.Response(204)
 
     server.answer = answer
@@ -111,7 +112,7 @@ def test_restore_prints_the_new_state(runner: CliRunner, server: Recorder) -> No
 def test_restore_of_a_missing_snapshot_is_one_line(runner: CliRunner, server: Recorder) -> None:
     def answer(req: httpx.Request) -> httpx.Response:
         if req.url.path.endswith("/restore"):
-            return _error(404, "not_found", "sandbox sb-1 has no snapshot 'nope'")
+            return error_response(404, "not_found", "sandbox sb-1 has no snapshot 'nope'")
         return _by_route(req)
 
     server.answer = answer
@@ -148,7 +149,7 @@ def test_fork_count_zero_shows_the_servers_message(runner: CliRunner, server: Re
 
 
 def test_fork_over_quota_is_exit_1(runner: CliRunner, server: Recorder) -> None:
-    server.answer = lambda req: _error(429, "quota_exceeded", "at most 10 sandboxes")
+    server.answer = lambda req: error_response(429, "quota_exceeded", "at most 10 sandboxes")
     res = runner.invoke(app, ["fork", SID, "-n", "50"])
     assert res.exit_code == 1
     assert _one_error_line(res.stderr) == "error: at most 10 sandboxes"

@@ -6,7 +6,6 @@ No server: every request goes to an ``httpx.MockTransport`` that records it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,12 @@ from typer.testing import CliRunner
 from corral import errors
 from corral.cli.main import app
 from corral.sdk import _http as sdk_http
-from corral.sdk import async_sandbox as async_mod
-from corral.sdk import sandbox as sync_mod
 from corral.sdk._config import ClientConfig
 from corral.sdk._wire import calls
 from corral.sdk.async_sandbox import AsyncSandbox
 from corral.sdk.models import SandboxInfo
 from corral.sdk.sandbox import Sandbox
+from tests.unit.sdk_mock import Recorder, error_response, route_sdk_to
 
 URL = "http://corral.test:7700"
 CONFIG = ClientConfig(URL, "k-123")
@@ -55,28 +53,6 @@ PAUSED: dict[str, Any] = {
 }
 
 
-class Recorder:
-    """A mock server: answers each request with ``answer(request)`` and remembers the request."""
-
-    def __init__(self, answer: Callable[[httpx.Request], httpx.Response]) -> None:
-        self.answer = answer
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, req: httpx.Request) -> httpx.Response:
-        self.requests.append(req)
-        return self.answer(req)
-
-    def bodies(self) -> list[Any]:
-        return [json.loads(r.content) if r.content else None for r in self.requests]
-
-    def routes(self) -> list[tuple[str, str]]:
-        return [(r.method, r.url.path) for r in self.requests]
-
-
-def _error(status: int, code: str, message: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"code": code, "message": message}})
-
-
 def _by_route(req: httpx.Request) -> httpx.Response:
     """Pause answers PAUSED, resume and everything else RUNNING (create with its 201)."""
     if req.url.path.endswith("/pause"):
@@ -89,18 +65,7 @@ def _by_route(req: httpx.Request) -> httpx.Response:
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     """Route every SDK client made from now on (create/connect make their own) to a recorder."""
-    rec = Recorder(_by_route)
-    sync_cls, async_cls = sdk_http.SyncHttp, sdk_http.AsyncHttp
-
-    def sync_http(config: ClientConfig, **_: Any) -> sdk_http.SyncHttp:
-        return sync_cls(config, transport=httpx.MockTransport(rec))
-
-    def async_http(config: ClientConfig, **_: Any) -> sdk_http.AsyncHttp:
-        return async_cls(config, transport=httpx.MockTransport(rec))
-
-    monkeypatch.setattr(sync_mod, "SyncHttp", sync_http)
-    monkeypatch.setattr(async_mod, "AsyncHttp", async_http)
-    return rec
+    return route_sdk_to(monkeypatch, _by_route)
 
 
 # ---------------------------------------------------------------- request building
@@ -218,7 +183,7 @@ async def test_pause_errors_keep_their_class(code: str, cls: type[errors.CorralE
     status = 404 if code == "not_found" else 409
 
     def refuse(req: httpx.Request) -> httpx.Response:
-        return _error(status, code, f"sandbox sb-1: {code}")
+        return error_response(status, code, f"sandbox sb-1: {code}")
 
     sbx = Sandbox("sb-1", sdk_http.SyncHttp(CONFIG, transport=httpx.MockTransport(refuse)))
     with pytest.raises(cls) as caught:
@@ -283,7 +248,7 @@ def test_cli_pause_and_resume_print_the_new_state(runner: CliRunner, server: Rec
 def test_cli_pause_failure_is_one_error_line(runner: CliRunner, server: Recorder) -> None:
     def answer(req: httpx.Request) -> httpx.Response:
         if req.url.path.endswith("/pause"):
-            return _error(409, "conflict", "sandbox sb-1 is already paused")
+            return error_response(409, "conflict", "sandbox sb-1 is already paused")
         return httpx.Response(200, json=PAUSED)
 
     server.answer = answer

@@ -16,13 +16,12 @@ import pytest
 from corral import errors
 from corral.sdk import Snapshot as ExportedSnapshot
 from corral.sdk import _http as sdk_http
-from corral.sdk import async_sandbox as async_mod
-from corral.sdk import sandbox as sync_mod
 from corral.sdk._config import ClientConfig
 from corral.sdk._wire import calls, snapshot_ref
 from corral.sdk.async_sandbox import AsyncSandbox
 from corral.sdk.models import Snapshot
 from corral.sdk.sandbox import Sandbox
+from tests.unit.sdk_mock import Recorder, error_response, route_sdk_to
 
 URL = "http://corral.test:7700"
 CONFIG = ClientConfig(URL, "k-123")
@@ -56,28 +55,6 @@ def _sandbox(sandbox_id: str, state: str = "running") -> dict[str, Any]:
     }
 
 
-class Recorder:
-    """A mock server: answers each request with ``answer(request)`` and remembers the request."""
-
-    def __init__(self, answer: Callable[[httpx.Request], httpx.Response]) -> None:
-        self.answer = answer
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, req: httpx.Request) -> httpx.Response:
-        self.requests.append(req)
-        return self.answer(req)
-
-    def bodies(self) -> list[Any]:
-        return [json.loads(r.content) if r.content else None for r in self.requests]
-
-    def routes(self) -> list[tuple[str, str]]:
-        return [(r.method, r.url.path) for r in self.requests]
-
-
-def _error(status: int, code: str, message: str) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"code": code, "message": message}})
-
-
 def _by_route(req: httpx.Request) -> httpx.Response:
     """What the server of docs/API.md answers to each snapshot route."""
     path, method = req.url.path, req.method
@@ -86,7 +63,7 @@ def _by_route(req: httpx.Request) -> httpx.Response:
     if path.endswith("/fork"):
         count = json.loads(req.content)["count"]
         if count < 1:
-            return _error(400, "invalid_request", "count must be between 1 and 100")
+            return error_response(400, "invalid_request", "count must be between 1 and 100")
         return httpx.Response(201, json=[_sandbox(f"sb-f{i}") for i in range(count)])
     if path.endswith("/snapshots") and method == "POST":
         return httpx.Response(201, json=SNAP)
@@ -104,18 +81,7 @@ def _by_route(req: httpx.Request) -> httpx.Response:
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     """Route every SDK client made from now on (classmethods make their own) to a recorder."""
-    rec = Recorder(_by_route)
-    sync_cls, async_cls = sdk_http.SyncHttp, sdk_http.AsyncHttp
-
-    def sync_http(config: ClientConfig, **_: Any) -> sdk_http.SyncHttp:
-        return sync_cls(config, transport=httpx.MockTransport(rec))
-
-    def async_http(config: ClientConfig, **_: Any) -> sdk_http.AsyncHttp:
-        return async_cls(config, transport=httpx.MockTransport(rec))
-
-    monkeypatch.setattr(sync_mod, "SyncHttp", sync_http)
-    monkeypatch.setattr(async_mod, "AsyncHttp", async_http)
-    return rec
+    return route_sdk_to(monkeypatch, _by_route)
 
 
 class Conn(TypedDict):
@@ -298,7 +264,7 @@ def test_sync_create_from_a_snapshot(server: Recorder) -> None:
 async def test_errors_keep_their_class(
     server: Recorder, status: int, code: str, cls: type[errors.CorralError]
 ) -> None:
-    server.answer = lambda req: _error(status, code, f"snapshot trouble: {code}")
+    server.answer = lambda req: error_response(status, code, f"snapshot trouble: {code}")
     sbx = Sandbox("sb-1", sdk_http.SyncHttp(CONFIG, transport=httpx.MockTransport(server)))
     asbx = AsyncSandbox("sb-1", sdk_http.AsyncHttp(CONFIG, transport=httpx.MockTransport(server)))
     attempts: list[Callable[[], object]] = [
