@@ -141,11 +141,6 @@ class Pool:
         finally:
             os.close(dev_fd)
 
-    def free_bytes(self) -> int:
-        self.ensure()
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
     def remove(self) -> None:
         """Unmount and delete the pool and everything in it (for tests and uninstalling)."""
         with self._lock:

@@ -40,10 +40,6 @@ class PortMux:
         self._reader_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
-    @property
-    def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
-
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._lock:
             if self._writer is not None and not self._writer.is_closing():
