@@ -22,6 +22,7 @@ __all__ = [
     "QuotaExceededError",
     "RuntimeFailure",
     "SandboxNotRunningError",
+    "SnapshotUnusableError",
     "TimeoutError",
     "error_from_code",
 ]
@@ -70,6 +71,14 @@ class SandboxNotRunningError(ConflictError):
     status = 409
 
 
+class SnapshotUnusableError(ConflictError):
+    """The snapshot exists but its saved state cannot be loaded (damaged, or of another
+    machine shape); nothing was started from it."""
+
+    code = "snapshot_unusable"
+    status = 409
+
+
 class QuotaExceededError(CorralError):
     code = "quota_exceeded"
     status = 429
@@ -104,6 +113,7 @@ _BY_CODE: dict[str, type[CorralError]] = {
         NotFoundError,
         ConflictError,
         SandboxNotRunningError,
+        SnapshotUnusableError,
         QuotaExceededError,
         TimeoutError,
         PortUnreachableError,

@@ -246,8 +246,10 @@ def _kept(path: str) -> bool:
             "/sandboxes",
             "/pool",
             "/pool.img",
+            "/.pool.img.lock",
             "/pool/disks",
             "/pool/snapshots",
+            "/pool/vm-snapshots",
         )
     ):
         return True

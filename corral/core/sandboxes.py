@@ -428,9 +428,6 @@ class SandboxService:
 
     def _check_microvm(self, cmd: CreateSandbox) -> None:
         """What the microvm tier cannot do yet (issue 5) is refused up front, not half done."""
-        for policy in ("on_timeout", "on_idle"):
-            if getattr(cmd, policy) == "hibernate":
-                raise InvalidRequestError(f"{policy}='hibernate' is not supported by microvm yet")
         if cmd.cpu is not None and cmd.vcpus is None and cmd.cpu != int(cmd.cpu):
             raise InvalidRequestError(f"a microvm has whole vCPUs; got cpu={cmd.cpu}")
 
@@ -669,7 +666,7 @@ class SandboxService:
             if self._network is not None:
                 await self._network.detach(sb.id, sb.address)
         except InvalidRequestError:
-            raise  # the tier cannot hibernate at all (microvm, yet): nothing was touched
+            raise  # a request the tier refuses before touching anything
         except CorralError as e:
             sb = self._transition(sb, SandboxState.ERROR, error=f"hibernate failed: {e.message}")
             await self._store.update_sandbox(sb.id, state=sb.state.value, error=sb.error)
@@ -680,7 +677,8 @@ class SandboxService:
         return sb
 
     async def _wake_locked(self, sb: Sandbox) -> Sandbox:
-        """Start a hibernated sandbox again on its disk (its processes start afresh)."""
+        """Start a hibernated sandbox again on its disk: a container's processes start afresh,
+        a microvm's carry on from its saved memory."""
         spec = self._spec(sb, self._templates.layers_for(sb.template))
         try:
             await self._runtime.wake(spec)
@@ -715,7 +713,14 @@ class SandboxService:
             return sb, size
 
     async def restore(
-        self, who: Principal, sandbox_id: str, snapshot_id: str, *, template: str, disk_mb: int
+        self,
+        who: Principal,
+        sandbox_id: str,
+        snapshot_id: str,
+        *,
+        template: str,
+        disk_mb: int,
+        isolation: str,
     ) -> Sandbox:
         """Bring the sandbox's filesystem back to the snapshot: its processes stop, its disk
         becomes a copy of the snapshot, and it starts again (running, its timeout clock going
@@ -726,6 +731,11 @@ class SandboxService:
             if sb.state not in _HAS_DISK:
                 raise SandboxNotRunningError(
                     f"sandbox {sandbox_id} is {sb.state.value}; only a live sandbox can be restored"
+                )
+            if isolation != sb.runtime:
+                raise InvalidRequestError(
+                    f"snapshot {snapshot_id} is of a {isolation} sandbox; {sandbox_id} is a "
+                    f"{sb.runtime}: fork the snapshot instead"
                 )
             if template != sb.template or disk_mb != sb.disk_mb:
                 raise InvalidRequestError(
@@ -748,7 +758,8 @@ class SandboxService:
             raise RuntimeFailure(f"sandbox {sb.id} lost its network namespace")
         spec = replace(spec, network=None, netns=netns)
         try:
-            await self._runtime.hibernate(sb.id)
+            # Its current memory is about to be replaced: not worth saving.
+            await self._runtime.hibernate(sb.id, keep_memory=False)
             await self._runtime.restore_disk(sb.id, snapshot_id)
             await self._runtime.wake(spec)
         except BaseException as e:

@@ -26,14 +26,17 @@ def build_runtime(config: ServerConfig) -> Runtime:
     """Every isolation tier this server offers, behind one router; ``config.runtime`` is the
     default. Imported lazily: each pulls in its own host code."""
     from corral.agent.build import agent_binary_path
+    from corral.host.pool import Pool
     from corral.runtime.container import ContainerRuntime
     from corral.runtime.microvm import MicroVMRuntime
     from corral.runtime.tiers import TieredRuntime
 
     agent = agent_binary_path()
+    # Both tiers keep disks and snapshots in the data dir's one storage pool.
+    pool = Pool(config.data_dir / "pool.img", config.data_dir / "pool")
     tiers: dict[str, Runtime] = {
-        "container": ContainerRuntime(config.data_dir, agent),
-        "microvm": MicroVMRuntime(config.data_dir, agent),
+        "container": ContainerRuntime(config.data_dir, agent, pool=pool),
+        "microvm": MicroVMRuntime(config.data_dir, agent, pool=pool),
     }
     if config.runtime not in tiers:
         raise InvalidRequestError(

@@ -48,6 +48,12 @@ class Snapshot:
     created_at: datetime
     source: dict[str, Any]
 
+    @property
+    def isolation(self) -> str:
+        """The tier it was taken in: it starts again only there (a VM's memory is no container
+        filesystem)."""
+        return str(self.source.get("isolation") or "container")
+
     @classmethod
     def from_row(cls, row: SnapshotRow) -> Snapshot:
         created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
@@ -174,13 +180,23 @@ class SnapshotService:
         await self._sandboxes.get(who, sandbox_id)
         snap = await self._resolve(who, sandbox_id, ref)
         return await self._sandboxes.restore(
-            who, sandbox_id, snap.id, template=snap.template, disk_mb=snap.disk_mb
+            who,
+            sandbox_id,
+            snap.id,
+            template=snap.template,
+            disk_mb=snap.disk_mb,
+            isolation=snap.isolation,
         )
 
     def _command(self, snap: Snapshot, overrides: CreateSandbox) -> CreateSandbox:
         """The snapshot source's settings with what the caller set on top."""
         given = overrides.model_dump(include=overrides.model_fields_set - {"snapshot"})
-        for key, have in (("template", snap.template), ("disk_mb", snap.disk_mb)):
+        settled = (
+            ("template", snap.template),
+            ("disk_mb", snap.disk_mb),
+            ("isolation", snap.isolation),
+        )
+        for key, have in settled:
             if given.get(key) not in (None, have):
                 raise InvalidRequestError(
                     f"{key} comes from snapshot {snap.id} ({have!r}); got {given[key]!r}"

@@ -24,12 +24,12 @@ import subprocess
 import threading
 from pathlib import Path
 
-from corral.errors import RuntimeFailure
+from corral.errors import QuotaExceededError, RuntimeFailure
 from corral.host.loop import attach_loop
 from corral.host.mounts import unmount
 from corral.host.syscalls import libc
 
-__all__ = ["Pool", "clone_file"]
+__all__ = ["HOST_DISK_RESERVE", "Pool", "clone_file"]
 
 _FICLONE = 0x40049409
 _MS_NOSUID = 0x2
@@ -37,6 +37,10 @@ _MS_NODEV = 0x4
 _MS_NOEXEC = 0x8
 _MS_NOATIME = 0x400
 _GiB = 1024**3
+_MiB = 1024**2
+# Never let sandbox disks and snapshots (sparse or copy-on-write files) eat the last of the
+# host's own filesystem.
+HOST_DISK_RESERVE = 1024 * _MiB
 
 
 def clone_file(src: Path, dst: Path) -> None:
@@ -90,17 +94,27 @@ class Pool:
         if self._ready and self.mounted():
             return
         with self._lock:
-            if self.mounted():
-                self._ready = True
-                return
             try:
-                if not self.image.exists():
-                    self._make()
-                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._mount()
+                self.image.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # Every tier of a server, and any other process on this data dir, shares the
+                # one pool: the check and the mount are one step under a lock on the file, or
+                # two of them could each mount the image (two XFS mounts of one image corrupt it).
+                lock = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if not self.mounted():
+                        if not self.image.exists():
+                            self._make()
+                        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        self._mount()
+                finally:
+                    os.close(lock)
             except OSError as exc:
                 raise RuntimeFailure(f"storage pool {self.image}: {exc}") from exc
             self._ready = True
+
+    def _lock_path(self) -> Path:
+        return self.image.with_name(f".{self.image.name}.lock")
 
     def _make(self) -> None:
         size = self._size
@@ -149,4 +163,25 @@ class Pool:
                 self.root.rmdir()
             with contextlib.suppress(FileNotFoundError):
                 self.image.unlink()
+            self._lock_path().unlink(missing_ok=True)
             self._ready = False
+
+    def require_room(self, needed: int = 0) -> None:
+        """Refuse (a quota error) what would leave the host filesystem under the pool with less
+        than ``needed`` bytes plus the reserve: a copy-on-write file costs nothing when made,
+        but every block either side rewrites later is a new block of the pool."""
+        free = os.statvfs(self.image.parent)
+        if free.f_bavail * free.f_frsize < needed + HOST_DISK_RESERVE:
+            raise QuotaExceededError(
+                f"the host has less than {(needed + HOST_DISK_RESERVE) // _MiB} MiB of free "
+                "disk; delete snapshots or sandboxes first"
+            )
+
+    def only_holds(self, names: set[str]) -> bool:
+        """Whether the pool holds nothing but entries named in ``names`` and empty directories:
+        a tier removing its own state uses it to tell whether the pool is still anyone's."""
+        if not self.mounted():
+            return True
+        return all(
+            p.name in names or (p.is_dir() and not any(p.iterdir())) for p in self.root.iterdir()
+        )

@@ -77,9 +77,11 @@ class Runtime(Protocol):
         """CPU time every process of the sandbox has used so far (for idle detection)."""
         ...
 
-    async def hibernate(self, sandbox_id: str) -> None:
-        """Stop every process and free the sandbox's memory and host objects, keeping only its
-        disk (and what identifies it on the host) — enough to survive a host reboot."""
+    async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
+        """Stop the sandbox and free its memory and host objects, keeping its disk (and what
+        identifies it on the host) — enough to survive a host reboot. A tier that can save
+        memory (microvm) saves it too, unless ``keep_memory`` is false (a restore about to
+        replace it), and its processes carry on at wake; a container's start afresh."""
         ...
 
     async def wake(self, spec: SandboxSpec) -> None:

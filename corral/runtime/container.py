@@ -48,7 +48,6 @@ from corral.errors import (
     ConflictError,
     CorralError,
     InvalidRequestError,
-    QuotaExceededError,
     RuntimeFailure,
     SandboxNotRunningError,
 )
@@ -72,8 +71,6 @@ _NS_GET_USERNS = 0xB701
 _SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _RANGE_SIZE = 65536
 _MiB = 1024**2
-# Never let sandbox disks (sparse images) eat the last of the host's own filesystem.
-_HOST_DISK_RESERVE = 1024 * _MiB
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Given a way to open fresh agent streams, returns once the agent answers (raises otherwise).
@@ -202,6 +199,7 @@ class ContainerRuntime:
         ready_timeout: float = 15.0,
         ready_check: ReadyCheck | None = None,
         pool_bytes: int | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.agent_binary = Path(agent_binary)
@@ -213,7 +211,8 @@ class ContainerRuntime:
             digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:16]
             mount_dir = Path("/run/corral") / f"rootfs-{digest}"
         self._mount_dir = mount_dir
-        self._pool = Pool(self.data_dir / "pool.img", self.data_dir / "pool", pool_bytes)
+        # One pool per data dir, shared with the other tiers of a server (``build_runtime``).
+        self._pool = pool or Pool(self.data_dir / "pool.img", self.data_dir / "pool", pool_bytes)
         self._slots = SlotAllocator(
             self.data_dir / "uidranges",
             first_id=first_host_id,
@@ -337,11 +336,7 @@ class ContainerRuntime:
         else:
             self._sandboxes.mkdir(parents=True, exist_ok=True, mode=0o700)
             disk_bytes = spec.disk_mb * _MiB
-            free = os.statvfs(self._sandboxes)
-            if free.f_bavail * free.f_frsize < disk_bytes + _HOST_DISK_RESERVE:
-                raise QuotaExceededError(
-                    f"the host has less than {spec.disk_mb} MiB of free disk for a new sandbox"
-                )
+            self._pool.require_room(disk_bytes)
             if spec.snapshot is not None:
                 source = self._snapshot_image(spec.snapshot)
                 if not source.is_file():
@@ -501,7 +496,8 @@ class ContainerRuntime:
 
     # ------------------------------------------------------------------------------ destroy
 
-    async def hibernate(self, sandbox_id: str) -> None:
+    async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
+        # A container's memory is never kept: its processes start afresh at wake.
         self._check_id(sandbox_id)
         async with self._lock(sandbox_id):
             if not self._dir(sandbox_id).is_dir() or not self._disk_image(sandbox_id).is_file():
@@ -673,14 +669,7 @@ class ContainerRuntime:
                 raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
             if target.exists():
                 raise ConflictError(f"snapshot {snapshot_id} already exists")
-            free = os.statvfs(self.data_dir)
-            if free.f_bavail * free.f_frsize < _HOST_DISK_RESERVE:
-                # A snapshot costs nothing now, but every block either side rewrites later is a
-                # new block of the pool; a host disk this full cannot take that.
-                raise QuotaExceededError(
-                    f"the host has less than {_HOST_DISK_RESERVE // _MiB} MiB of free disk; "
-                    "delete snapshots or sandboxes first"
-                )
+            self._pool.require_room()
             store = self._dir(sandbox_id) / "disk"
 
             def take(mounted: bool) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,19 +45,23 @@ from corral.errors import (
     InvalidRequestError,
     RuntimeFailure,
     SandboxNotRunningError,
+    SnapshotUnusableError,
 )
 from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
+from corral.host.pool import Pool, clone_file
 from corral.host.process import cpu_seconds, start_time
 from corral.runtime.base import SandboxSpec
 from corral.vm.guest import GuestKernel, build_initramfs, find_kernel, qemu_img, root_image
 from corral.vm.mux import PortMux, Streams
 from corral.vm.net import VmNet, add_tap, fresh_netns_fd, wire_tap
-from corral.vm.qemu import QemuConfig, Qmp, choose_accel, start_incoming, start_qemu
+from corral.vm.qemu import QemuConfig, Qmp, choose_accel, save_state, start_incoming, start_qemu
 
 __all__ = ["MicroVMRuntime"]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_NOT_YET = "is not supported by the microvm tier yet (issue 5)"
+_SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+# What a hibernated VM keeps in its directory; the rest goes with its QEMU.
+_KEPT = frozenset({"disk.qcow2", "state", "env", "meta.json"})
 # QEMU's own memory beyond guest RAM: device emulation, I/O buffers and the TCG translation
 # cache (capped with tb-size below).
 _QEMU_OVERHEAD_MB = 192
@@ -98,6 +103,48 @@ async def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Replace ``path`` whole (a crash leaves the old or the new file, never half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _state_of(source: Path, shape: dict[str, Any], what: str) -> Path | None:
+    """The saved memory in ``source`` (a snapshot), if it has one that fits ``shape``."""
+    state = source / "state"
+    if not state.is_file():
+        return None  # a snapshot of a VM that had lost its memory: its disk boots
+    try:
+        saved = json.loads((source / "meta.json").read_text()).get("shape")
+    except (OSError, ValueError) as exc:
+        raise SnapshotUnusableError(f"{what} has no readable description: {exc}") from exc
+    if saved != shape:
+        raise InvalidRequestError(
+            f"{what} holds the memory of a VM with {_describe(saved)}; this one would have "
+            f"{_describe(shape)} (start it with the snapshot's vCPUs and memory)"
+        )
+    return state
+
+
+def _describe(shape: Any) -> str:
+    if not isinstance(shape, dict):
+        return "an unknown shape"
+    nic = "a NIC" if shape.get("net") else "no NIC"
+    return (
+        f"{shape.get('vcpus')} vCPUs, {shape.get('memory_mb')} MiB, {nic}, "
+        f"{shape.get('accel')} acceleration"
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _enter_cgroups(pid: int, cgroups: list[Path]) -> None:
     for d in cgroups:
         (d / "cgroup.procs").write_text(str(pid))  # v1 moves every thread of the process
@@ -114,12 +161,15 @@ class MicroVMRuntime:
         ready_timeout: float = 90.0,
         accel: str | None = None,
         warm: bool = True,
+        pool: Pool | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.agent_binary = Path(agent_binary)
         self.ready_timeout = ready_timeout
         self.accel = accel or choose_accel()
-        self._vms = self.data_dir / "vms"
+        # Disks, hibernated states and snapshots live in the data dir's storage pool, so that
+        # copying any of them is a reflink (shared with the container tier by ``build_runtime``).
+        self._pool = pool or Pool(self.data_dir / "pool.img", self.data_dir / "pool")
         digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:12]
         self._run = Path("/run/corral") / f"vm-{digest}"
         self._cache = self.data_dir / "vm-cache"
@@ -138,8 +188,17 @@ class MicroVMRuntime:
         if not _ID_RE.match(sandbox_id) or ".." in sandbox_id:
             raise InvalidRequestError(f"invalid sandbox id {sandbox_id!r}")
 
+    @property
+    def _vms(self) -> Path:
+        return self._pool.dir("vms")
+
     def _dir(self, sandbox_id: str) -> Path:
         return self._vms / sandbox_id
+
+    def _snapshot_dir(self, snapshot_id: str) -> Path:
+        if not _SNAPSHOT_RE.match(snapshot_id):
+            raise InvalidRequestError(f"invalid snapshot id {snapshot_id!r}")
+        return self._pool.dir("vm-snapshots") / snapshot_id
 
     def _sock(self, name: str, kind: str) -> Path:
         """A unix socket path of VM ``name``: under /run, because ``sun_path`` holds 108 bytes
@@ -159,12 +218,25 @@ class MicroVMRuntime:
             return {}
         return meta
 
+    def _write_meta(self, sandbox_id: str, meta: dict[str, Any]) -> None:
+        _write_json(self._dir(sandbox_id) / "meta.json", meta)
+
     def _pid(self, sandbox_id: str) -> int | None:
         meta = self._meta(sandbox_id)
         pid, start = meta.get("pid"), meta.get("start")
         if isinstance(pid, int) and isinstance(start, int) and start_time(pid) == start:
             return pid
         return None
+
+    def _shape(self, spec: SandboxSpec, with_net: bool) -> dict[str, Any]:
+        """What a saved VM state can only be loaded into: the same vCPUs, RAM, accelerator and
+        devices (a NIC or not)."""
+        return {
+            "vcpus": max(1, round(spec.cpu)),
+            "memory_mb": spec.memory_mb,
+            "accel": self.accel,
+            "net": with_net,
+        }
 
     def console_log(self, sandbox_id: str) -> str:
         """The guest's serial console so far (kernel and init messages), for diagnostics."""
@@ -179,8 +251,8 @@ class MicroVMRuntime:
         self._check_id(sid)
         if len(spec.layers) != 1:
             raise InvalidRequestError("the microvm tier needs a template with exactly one layer")
-        if spec.snapshot is not None or spec.netns is not None:
-            raise InvalidRequestError(f"starting from a snapshot {_NOT_YET}")
+        if spec.netns is not None:
+            raise InvalidRequestError("a new microvm cannot start in an existing namespace")
         async with self._lock(sid):
             if self._dir(sid).exists():
                 raise ConflictError(f"sandbox {sid} already exists on this host")
@@ -205,78 +277,136 @@ class MicroVMRuntime:
             timings[name] = round((now - t) * 1000, 3)
             t = now
 
+        shape = self._shape(spec, spec.network is not None)
+        source: Path | None = None
+        if spec.snapshot is not None:
+            source = self._snapshot_dir(spec.snapshot)
+            if not (source / "disk.qcow2").is_file():
+                raise InvalidRequestError(
+                    f"snapshot {spec.snapshot} is not a microvm snapshot on this host"
+                )
+            self._pool.require_room()
         vdir = self._dir(sid)
-        self._vms.mkdir(parents=True, exist_ok=True, mode=0o700)
         vdir.mkdir(mode=0o700)
         self._socket_dir(sid)
         kernel, initramfs, image = await self._images(spec)
-        vcpus = max(1, round(spec.cpu))
-        warm: Path | None = None
-        if self.warm:
-            warm = await self._warm_template(
-                kernel.vmlinuz, initramfs, image, vcpus, spec.memory_mb, spec.network is not None
-            )
-        step("images")
         disk = vdir / "disk.qcow2"
-        if warm is not None:  # frozen at the instant of the template's memory
-            await _qcow2_overlay(warm / "disk.qcow2", "qcow2", disk)
+        state: Path | None = None
+        memory_file: Path | None = None
+        mac: str | None = None
+        if source is not None:
+            # The snapshot's disk and, when it has one, its memory: processes carry on.
+            await asyncio.to_thread(clone_file, source / "disk.qcow2", disk)
+            state = _state_of(source, shape, f"snapshot {spec.snapshot}")
+            step("disk")
         else:
-            await _qcow2_overlay(image, "raw", disk)
+            warm: Path | None = None
+            if self.warm:
+                warm = await self._warm_template(
+                    kernel.vmlinuz, initramfs, image, shape["vcpus"], spec.memory_mb, shape["net"]
+                )
+            step("images")
+            if warm is not None:  # frozen at the instant of the template's memory
+                await _qcow2_overlay(warm / "disk.qcow2", "qcow2", disk)
+                state, memory_file, mac = warm / "state", warm / "mem", _TEMPLATE_MAC
+            else:
+                await _qcow2_overlay(image, "raw", disk)
+            step("disk")
+        await self._launch(
+            spec, shape, kernel, initramfs, state, memory_file, template_mac=mac, step=step
+        )
+        timings["total"] = round(sum(timings.values()), 3)
+        self.last_create_timings = timings
+
+    async def _launch(
+        self,
+        spec: SandboxSpec,
+        shape: dict[str, Any],
+        kernel: GuestKernel,
+        initramfs: Path,
+        state: Path | None,
+        memory_file: Path | None,
+        *,
+        template_mac: str | None = None,
+        wake: bool = False,
+        step: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        """Start QEMU on the disk already in the sandbox's directory: from ``state`` (a warm
+        template's, a snapshot's or its own hibernated one; then told who it is now) or, with
+        none, by booting it."""
+        sid = spec.sandbox_id
+        vdir = self._dir(sid)
         env = vdir / "env"
         env.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in spec.env.items()))
-        step("disk")
         cfg = QemuConfig(
             name=sid,
             kernel=kernel.vmlinuz,
             initramfs=initramfs,
-            disk=disk,
+            disk=vdir / "disk.qcow2",
             agent_socket=self._sock(sid, "agent"),
             qmp_socket=self._sock(sid, "qmp"),
             console_log=vdir / "console.log",
             pid_file=vdir / "qemu.pid",
             env_file=env,
             hostname=spec.hostname,
-            vcpus=vcpus,
+            vcpus=shape["vcpus"],
             memory_mb=spec.memory_mb,
             accel=self.accel,
         )
+        meta: dict[str, Any] = {"shape": shape, "accel": self.accel}
         net: VmNet | None = None
-        if spec.network is not None:
+        if spec.netns is not None and self._meta(sid).get("net"):
+            # Restarted in the namespace it had (a restore): the tap is still wired in it.
+            net = VmNet(**self._meta(sid)["net"])
+            cfg = replace(cfg, netns=spec.netns, mac=net.mac)
+        elif spec.network is not None:
             netns, net = await self._plumb(spec)
-            if warm is not None:  # the clone's NIC is the template's; personalize fixes it up
-                cfg = replace(cfg, netns=netns, mac=_TEMPLATE_MAC)
-            else:
-                cfg = replace(cfg, netns=netns, mac=net.mac, net_config=net.guest_config())
+            cfg = replace(cfg, netns=netns, mac=net.mac)
             step("network")
+        if net is not None:
+            meta["net"] = dataclasses.asdict(net)
+            if state is None:
+                cfg = replace(cfg, net_config=net.guest_config())
+            elif template_mac is not None:
+                cfg = replace(cfg, mac=template_mac)  # personalize gives it the sandbox's
         cgroups = await asyncio.to_thread(self._make_cgroups, sid, spec)
-        (vdir / "meta.json").write_text(json.dumps({"cgroups": [str(d) for d in cgroups]}))
+        meta["cgroups"] = [str(d) for d in cgroups]
+        self._write_meta(sid, meta)
         state_fd: int | None = None
-        if warm is not None:
-            state_fd = os.open(warm / "state", os.O_RDONLY)
-            cfg = replace(cfg, memory_file=warm / "mem", incoming_fd=state_fd)
+        if state is not None:
+            state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            cfg = replace(cfg, memory_file=memory_file, incoming_fd=state_fd)
         try:
             pid = await start_qemu(cfg, vdir / "qemu.log")
         finally:
             if state_fd is not None:
                 os.close(state_fd)
-        meta: dict[str, Any] = {"pid": pid, "start": start_time(pid), "accel": self.accel}
-        meta["cgroups"] = [str(d) for d in cgroups]
-        (vdir / "meta.json").write_text(json.dumps(meta))
+        meta.update(pid=pid, start=start_time(pid))
+        self._write_meta(sid, meta)
         await asyncio.to_thread(_enter_cgroups, pid, cgroups)
         step("qemu")
-        if warm is not None:
+        if state is not None:
             qmp = Qmp(self._sock(sid, "qmp"))
             assert cfg.incoming_fd is not None
-            await start_incoming(qmp, cfg.incoming_fd)
-            await _until_running(qmp, self.ready_timeout)
+            try:
+                await start_incoming(qmp, cfg.incoming_fd)
+                await _until_running(qmp, self.ready_timeout)
+            except RuntimeFailure as exc:
+                tail = (vdir / "qemu.log").read_text(errors="replace")[-600:].strip()
+                raise SnapshotUnusableError(
+                    f"the saved state {state.name} of {state.parent.name} cannot be loaded: "
+                    f"{tail or exc.message}"
+                ) from exc
+            if wake:
+                # From here the disk moves on from the saved memory: the state is spent, and a
+                # crash from now on must not load it again (the disk alone is consistent).
+                state.unlink(missing_ok=True)
             step("restore")
         await self._wait_ready(sid)
         step("agent_ready")
-        if warm is not None:
+        if state is not None:
             await self._personalize(sid, spec, net)
             step("personalize")
-        timings["total"] = round(sum(timings.values()), 3)
-        self.last_create_timings = timings
 
     async def _images(self, spec: SandboxSpec) -> tuple[GuestKernel, Path, Path]:
         """Kernel, initramfs and template image, remembered between creates: checking them
@@ -369,8 +499,6 @@ class MicroVMRuntime:
                 mac=_TEMPLATE_MAC if with_net else None,
                 memory_file=tmp / "mem",
                 memory_shared=True,
-                # Only our own boot runs in it; ``migrate exec:`` needs a shell.
-                allow_spawn=True,
             )
             pid = await start_qemu(cfg, tmp / "qemu.log")
             mux = PortMux(self._sock(tname, "agent"))
@@ -379,19 +507,9 @@ class MicroVMRuntime:
             finally:
                 await mux.close()
             qmp = Qmp(self._sock(tname, "qmp"))
-            caps = [{"capability": "x-ignore-shared", "state": True}]
-            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-            await qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 34})
             await qmp.execute("stop")
-            await qmp.execute("migrate", {"uri": f"exec:cat > {tmp / 'state'}"})
-            deadline = time.monotonic() + 60
-            while True:
-                status = (await qmp.execute("query-migrate")).get("status")
-                if status == "completed":
-                    break
-                if status == "failed" or time.monotonic() > deadline:
-                    raise RuntimeFailure(f"saving the VM template failed ({status})")
-                await asyncio.sleep(0.01)
+            # x-ignore-shared keeps the RAM (in the shared file) out of the stream: ~0.5 MB.
+            await self._save(self._sock(tname, "qmp"), tmp / "state")
             with contextlib.suppress(RuntimeFailure):
                 await qmp.execute("quit")
             await _wait_gone(pid)
@@ -508,7 +626,9 @@ class MicroVMRuntime:
             await self._teardown(sandbox_id)
         self._locks.pop(sandbox_id, None)
 
-    async def _teardown(self, sid: str) -> None:
+    async def _teardown(self, sid: str, *, keep_disk: bool = False) -> None:
+        """Kill QEMU and remove every trace of ``sid``; ``keep_disk``: all but its disk, saved
+        memory and settings (hibernation)."""
         mux = self._muxes.pop(sid, None)
         if mux is not None:
             await mux.close()
@@ -531,7 +651,15 @@ class MicroVMRuntime:
                 await asyncio.to_thread(remove_cgroup_tree, d)
             except OSError as exc:
                 raise RuntimeFailure(f"cgroup {d} of {sid}: {exc}") from exc
-        shutil.rmtree(self._dir(sid), ignore_errors=True)
+        vdir = self._dir(sid)
+        if keep_disk and (vdir / "disk.qcow2").is_file():
+            for entry in vdir.iterdir():
+                if entry.name not in _KEPT:
+                    entry.unlink(missing_ok=True)
+            kept: dict[str, Any] = {k: meta[k] for k in ("shape", "net") if k in meta}
+            self._write_meta(sid, {**kept, "hibernated": True})
+        else:
+            shutil.rmtree(vdir, ignore_errors=True)
         shutil.rmtree(self._run / sid, ignore_errors=True)
 
     # ------------------------------------------------------------------------- pause/resume
@@ -557,24 +685,167 @@ class MicroVMRuntime:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
         return used
 
-    # ------------------------------------------------------------------ not there yet
-    async def hibernate(self, sandbox_id: str) -> None:
-        raise InvalidRequestError(f"hibernation {_NOT_YET}")
+    # ------------------------------------------------------------------ saved VM states
+    async def _save(self, qmp_socket: Path, target: Path) -> None:
+        """Save a stopped VM's whole state to ``target``, durably and atomically (the file
+        appears complete under its name or not at all)."""
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            await asyncio.to_thread(save_state, qmp_socket, fd)
+            await asyncio.to_thread(os.fsync, fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, target)
+            await asyncio.to_thread(_fsync_dir, target.parent)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+
+    async def _stopped(self, sid: str) -> str:
+        """Stop the VM's vCPUs; returns the run state it had (to go back to)."""
+        qmp = Qmp(self._sock(sid, "qmp"))
+        status = str((await qmp.execute("query-status")).get("status"))
+        if status == "running":
+            await qmp.execute("stop")
+        return status
+
+    async def _carry_on(self, sid: str, status: str) -> None:
+        """After a save: QEMU's disks are inactive until ``cont``, whatever the VM was doing; a
+        paused VM is stopped again at once (its guest may run for a few microseconds)."""
+        qmp = Qmp(self._sock(sid, "qmp"))
+        await qmp.execute("cont")
+        if status != "running":
+            await qmp.execute("stop")
+
+    async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
+        """Save the VM's memory and devices with its disk, then stop QEMU: its processes carry
+        on where they were at wake. A VM whose QEMU is gone (killed, a host reboot) keeps only
+        its disk and boots from it at wake."""
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            vdir = self._dir(sandbox_id)
+            if not (vdir / "disk.qcow2").is_file():
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
+            if self._meta(sandbox_id).get("hibernated"):
+                return
+            if self._pid(sandbox_id) is not None and keep_memory:
+                self._pool.require_room()
+                await self._stopped(sandbox_id)
+                await self._save(self._sock(sandbox_id, "qmp"), vdir / "state")
+            else:
+                (vdir / "state").unlink(missing_ok=True)
+            await self._teardown(sandbox_id, keep_disk=True)
 
     async def wake(self, spec: SandboxSpec) -> None:
-        raise InvalidRequestError(f"hibernation {_NOT_YET}")
+        sid = spec.sandbox_id
+        self._check_id(sid)
+        async with self._lock(sid):
+            meta = self._meta(sid)
+            if not meta.get("hibernated"):
+                raise ConflictError(f"sandbox {sid} is not hibernated on this host")
+            try:
+                self._socket_dir(sid)
+                kernel, initramfs, _ = await self._images(spec)
+                with_net = spec.network is not None or spec.netns is not None
+                shape = self._shape(spec, with_net)
+                state: Path | None = self._dir(sid) / "state"
+                assert state is not None
+                if not state.is_file():
+                    state = None
+                elif meta.get("shape") != shape:
+                    raise InvalidRequestError(
+                        f"sandbox {sid} was saved with {_describe(meta.get('shape'))}; it cannot "
+                        f"wake with {_describe(shape)}"
+                    )
+                await self._launch(spec, shape, kernel, initramfs, state, None, wake=True)
+            except BaseException as exc:
+                # Back to hibernated, disk (and saved memory, unless spent) untouched.
+                cleanup = asyncio.ensure_future(self._teardown(sid, keep_disk=True))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(cleanup)
+                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
+                    raise
+                raise RuntimeFailure(f"wake of {sid} failed: {exc}") from exc
 
+    # ------------------------------------------------------------------------- snapshots
     async def snapshot(self, sandbox_id: str, snapshot_id: str) -> int:
-        raise InvalidRequestError(f"snapshots {_NOT_YET}")
+        """Memory, devices and disk at one instant: a running VM is stopped for the save (its
+        RAM is written out), then carries on; a hibernated one's files are copied."""
+        self._check_id(sandbox_id)
+        target = self._snapshot_dir(snapshot_id)
+        async with self._lock(sandbox_id):
+            vdir = self._dir(sandbox_id)
+            if not (vdir / "disk.qcow2").is_file():
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
+            if target.exists():
+                raise ConflictError(f"snapshot {snapshot_id} already exists")
+            self._pool.require_room()
+            meta = self._meta(sandbox_id)
+            tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+            tmp.mkdir(mode=0o700)
+            try:
+                if self._pid(sandbox_id) is None:
+                    # Hibernated (or its QEMU died): the files are consistent as they are.
+                    await asyncio.to_thread(clone_file, vdir / "disk.qcow2", tmp / "disk.qcow2")
+                    if (vdir / "state").is_file():
+                        await asyncio.to_thread(clone_file, vdir / "state", tmp / "state")
+                else:
+                    status = await self._stopped(sandbox_id)
+                    try:
+                        await self._save(self._sock(sandbox_id, "qmp"), tmp / "state")
+                        # Saving flushed the disk and holds it still until ``cont``.
+                        await asyncio.to_thread(clone_file, vdir / "disk.qcow2", tmp / "disk.qcow2")
+                    finally:
+                        await self._carry_on(sandbox_id, status)
+                _write_json(tmp / "meta.json", {"shape": meta.get("shape"), "of": sandbox_id})
+                await asyncio.to_thread(_fsync_dir, tmp)
+                os.rename(tmp, target)
+                await asyncio.to_thread(_fsync_dir, target.parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return sum(p.stat().st_blocks * 512 for p in target.iterdir())
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
-        """Nothing to delete: this tier makes no snapshots yet."""
+        target = self._snapshot_dir(snapshot_id)
+        if target.exists():
+            # Renamed away first: a crash half way leaves a dot-name that reconcile sweeps.
+            doomed = target.with_name(f".{target.name}.deleted")
+            os.rename(target, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     async def list_snapshots(self) -> list[str]:
-        return []
+        if not self._pool.image.exists():
+            return []
+        snaps = self._pool.dir("vm-snapshots")
+        for leftover in snaps.glob(".*"):  # half-made or half-deleted
+            shutil.rmtree(leftover, ignore_errors=True)
+        return sorted(p.name for p in snaps.iterdir() if _SNAPSHOT_RE.match(p.name))
 
     async def restore_disk(self, sandbox_id: str, snapshot_id: str) -> None:
-        raise InvalidRequestError(f"snapshots {_NOT_YET}")
+        """Give a hibernated VM the snapshot's disk and memory: at wake it carries on from the
+        snapshot's instant. Each step leaves a consistent pair (the old saved memory goes
+        first; a disk without saved memory boots)."""
+        self._check_id(sandbox_id)
+        source = self._snapshot_dir(snapshot_id)
+        async with self._lock(sandbox_id):
+            meta = self._meta(sandbox_id)
+            if not meta.get("hibernated"):
+                raise ConflictError(f"sandbox {sandbox_id} is not hibernated on this host")
+            if not (source / "disk.qcow2").is_file():
+                raise InvalidRequestError(
+                    f"snapshot {snapshot_id} is not a microvm snapshot on this host"
+                )
+            has_state = _state_of(source, meta.get("shape") or {}, f"snapshot {snapshot_id}")
+            vdir = self._dir(sandbox_id)
+            (vdir / "state").unlink(missing_ok=True)
+            for name in ("disk.qcow2", "state") if has_state else ("disk.qcow2",):
+                fresh = vdir / f".{name}.{secrets.token_hex(4)}"
+                await asyncio.to_thread(clone_file, source / name, fresh)
+                os.replace(fresh, vdir / name)
+            await asyncio.to_thread(_fsync_dir, vdir)
 
     # ------------------------------------------------------------------------------ inspect
     async def is_running(self, sandbox_id: str) -> bool:
@@ -582,9 +853,9 @@ class MicroVMRuntime:
         return self._pid(sandbox_id) is not None
 
     async def list_sandboxes(self) -> list[str]:
-        with contextlib.suppress(FileNotFoundError):
-            return sorted(p.name for p in self._vms.iterdir() if _ID_RE.match(p.name))
-        return []
+        if not self._pool.image.exists():
+            return []  # never made: nothing of this tier on the host
+        return sorted(p.name for p in self._vms.iterdir() if _ID_RE.match(p.name))
 
     async def open_agent(self, sandbox_id: str) -> Streams:
         self._check_id(sandbox_id)
@@ -600,10 +871,15 @@ class MicroVMRuntime:
         self._muxes.clear()
 
     async def purge(self) -> None:
-        """Destroy every VM and remove this tier's host state (tests and uninstalling)."""
+        """Destroy every VM and remove this tier's host state (tests and uninstalling); the
+        storage pool too when nothing of another tier is in it."""
         for sid in await self.list_sandboxes():
             await self.destroy(sid)
-        shutil.rmtree(self._vms, ignore_errors=True)
+        if self._pool.image.exists():
+            for name in ("vms", "vm-snapshots"):
+                shutil.rmtree(self._pool.dir(name), ignore_errors=True)
+            if self._pool.only_holds(set()):
+                self._pool.remove()
         shutil.rmtree(self._cache, ignore_errors=True)
         shutil.rmtree(self._run, ignore_errors=True)
         with contextlib.suppress(OSError):

@@ -78,8 +78,8 @@ class TieredRuntime:
     async def cpu_seconds(self, sandbox_id: str) -> float:
         return await (await self._for(sandbox_id)).cpu_seconds(sandbox_id)
 
-    async def hibernate(self, sandbox_id: str) -> None:
-        await (await self._for(sandbox_id)).hibernate(sandbox_id)
+    async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
+        await (await self._for(sandbox_id)).hibernate(sandbox_id, keep_memory=keep_memory)
 
     async def wake(self, spec: SandboxSpec) -> None:
         await (await self._for(spec.sandbox_id)).wake(spec)
@@ -123,7 +123,8 @@ class TieredRuntime:
             await rt.close()
 
     async def purge(self) -> None:
-        for rt in self._tiers.values():
+        # Last tier first: the default (first) one owns the storage pool the others use.
+        for rt in reversed(self._tiers.values()):
             purge = getattr(rt, "purge", None)
             if purge is not None:
                 await purge()

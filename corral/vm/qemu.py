@@ -13,14 +13,25 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.errors import RuntimeFailure
 
-__all__ = ["TAP", "QemuConfig", "Qmp", "choose_accel", "qemu_argv", "start_incoming", "start_qemu"]
+__all__ = [
+    "TAP",
+    "QemuConfig",
+    "Qmp",
+    "choose_accel",
+    "qemu_argv",
+    "save_state",
+    "start_incoming",
+    "start_qemu",
+]
 
 
 TAP = "tap0"
@@ -70,13 +81,12 @@ class QemuConfig:
     mac: str | None = None
     net_config: str | None = None
     # Guest RAM in this file (a warm template: shared while it is built, private copy-on-write
-    # in its clones); None: anonymous memory.
+    # in its clones); None: anonymous memory. Either way the RAM block is named ``mem0``, so a
+    # state saved by any VM loads into any other of the same shape.
     memory_file: Path | None = None
     memory_shared: bool = False
     # A descriptor (inherited) to read a saved VM state from: the VM starts from it.
     incoming_fd: int | None = None
-    # Building a template: the state is saved with ``migrate exec:``, which spawns a shell.
-    allow_spawn: bool = False
 
 
 def qemu_binary() -> str:
@@ -93,7 +103,7 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         "-name",
         f"corral-{cfg.name}",
         "-machine",
-        "pc,memory-backend=mem0" if cfg.memory_file is not None else "pc",
+        "pc,memory-backend=mem0",
         "-accel",
         # TCG's translation cache defaults to 1 GiB: 64 MiB keeps QEMU inside its cgroup.
         "kvm" if cfg.accel == "kvm" else "tcg,tb-size=64",
@@ -135,8 +145,7 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         "-qmp",
         f"unix:{cfg.qmp_socket},server=on,wait=off",
         "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"
-        + ("" if cfg.allow_spawn else ",spawn=deny"),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-pidfile",
         str(cfg.pid_file),
     ]
@@ -165,6 +174,8 @@ def _memory(cfg: QemuConfig) -> list[str]:
             f"memory-backend-file,id=mem0,size={cfg.memory_mb}M,mem-path={cfg.memory_file},"
             f"share={share}",
         ]
+    else:
+        out += ["-object", f"memory-backend-ram,id=mem0,size={cfg.memory_mb}M"]
     if cfg.incoming_fd is not None:
         # Started over QMP (``start_incoming``) once x-ignore-shared is on: QEMU 7.2 has no
         # command-line property for that capability.
@@ -173,8 +184,10 @@ def _memory(cfg: QemuConfig) -> list[str]:
 
 
 async def start_incoming(qmp: Qmp, fd: int) -> None:
-    """Load the saved state from inherited descriptor ``fd``; template pages come from the
-    (privately mapped) memory file, not from the stream."""
+    """Load the saved state from inherited descriptor ``fd``; a warm template's pages come from
+    the (privately mapped) memory file, not from the stream. ``x-ignore-shared`` is on at both
+    ends of every save and load: QEMU refuses a stream whose validated capabilities differ
+    from its own, and with no shared RAM the capability changes nothing."""
     caps = [{"capability": "x-ignore-shared", "state": True}]
     await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
     await qmp.execute("migrate-incoming", {"uri": f"fd:{fd}"})
@@ -239,6 +252,55 @@ def _qemus_with(argument: str) -> list[int]:
     return found
 
 
+def save_state(qmp_socket: Path, out_fd: int, timeout: float = 300.0) -> None:
+    """Write the whole state of a *stopped* VM (devices, and RAM not in a shared file) to
+    ``out_fd``, passed to QEMU over the QMP socket (``getfd``): no ``exec:`` shell, so QEMU's
+    ``spawn=deny`` stays on. Blocking (run it in a thread). Once it returns QEMU is in
+    ``postmigrate`` with its disks flushed and inactive: ``cont`` makes it run again."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(qmp_socket))
+        except OSError as exc:
+            raise RuntimeFailure(f"QMP {qmp_socket} unreachable: {exc.strerror or exc}") from exc
+        answers = sock.makefile("rb")
+        answers.readline()  # greeting
+
+        def call(command: str, arguments: dict[str, Any] | None = None, fd: int = -1) -> Any:
+            line = json.dumps({"execute": command, "arguments": arguments or {}}).encode()
+            if fd >= 0:
+                socket.send_fds(sock, [line + b"\n"], [fd])
+            else:
+                sock.sendall(line + b"\n")
+            while True:
+                answer = json.loads(answers.readline() or b"{}")
+                if "event" in answer:
+                    continue
+                if "error" in answer:
+                    raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
+                if not answer:
+                    raise RuntimeFailure(f"QMP {command}: connection closed")
+                return answer.get("return")
+
+        call("qmp_capabilities")
+        caps = [{"capability": "x-ignore-shared", "state": True}]
+        call("migrate-set-capabilities", {"capabilities": caps})
+        call("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        call("getfd", {"fdname": "corral-state"}, fd=out_fd)
+        call("migrate", {"uri": "fd:corral-state"})
+        deadline = time.monotonic() + timeout
+        while True:
+            info = call("query-migrate") or {}
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise RuntimeFailure(
+                    f"saving the VM state failed ({status}: {info.get('error-desc', 'timed out')})"
+                )
+            time.sleep(0.002)
+
+
 class Qmp:
     """Just enough of the QEMU Machine Protocol: one command at a time, on a fresh connection."""
 
@@ -251,24 +313,35 @@ class Qmp:
         except OSError as exc:
             raise RuntimeFailure(f"QMP {self.path} unreachable: {exc.strerror or exc}") from exc
         try:
-            await reader.readline()  # greeting
-            call: dict[str, Any] = {"execute": command}
-            if arguments:
-                call["arguments"] = arguments
-            for cmd in ({"execute": "qmp_capabilities"}, call):
-                writer.write(json.dumps(cmd).encode() + b"\n")
-                await writer.drain()
-                while True:
-                    answer = json.loads(await reader.readline() or b"{}")
-                    if "event" in answer:
-                        continue
-                    if "error" in answer:
-                        raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
-                    if not answer:
-                        raise RuntimeFailure(f"QMP {command}: connection closed")
-                    break
-            return answer.get("return")
+            return await self._call(reader, writer, command, arguments)
+        except OSError as exc:  # QEMU went away mid-command
+            raise RuntimeFailure(f"QMP {command}: {exc.strerror or exc}") from exc
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _call(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        command: str,
+        arguments: dict[str, Any] | None,
+    ) -> Any:
+        await reader.readline()  # greeting
+        call: dict[str, Any] = {"execute": command}
+        if arguments:
+            call["arguments"] = arguments
+        for cmd in ({"execute": "qmp_capabilities"}, call):
+            writer.write(json.dumps(cmd).encode() + b"\n")
+            await writer.drain()
+            while True:
+                answer = json.loads(await reader.readline() or b"{}")
+                if "event" in answer:
+                    continue
+                if "error" in answer:
+                    raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
+                if not answer:
+                    raise RuntimeFailure(f"QMP {command}: connection closed")
+                break
+        return answer.get("return")

@@ -137,8 +137,9 @@ def release_data_dir(data_dir: Path) -> None:
     from corral.runtime.container import ContainerRuntime
     from corral.runtime.microvm import MicroVMRuntime
 
-    asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
+    # VMs first: their disks are in the storage pool the container tier's purge removes.
     asyncio.run(MicroVMRuntime(data_dir, agent_binary_path()).purge())
+    asyncio.run(ContainerRuntime(data_dir, agent_binary_path()).purge())
     config_path = data_dir / "server.json"
     if config_path.exists():
         from corral.config import ServerConfig

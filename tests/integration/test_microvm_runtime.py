@@ -2,7 +2,8 @@
 concurrent agent streams intact over one virtio-serial port, stops using CPU when paused, keeps
 QEMU inside its cgroup limits, starts as a clone of a warm template with its own name,
 environment, clock, entropy and disk, and is gone without a trace when destroyed, when QEMU is
-killed, or when its guest fails to boot."""
+killed, or when its guest fails to boot; its memory snapshots, hibernation and restores carry
+its processes on from the saved instant, and a damaged or mismatched saved state is refused."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from corral.errors import InvalidRequestError, RuntimeFailure
+from corral.errors import (
+    InvalidRequestError,
+    RuntimeFailure,
+    SandboxNotRunningError,
+    SnapshotUnusableError,
+)
 from corral.runtime import MicroVMRuntime, SandboxSpec
 from tests.conftest import LeakWatch, microvm_skip_reason, sandbox_put, sandbox_run
 
@@ -110,7 +116,7 @@ async def test_killed_qemu_is_not_running_and_destroy_cleans(
 ) -> None:
     rt = vm_runtime
     await rt.create(_spec("vm-kill", minimal_rootfs))
-    pid = json.loads((rt.data_dir / "vms" / "vm-kill" / "meta.json").read_text())["pid"]
+    pid = json.loads((rt.data_dir / "pool" / "vms" / "vm-kill" / "meta.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     for _ in range(200):
         if not await rt.is_running("vm-kill"):
@@ -146,12 +152,14 @@ async def test_unsupported_requests_are_refused(
     vm_runtime: MicroVMRuntime, minimal_rootfs: Path
 ) -> None:
     rt = vm_runtime
-    with pytest.raises(InvalidRequestError, match="snapshot"):
+    with pytest.raises(InvalidRequestError, match="not a microvm snapshot"):
         await rt.create(_spec("vm-snap", minimal_rootfs, snapshot="snap-x"))
     with pytest.raises(InvalidRequestError, match="one layer"):
         await rt.create(SandboxSpec("vm-layers", (minimal_rootfs, minimal_rootfs)))
-    with pytest.raises(InvalidRequestError, match="snapshots"):
+    with pytest.raises(SandboxNotRunningError, match="no disk"):
         await rt.snapshot("vm-none", "snap-y")
+    with pytest.raises(InvalidRequestError, match="invalid snapshot id"):
+        await rt.delete_snapshot("../../etc")
     assert await rt.list_sandboxes() == []
 
 
@@ -160,7 +168,7 @@ async def test_qemu_runs_inside_its_cgroup_limits(
 ) -> None:
     rt = vm_runtime
     await rt.create(_spec("vm-cg", minimal_rootfs, memory_mb=256))
-    meta = json.loads((rt.data_dir / "vms" / "vm-cg" / "meta.json").read_text())
+    meta = json.loads((rt.data_dir / "pool" / "vms" / "vm-cg" / "meta.json").read_text())
     dirs = [Path(d) for d in meta["cgroups"]]
     try:
         memory = next(d for d in dirs if (d / "memory.limit_in_bytes").exists())
@@ -195,3 +203,110 @@ async def test_warm_clones_are_separate_machines(
     assert (n1, g1, n2, g2) == ("vm-c1", "vm-c1", "vm-c2", "vm-c2")
     assert abs(int(t1) - time.time()) < 30 and abs(int(t2) - time.time()) < 30
     assert r1 != r2  # every clone starts from the template's RNG state unless reseeded
+
+
+# A process that counts in memory only (a tmpfs the guest mounts: nothing of it is on disk).
+_COUNTER = (
+    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
+    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
+    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 & "
+    "echo $!"
+)
+_READ = ["/bin/cat", "/run/mem/n"]
+
+
+async def _count(rt: MicroVMRuntime, sid: str) -> tuple[int, str]:
+    """The counter's value and its pid, read inside ``sid``."""
+    res = await sandbox_run(rt, sid, _READ)
+    value, pid = res.out.split()
+    return int(value), pid
+
+
+async def test_memory_snapshot_fork_hibernate_and_restore_keep_processes(
+    vm_runtime: MicroVMRuntime, minimal_rootfs: Path
+) -> None:
+    rt = vm_runtime
+    spec = _spec("vm-src", minimal_rootfs, memory_mb=256)
+    made = ["vm-src"]
+    await rt.create(spec)
+    try:
+        await sandbox_run(rt, "vm-src", ["/bin/sh", "-c", _COUNTER])
+        await asyncio.sleep(0.5)
+        before, pid = await _count(rt, "vm-src")
+        size = await rt.snapshot("vm-src", "snap-mem")
+        assert size > 1 << 20  # the RAM is in it
+        assert "snap-mem" in await rt.list_snapshots()
+        after, _ = await _count(rt, "vm-src")  # the source runs on
+        assert after >= before
+
+        # A fork from the snapshot: the same process, counting on from the snapshot's value,
+        # in a machine with its own name and environment.
+        made.append("vm-fork")
+        fork = replace(_spec("vm-fork", minimal_rootfs, memory_mb=256), snapshot="snap-mem")
+        await rt.create(replace(fork, env={**fork.env, "GREETING": "forked"}))
+        value, fork_pid = await _count(rt, "vm-fork")
+        assert fork_pid == pid and before <= value <= after + 200
+        res = await sandbox_run(rt, "vm-fork", ["/bin/sh", "-c", "hostname; echo $GREETING"])
+        assert res.out.split() == ["vm-fork", "forked"]
+        await asyncio.sleep(0.3)
+        assert (await _count(rt, "vm-fork"))[0] > value
+
+        # Hibernate and wake: memory saved to disk, QEMU gone, the process carries on.
+        await rt.hibernate("vm-src")
+        assert not await rt.is_running("vm-src")
+        slept, _ = await _count_after_wake(rt, spec)
+        assert slept >= after
+
+        # Restore the snapshot onto the source: back to the snapshot's count.
+        high, _ = await _count(rt, "vm-src")
+        await rt.hibernate("vm-src", keep_memory=False)
+        await rt.restore_disk("vm-src", "snap-mem")
+        restored, restored_pid = await _count_after_wake(rt, spec)
+        assert restored_pid == pid and before <= restored < high
+
+        # A snapshot of a hibernated VM is its saved files.
+        await rt.hibernate("vm-src")
+        await rt.snapshot("vm-src", "snap-asleep")
+        made.append("vm-fork2")
+        await rt.create(
+            replace(_spec("vm-fork2", minimal_rootfs, memory_mb=256), snapshot="snap-asleep")
+        )
+        assert (await _count(rt, "vm-fork2"))[1] == pid
+    finally:
+        for sid in made:
+            await rt.destroy(sid)
+        for snap in await rt.list_snapshots():
+            await rt.delete_snapshot(snap)
+    assert await rt.list_snapshots() == []
+
+
+async def _count_after_wake(rt: MicroVMRuntime, spec: SandboxSpec) -> tuple[int, str]:
+    await rt.wake(spec)
+    assert not (rt.data_dir / "pool" / "vms" / spec.sandbox_id / "state").exists()  # spent
+    return await _count(rt, spec.sandbox_id)
+
+
+async def test_a_damaged_or_mismatched_saved_state_is_refused(
+    vm_runtime: MicroVMRuntime, minimal_rootfs: Path
+) -> None:
+    rt = vm_runtime
+    await rt.create(_spec("vm-dmg", minimal_rootfs, memory_mb=256))
+    try:
+        await rt.snapshot("vm-dmg", "snap-dmg")
+    finally:
+        await rt.destroy("vm-dmg")
+    try:
+        with pytest.raises(InvalidRequestError, match="256 MiB"):
+            await rt.create(
+                replace(_spec("vm-big", minimal_rootfs, memory_mb=512), snapshot="snap-dmg")
+            )
+        state = rt.data_dir / "pool" / "vm-snapshots" / "snap-dmg" / "state"
+        with open(state, "r+b") as f:
+            f.truncate(state.stat().st_size // 2)
+        with pytest.raises(SnapshotUnusableError, match="cannot be loaded"):
+            await rt.create(
+                replace(_spec("vm-cut", minimal_rootfs, memory_mb=256), snapshot="snap-dmg")
+            )
+        assert await rt.list_sandboxes() == []
+    finally:
+        await rt.delete_snapshot("snap-dmg")

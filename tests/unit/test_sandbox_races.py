@@ -35,7 +35,7 @@ class FakeRuntime:
             await self.gate.wait()
         self.alive.discard(sandbox_id)
 
-    async def hibernate(self, sandbox_id: str) -> None:
+    async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
         if sandbox_id not in self.alive:
             raise SandboxNotRunningError("not on host")
 
