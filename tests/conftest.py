@@ -242,6 +242,7 @@ def _kept(path: str) -> bool:
     if path.endswith(
         (
             "/uidranges",
+            "/vm-uids",
             "/runc",
             "/sandboxes",
             "/pool",

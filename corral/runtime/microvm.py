@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -50,11 +51,20 @@ from corral.errors import (
 from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
 from corral.host.pool import Pool, clone_file
 from corral.host.process import cpu_seconds, start_time
+from corral.host.uidrange import SlotAllocator
 from corral.runtime.base import SandboxSpec
 from corral.vm.guest import GuestKernel, build_initramfs, find_kernel, qemu_img, root_image
 from corral.vm.mux import PortMux, Streams
 from corral.vm.net import VmNet, add_tap, fresh_netns_fd, wire_tap
-from corral.vm.qemu import QemuConfig, Qmp, choose_accel, save_state, start_incoming, start_qemu
+from corral.vm.qemu import (
+    Jail,
+    QemuConfig,
+    Qmp,
+    choose_accel,
+    save_state,
+    start_incoming,
+    start_qemu,
+)
 
 __all__ = ["MicroVMRuntime"]
 
@@ -62,6 +72,10 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 # What a hibernated VM keeps in its directory; the rest goes with its QEMU.
 _KEPT = frozenset({"disk.qcow2", "state", "env", "meta.json"})
+# Each QEMU runs as a uid of its own from here on (one per VM, and one per template being
+# built), above the container tier's ranges (1<<30 + 65536 per sandbox).
+_FIRST_UID = 3 << 30
+_UID_SLOTS = 1 << 16
 # QEMU's own memory beyond guest RAM: device emulation, I/O buffers and the TCG translation
 # cache (capped with tb-size below).
 _QEMU_OVERHEAD_MB = 192
@@ -137,6 +151,74 @@ def _describe(shape: Any) -> str:
     )
 
 
+def _backing_of(directory: Path) -> list[Path]:
+    """The read-only images under the disk of ``directory`` (a VM's or a snapshot's)."""
+    try:
+        found = json.loads((directory / "meta.json").read_text()).get("backing") or []
+    except (OSError, ValueError):
+        found = []
+    return [Path(p) for p in found]
+
+
+def _hand_over(vdir: Path, rundir: Path, uid: int, shared: list[Path]) -> None:
+    """Make what the jailed QEMU (``uid``) must use reachable by it, and nothing more: its disk
+    and console file and its socket directory are its own; the shared images are readable.
+    ``vdir`` itself stays root's (QEMU never sees it whole, only those files)."""
+    console = vdir / "console.log"
+    console.touch(mode=0o600)
+    for path in (vdir / "disk.qcow2", console):
+        os.chown(path, uid, uid, follow_symlinks=False)
+    rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(rundir, uid, uid)
+    os.chmod(vdir / "env", 0o644)
+    for image in shared:
+        mode = image.stat().st_mode & 0o777
+        if mode & 0o444 != 0o444:
+            os.chmod(image, mode | 0o444)
+
+
+_PAGE = 4096
+_ZERO_PAGE = bytes(_PAGE)
+
+
+def _sealed_copy(path: Path) -> int:
+    """A memfd holding ``path``'s content (its zero pages left as holes), sealed against any
+    write, growth or shrinking: mappable private by anyone, modifiable by no one."""
+    fd = os.memfd_create(f"corral-{path.parent.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(src).st_size
+            os.ftruncate(fd, size)
+            offset = 0
+            while offset < size:
+                try:
+                    start = os.lseek(src, offset, os.SEEK_DATA)
+                except OSError:
+                    break  # only a hole is left
+                end = os.lseek(src, start, os.SEEK_HOLE)
+                while start < end:
+                    chunk = os.pread(src, min(end - start, 1 << 20), start)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    for at in range(0, len(chunk), _PAGE):
+                        page = view[at : at + _PAGE]
+                        if page != _ZERO_PAGE[: len(page)]:
+                            os.pwrite(fd, page, start + at)
+                    start += len(chunk)
+                offset = end
+            os.posix_fadvise(src, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(src)
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -173,6 +255,11 @@ class MicroVMRuntime:
         digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:12]
         self._run = Path("/run/corral") / f"vm-{digest}"
         self._cache = self.data_dir / "vm-cache"
+        self._uids = SlotAllocator(
+            self.data_dir / "vm-uids", first_id=_FIRST_UID, size=1, slots=_UID_SLOTS
+        )
+        self._memfds: dict[Path, int] = {}
+        self._memfd_lock = asyncio.Lock()
         self._muxes: dict[str, PortMux] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._warm_locks: dict[str, asyncio.Lock] = {}
@@ -292,12 +379,13 @@ class MicroVMRuntime:
         kernel, initramfs, image = await self._images(spec)
         disk = vdir / "disk.qcow2"
         state: Path | None = None
-        memory_file: Path | None = None
+        memory_fd: int | None = None
         mac: str | None = None
         if source is not None:
             # The snapshot's disk and, when it has one, its memory: processes carry on.
             await asyncio.to_thread(clone_file, source / "disk.qcow2", disk)
             state = _state_of(source, shape, f"snapshot {spec.snapshot}")
+            backing = _backing_of(source)
             step("disk")
         else:
             warm: Path | None = None
@@ -308,12 +396,23 @@ class MicroVMRuntime:
             step("images")
             if warm is not None:  # frozen at the instant of the template's memory
                 await _qcow2_overlay(warm / "disk.qcow2", "qcow2", disk)
-                state, memory_file, mac = warm / "state", warm / "mem", _TEMPLATE_MAC
+                state, mac = warm / "state", _TEMPLATE_MAC
+                memory_fd = await self._template_memory(warm)
+                backing = [warm / "disk.qcow2", image]
             else:
                 await _qcow2_overlay(image, "raw", disk)
+                backing = [image]
             step("disk")
         await self._launch(
-            spec, shape, kernel, initramfs, state, memory_file, template_mac=mac, step=step
+            spec,
+            shape,
+            kernel,
+            initramfs,
+            backing,
+            state,
+            memory_fd,
+            template_mac=mac,
+            step=step,
         )
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
@@ -324,8 +423,9 @@ class MicroVMRuntime:
         shape: dict[str, Any],
         kernel: GuestKernel,
         initramfs: Path,
+        backing: list[Path],
         state: Path | None,
-        memory_file: Path | None,
+        memory_fd: int | None,
         *,
         template_mac: str | None = None,
         wake: bool = False,
@@ -338,6 +438,9 @@ class MicroVMRuntime:
         vdir = self._dir(sid)
         env = vdir / "env"
         env.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in spec.env.items()))
+        uid = await asyncio.to_thread(self._uids.claim, sid)
+        uid = self._uids.host_id(uid)
+        await asyncio.to_thread(_hand_over, vdir, self._run / sid, uid, [initramfs, *backing])
         cfg = QemuConfig(
             name=sid,
             kernel=kernel.vmlinuz,
@@ -352,15 +455,17 @@ class MicroVMRuntime:
             vcpus=shape["vcpus"],
             memory_mb=spec.memory_mb,
             accel=self.accel,
+            jail=self._jail(uid, vdir, self._run / sid, (kernel.vmlinuz, initramfs, *backing)),
         )
-        meta: dict[str, Any] = {"shape": shape, "accel": self.accel}
+        meta: dict[str, Any] = {"shape": shape, "accel": self.accel, "uid": uid}
+        meta["backing"] = [str(p) for p in backing]
         net: VmNet | None = None
         if spec.netns is not None and self._meta(sid).get("net"):
             # Restarted in the namespace it had (a restore): the tap is still wired in it.
             net = VmNet(**self._meta(sid)["net"])
             cfg = replace(cfg, netns=spec.netns, mac=net.mac)
         elif spec.network is not None:
-            netns, net = await self._plumb(spec)
+            netns, net = await self._plumb(spec, uid)
             cfg = replace(cfg, netns=netns, mac=net.mac)
             step("network")
         if net is not None:
@@ -375,7 +480,7 @@ class MicroVMRuntime:
         state_fd: int | None = None
         if state is not None:
             state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
-            cfg = replace(cfg, memory_file=memory_file, incoming_fd=state_fd)
+            cfg = replace(cfg, memory_fd=memory_fd, incoming_fd=state_fd)
         try:
             pid = await start_qemu(cfg, vdir / "qemu.log")
         finally:
@@ -471,16 +576,20 @@ class MicroVMRuntime:
         self._socket_dir(tname)
         netfd: int | None = None
         pid: int | None = None
+        uid = self._uids.host_id(await asyncio.to_thread(self._uids.claim, tname))
         try:
             await _qcow2_overlay(image, "raw", tmp / "disk.qcow2")
             (tmp / "env").write_bytes(
                 b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\0"
             )
+            (tmp / "mem").touch(mode=0o600)  # its RAM, written through a shared mapping
+            os.chown(tmp / "mem", uid, uid)
+            await asyncio.to_thread(_hand_over, tmp, self._run / tname, uid, [initramfs, image])
             netns: Path | None = None
             if with_net:  # the clones' NIC must exist in the template too; any tap will do here
                 netfd = await asyncio.to_thread(fresh_netns_fd)
                 netns = Path(f"/proc/{os.getpid()}/fd/{netfd}")
-                await asyncio.to_thread(add_tap, netns)
+                await asyncio.to_thread(add_tap, netns, uid)
             cfg = QemuConfig(
                 name=f"template-{tdir.name}",
                 kernel=kernel,
@@ -499,6 +608,9 @@ class MicroVMRuntime:
                 mac=_TEMPLATE_MAC if with_net else None,
                 memory_file=tmp / "mem",
                 memory_shared=True,
+                jail=self._jail(
+                    uid, tmp, self._run / tname, (kernel, initramfs, image), tmp / "mem"
+                ),
             )
             pid = await start_qemu(cfg, tmp / "qemu.log")
             mux = PortMux(self._sock(tname, "agent"))
@@ -526,8 +638,41 @@ class MicroVMRuntime:
             shutil.rmtree(self._run / tname, ignore_errors=True)
             raise
         finally:
+            await asyncio.to_thread(self._uids.release, tname)
             if netfd is not None:
                 os.close(netfd)
+
+    def _jail(
+        self, uid: int, vdir: Path, rundir: Path, shared: tuple[Path, ...], *more: Path
+    ) -> Jail:
+        """What the QEMU of ``vdir`` may see: the shared images read-only; its disk, console,
+        socket directory (and ``more``) writable; nothing else of the host but /usr."""
+        root = self._run / ".jail"  # only ever a mount point, in each jail's own namespace
+        root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        devices = [Path("/dev/null"), Path("/dev/urandom"), Path("/dev/net/tun")]
+        groups: tuple[int, ...] = ()
+        if self.accel == "kvm":
+            devices.append(Path("/dev/kvm"))
+            groups = (os.stat("/dev/kvm").st_gid,)
+        return Jail(
+            uid=uid,
+            root=root,
+            read_only=(*shared, vdir / "env"),
+            read_write=(vdir / "disk.qcow2", vdir / "console.log", rundir, *more),
+            devices=tuple(d for d in devices if d.exists()),
+            groups=groups,
+        )
+
+    async def _template_memory(self, warm: Path) -> int:
+        """The warm template's RAM as a sealed memfd, made once per server: clones map it
+        private, so they share its pages until they write them, and no clone's QEMU can ever
+        write to it (QEMU 7.2 opens a memory file read-write even to map it private: a plain
+        file would be writable by every clone)."""
+        async with self._memfd_lock:
+            fd = self._memfds.get(warm)
+            if fd is None:
+                fd = self._memfds[warm] = await asyncio.to_thread(_sealed_copy, warm / "mem")
+            return fd
 
     async def _personalize(self, sid: str, spec: SandboxSpec, net: VmNet | None) -> None:
         """What a clone of the template must be told: its environment, name, clock, fresh
@@ -578,7 +723,7 @@ class MicroVMRuntime:
                     knob.write_text(value)
         return made
 
-    async def _plumb(self, spec: SandboxSpec) -> tuple[Path, VmNet]:
+    async def _plumb(self, spec: SandboxSpec, uid: int) -> tuple[Path, VmNet]:
         """The sandbox's namespace, plumbed by the network layer (the hook), with the tap wired
         in. The runtime makes the namespace; the network layer owns it from then on and
         removes it when the sandbox goes (as for a container)."""
@@ -588,7 +733,7 @@ class MicroVMRuntime:
             netns = await spec.network(Path(f"/proc/{os.getpid()}/fd/{fd}"))
         finally:
             os.close(fd)
-        return netns, await asyncio.to_thread(wire_tap, netns)
+        return netns, await asyncio.to_thread(wire_tap, netns, uid)
 
     async def _wait_ready(self, sid: str) -> None:
         await self._await_agent(
@@ -656,10 +801,11 @@ class MicroVMRuntime:
             for entry in vdir.iterdir():
                 if entry.name not in _KEPT:
                     entry.unlink(missing_ok=True)
-            kept: dict[str, Any] = {k: meta[k] for k in ("shape", "net") if k in meta}
+            kept: dict[str, Any] = {k: meta[k] for k in ("shape", "net", "backing") if k in meta}
             self._write_meta(sid, {**kept, "hibernated": True})
         else:
             shutil.rmtree(vdir, ignore_errors=True)
+            await asyncio.to_thread(self._uids.release, sid)
         shutil.rmtree(self._run / sid, ignore_errors=True)
 
     # ------------------------------------------------------------------------- pause/resume
@@ -759,7 +905,8 @@ class MicroVMRuntime:
                         f"sandbox {sid} was saved with {_describe(meta.get('shape'))}; it cannot "
                         f"wake with {_describe(shape)}"
                     )
-                await self._launch(spec, shape, kernel, initramfs, state, None, wake=True)
+                backing = _backing_of(self._dir(sid))
+                await self._launch(spec, shape, kernel, initramfs, backing, state, None, wake=True)
             except BaseException as exc:
                 # Back to hibernated, disk (and saved memory, unless spent) untouched.
                 cleanup = asyncio.ensure_future(self._teardown(sid, keep_disk=True))
@@ -799,7 +946,8 @@ class MicroVMRuntime:
                         await asyncio.to_thread(clone_file, vdir / "disk.qcow2", tmp / "disk.qcow2")
                     finally:
                         await self._carry_on(sandbox_id, status)
-                _write_json(tmp / "meta.json", {"shape": meta.get("shape"), "of": sandbox_id})
+                described = {k: meta.get(k) for k in ("shape", "backing")}
+                _write_json(tmp / "meta.json", {**described, "of": sandbox_id})
                 await asyncio.to_thread(_fsync_dir, tmp)
                 os.rename(tmp, target)
                 await asyncio.to_thread(_fsync_dir, target.parent)
@@ -869,6 +1017,9 @@ class MicroVMRuntime:
         for mux in list(self._muxes.values()):
             await mux.close()
         self._muxes.clear()
+        for fd in self._memfds.values():
+            os.close(fd)  # clones keep their mappings; the next server makes its own copy
+        self._memfds.clear()
 
     async def purge(self) -> None:
         """Destroy every VM and remove this tier's host state (tests and uninstalling); the
@@ -880,7 +1031,9 @@ class MicroVMRuntime:
                 shutil.rmtree(self._pool.dir(name), ignore_errors=True)
             if self._pool.only_holds(set()):
                 self._pool.remove()
+        await self.close()
         shutil.rmtree(self._cache, ignore_errors=True)
+        shutil.rmtree(self.data_dir / "vm-uids", ignore_errors=True)
         shutil.rmtree(self._run, ignore_errors=True)
         with contextlib.suppress(OSError):
             self._run.parent.rmdir()  # only when nothing else uses /run/corral

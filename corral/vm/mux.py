@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from corral.errors import SandboxNotRunningError
+from corral.vm.qemu import pinned_socket
 
 __all__ = ["PortMux", "Streams"]
 
@@ -45,7 +46,8 @@ class PortMux:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.path))
+                with pinned_socket(self.path) as pinned:
+                    reader, writer = await asyncio.open_unix_connection(pinned)
             except OSError as exc:
                 raise SandboxNotRunningError(
                     f"the VM's agent port is not reachable: {exc.strerror or exc}"

@@ -80,13 +80,16 @@ def _in_netns(netns: Path, argv: list[str]) -> str:
     return proc.stdout
 
 
-def add_tap(netns: Path) -> None:
-    """Just the tap, up, in ``netns`` (a template's boot needs a NIC but no network)."""
-    _in_netns(netns, ["sh", "-c", f"ip tuntap add dev {TAP} mode tap && ip link set {TAP} up"])
+def add_tap(netns: Path, owner: int) -> None:
+    """Just the tap, up, in ``netns`` (a template's boot needs a NIC but no network); ``owner``:
+    the uid of the (jailed, unprivileged) QEMU that attaches to it."""
+    script = f"ip tuntap add dev {TAP} mode tap user {owner} && ip link set {TAP} up"
+    _in_netns(netns, ["sh", "-c", script])
 
 
-def wire_tap(netns: Path) -> VmNet:
-    """Add the tap to the plumbed namespace and wire it to eth0; returns what the guest needs."""
+def wire_tap(netns: Path, owner: int) -> VmNet:
+    """Add the tap (for QEMU's uid ``owner``) to the plumbed namespace and wire it to eth0;
+    returns what the guest needs."""
     links: list[dict[str, Any]] = json.loads(
         _in_netns(netns, ["ip", "-j", "addr", "show", "dev", "eth0"])
     )
@@ -104,7 +107,7 @@ def wire_tap(netns: Path) -> VmNet:
     script = "\n".join(
         [
             "set -e",
-            f"ip tuntap add dev {TAP} mode tap",
+            f"ip tuntap add dev {TAP} mode tap user {owner}",
             f"ip link set {TAP} up",
             "ip addr flush dev eth0",
             "tc qdisc add dev eth0 ingress",

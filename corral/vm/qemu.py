@@ -1,8 +1,10 @@
-"""One QEMU process per microvm: its command line, the accelerator choice, and QMP.
+"""One QEMU process per microvm: its command line, its jail, the accelerator choice, and QMP.
 
-QEMU runs daemonized (it outlives a server restart, as containers do) with ``-nodefaults``, no
+QEMU runs detached (it outlives a server restart, as containers do) with ``-nodefaults``, no
 display, only the devices corral needs (virtio-serial for the agent, virtio-blk for the disk,
-fw_cfg for per-sandbox settings) and QEMU's own seccomp sandbox.
+fw_cfg for per-sandbox settings), QEMU's own seccomp sandbox, and jailed by
+``corral-vmjail`` (``jail.c``): its own uid without capabilities, its own mount, pid and IPC
+namespaces, and a root holding only the files of its VM.
 """
 
 from __future__ import annotations
@@ -14,19 +16,25 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.agent.build import static_binary
 from corral.errors import RuntimeFailure
 
 __all__ = [
     "TAP",
+    "Jail",
     "QemuConfig",
     "Qmp",
     "choose_accel",
+    "jail_binary",
+    "pinned_socket",
     "qemu_argv",
     "save_state",
     "start_incoming",
@@ -35,6 +43,39 @@ __all__ = [
 
 
 TAP = "tap0"
+_HERE = Path(__file__).parent
+
+
+def jail_binary() -> Path:
+    return static_binary([_HERE / "jail.c"], _HERE / "bin" / "corral-vmjail")
+
+
+@dataclass(frozen=True)
+class Jail:
+    """What a QEMU sees and who it runs as: every path at its own absolute path, nothing else
+    (plus /usr, its libraries and a /proc of its own pid namespace)."""
+
+    uid: int  # also its gid; unprivileged, the VM's alone
+    root: Path  # an empty directory the jail's root is mounted on (in the jail's namespace)
+    read_only: tuple[Path, ...] = ()
+    read_write: tuple[Path, ...] = ()
+    devices: tuple[Path, ...] = ()
+    groups: tuple[int, ...] = ()
+
+    def argv(self, pid_file: Path) -> list[str]:
+        out = [str(jail_binary()), "--uid", str(self.uid), "--gid", str(self.uid)]
+        out += ["--root", str(self.root), "--pidfile", str(pid_file)]
+        for gid in self.groups:
+            out += ["--group", str(gid)]
+        system = [Path(p) for p in ("/usr", "/lib", "/lib64", "/bin") if Path(p).exists()]
+        for flag, paths in (
+            ("--ro", (*system, *self.read_only)),
+            ("--rw", self.read_write),
+            ("--dev", self.devices),
+        ):
+            for path in paths:
+                out += [flag, str(path)]
+        return [*out, "--"]
 
 
 def _nsenter() -> str:
@@ -87,6 +128,10 @@ class QemuConfig:
     memory_shared: bool = False
     # A descriptor (inherited) to read a saved VM state from: the VM starts from it.
     incoming_fd: int | None = None
+    # Guest RAM from this inherited descriptor instead of ``memory_file`` (a sealed memfd of a
+    # warm template's memory: mapped private, it can be read but never written through).
+    memory_fd: int | None = None
+    jail: Jail | None = None
 
 
 def qemu_binary() -> str:
@@ -146,8 +191,8 @@ def qemu_argv(cfg: QemuConfig) -> list[str]:
         f"unix:{cfg.qmp_socket},server=on,wait=off",
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-pidfile",
-        str(cfg.pid_file),
+        # Jailed, QEMU is pid 1 of its namespace: the jail writes its host pid instead.
+        *([] if cfg.jail is not None else ["-pidfile", str(cfg.pid_file)]),
     ]
 
 
@@ -167,12 +212,12 @@ def _nic(cfg: QemuConfig) -> list[str]:
 
 def _memory(cfg: QemuConfig) -> list[str]:
     out: list[str] = []
-    if cfg.memory_file is not None:
+    path = f"/proc/self/fd/{cfg.memory_fd}" if cfg.memory_fd is not None else cfg.memory_file
+    if path is not None:
         share = "on" if cfg.memory_shared else "off"
         out += [
             "-object",
-            f"memory-backend-file,id=mem0,size={cfg.memory_mb}M,mem-path={cfg.memory_file},"
-            f"share={share}",
+            f"memory-backend-file,id=mem0,size={cfg.memory_mb}M,mem-path={path},share={share}",
         ]
     else:
         out += ["-object", f"memory-backend-ram,id=mem0,size={cfg.memory_mb}M"]
@@ -208,15 +253,18 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
         if cfg.netns is not None:
             # QEMU opens the sandbox's tap, which exists only inside its namespace.
             enter = [_nsenter(), f"--net={cfg.netns}"]
+        jail = cfg.jail.argv(cfg.pid_file) if cfg.jail is not None else []
+        inherited = tuple(fd for fd in (cfg.incoming_fd, cfg.memory_fd) if fd is not None)
         proc = await asyncio.create_subprocess_exec(
             setsid,
             "--fork",
             *enter,
+            *jail,
             *qemu_argv(cfg),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
-            pass_fds=() if cfg.incoming_fd is None else (cfg.incoming_fd,),
+            pass_fds=inherited,
         )
         await proc.wait()
     deadline = asyncio.get_running_loop().time() + timeout
@@ -230,7 +278,7 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
             break
         await asyncio.sleep(0.01)
     # Never leave a QEMU that came up too slowly behind: nobody would know its pid.
-    strays = set(_qemus_with(str(cfg.pid_file)))
+    strays = set(_qemus_with(f"unix:{cfg.qmp_socket},server=on,wait=off"))
     if pid is not None:
         strays.add(pid)
     for stray in strays:
@@ -241,7 +289,7 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
 
 
 def _qemus_with(argument: str) -> list[int]:
-    """Pids of processes whose command line holds ``argument`` (a VM's own pid-file path)."""
+    """Pids of processes whose command line holds ``argument`` (a VM's own QMP socket)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -252,6 +300,22 @@ def _qemus_with(argument: str) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def pinned_socket(path: Path) -> Iterator[str]:
+    """A path to connect to the unix socket at ``path`` that cannot be redirected: the socket
+    directory is the jailed QEMU's to write in, and a symlink it planted there in place of its
+    socket would otherwise send the server's connection (an agent's exec!) anywhere the link
+    points, another VM's socket included. The socket is pinned with an ``O_PATH|O_NOFOLLOW``
+    descriptor and reached through ``/proc/self/fd``."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ConnectionRefusedError(f"{path} is not a socket")
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def save_state(qmp_socket: Path, out_fd: int, timeout: float = 300.0) -> None:
     """Write the whole state of a *stopped* VM (devices, and RAM not in a shared file) to
     ``out_fd``, passed to QEMU over the QMP socket (``getfd``): no ``exec:`` shell, so QEMU's
@@ -260,7 +324,8 @@ def save_state(qmp_socket: Path, out_fd: int, timeout: float = 300.0) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(str(qmp_socket))
+            with pinned_socket(qmp_socket) as pinned:
+                sock.connect(pinned)
         except OSError as exc:
             raise RuntimeFailure(f"QMP {qmp_socket} unreachable: {exc.strerror or exc}") from exc
         answers = sock.makefile("rb")
@@ -309,7 +374,8 @@ class Qmp:
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:
-            reader, writer = await asyncio.open_unix_connection(str(self.path))
+            with pinned_socket(self.path) as pinned:
+                reader, writer = await asyncio.open_unix_connection(pinned)
         except OSError as exc:
             raise RuntimeFailure(f"QMP {self.path} unreachable: {exc.strerror or exc}") from exc
         try:

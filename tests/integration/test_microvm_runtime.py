@@ -310,3 +310,51 @@ async def test_a_damaged_or_mismatched_saved_state_is_refused(
         assert await rt.list_sandboxes() == []
     finally:
         await rt.delete_snapshot("snap-dmg")
+
+
+async def test_qemu_is_jailed(vm_runtime: MicroVMRuntime, minimal_rootfs: Path) -> None:
+    """QEMU runs as a uid of its own without capabilities, in mount, pid and IPC namespaces of
+    its own, seeing only its VM's files; the template memory it maps can never be written."""
+    rt = vm_runtime
+    await rt.create(_spec("vm-jail", minimal_rootfs, memory_mb=256))
+    try:
+        vdir = rt.data_dir / "pool" / "vms" / "vm-jail"
+        meta = json.loads((vdir / "meta.json").read_text())
+        pid, uid = meta["pid"], meta["uid"]
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        assert status["Uid"].split() == [str(uid)] * 4 and uid >= 3 << 30
+        assert status["Gid"].split() == [str(uid)] * 4
+        assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == 0
+        assert status["NoNewPrivs"].strip() == "1"
+        assert status["NSpid"].split()[-1] == "1"  # pid 1 of a namespace of its own
+        for ns in ("mnt", "pid", "ipc"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        root = Path(f"/proc/{pid}/root")
+        assert sorted(p.name for p in root.iterdir()) == sorted(
+            p
+            for p in ("bin", "boot", "dev", "lib", "lib64", "proc", "run", "tmp", "usr", "var")
+            if (root / p).exists()
+        )
+        assert not (root / "etc").exists() and not (root / "root").exists()
+        # Of its own directory only its disk, console and environment; of the data dir
+        # nothing else (no database, no other VM, no template memory).
+        seen = root / str(vdir).lstrip("/")
+        assert sorted(p.name for p in seen.iterdir()) == ["console.log", "disk.qcow2", "env"]
+        assert sorted(p.name for p in (seen.parent).iterdir()) == ["vm-jail"]
+        data_seen = root / str(rt.data_dir).lstrip("/")
+        assert not (data_seen / "corral.db").exists() and not (data_seen / "vm-uids").exists()
+        assert [p.name for p in (data_seen / "vm-cache").iterdir()] != []  # its images only
+        assert not any(p.name == "mem" for p in (data_seen / "vm-cache").rglob("*"))
+        # The template memory: a sealed memfd, mapped private; even root cannot write to it.
+        memfd = next(
+            fd
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if os.readlink(fd).startswith("/memfd:corral-")
+        )
+        with open(memfd, "r+b", buffering=0) as f, pytest.raises(PermissionError):
+            f.write(b"poison")
+        assert (await sandbox_run(rt, "vm-jail", ["/bin/echo", "fine"])).out == "fine\n"
+    finally:
+        await rt.destroy("vm-jail")
