@@ -1,5 +1,7 @@
 """The microvm tier through the SDK, side by side with the container tier in the same run:
-create -> first exec, exec round trip, and host memory per idle VM (QEMU's PSS).
+create -> first exec, exec round trip, host memory per idle VM (QEMU's PSS, so template pages
+shared by clones count once in the sum), and persistence: snapshot (a VM's memory included),
+restore, create from a snapshot -> first exec, fork x10, hibernate, wake -> first exec.
 
 Starts ``corral server`` on a temporary data dir (templates linked from ``--templates-from``).
 Under TCG (these hosts: ``/dev/kvm`` is PVM). A create is a clone of a warm template; the first
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from bench import Row, publish
 from bench.bench_sandbox import _pss, _Tracker, served, served_parser
+from corral.vm.guest import find_kernel
 from corral.vm.qemu import choose_accel
 
 __all__ = ["main"]
@@ -78,7 +81,7 @@ def _vm_memory(tracker: _Tracker, data_dir: Path, count: int) -> Row:
         time.sleep(2.0)  # let the guests settle after boot
         pss = []
         for sbx in made:
-            meta = json.loads((data_dir / "vms" / sbx.id / "meta.json").read_text())
+            meta = json.loads((data_dir / "pool" / "vms" / sbx.id / "meta.json").read_text())
             pss.append(_pss(int(meta["pid"])) / 1024**2)
     except Exception as exc:
         return Row.failed("host memory per idle VM", "corral microvm", "minimal", str(exc))
@@ -91,8 +94,66 @@ def _vm_memory(tracker: _Tracker, data_dir: Path, count: int) -> Row:
         "minimal",
         f"{each:.1f} MiB PSS of QEMU each",
         str(count),
-        "template pages mapped private from one file: shared page cache until written",
+        "template pages mapped private from one sealed memfd: shared until written",
     )
+
+
+# Something alive in memory, so that a microvm snapshot carries a real process with it.
+_BUSY = "setsid sh -c 'while :; do sleep 0.1; done' </dev/null >/dev/null 2>&1 &"
+
+
+def _persistence(tracker: _Tracker, label: str, runs: int, **kw: object) -> list[Row]:
+    steps: dict[str, list[float]] = {
+        "snapshot": [],
+        "restore": [],
+        "create from snapshot → first exec": [],
+        "hibernate": [],
+        "wake → first exec": [],
+    }
+    fork10: list[float] = []
+    size = 0
+    try:
+        sbx = tracker.create("minimal", timeout=1800, **kw)
+        sbx.exec(_BUSY)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            snap = sbx.snapshot()
+            steps["snapshot"].append(_ms(t0))
+            size = snap.size_bytes
+            t0 = time.perf_counter()
+            sbx.restore(snap)
+            steps["restore"].append(_ms(t0))
+            t0 = time.perf_counter()
+            fork = tracker.from_snapshot(snap)
+            fork.exec(["/bin/true"])
+            steps["create from snapshot → first exec"].append(_ms(t0))
+            tracker.kill(fork)
+            t0 = time.perf_counter()
+            sbx.hibernate()
+            steps["hibernate"].append(_ms(t0))
+            t0 = time.perf_counter()
+            sbx.exec(["/bin/true"])  # wakes it
+            steps["wake → first exec"].append(_ms(t0))
+            sbx.delete_snapshot(snap)
+        snap = sbx.snapshot()
+        for _ in range(max(1, runs // 3)):
+            t0 = time.perf_counter()
+            forks = tracker.fork(snap, 10)
+            fork10.append(_ms(t0))
+            for f in forks:
+                tracker.kill(f)
+        sbx.delete_snapshot(snap)
+    except Exception as exc:
+        return [Row.failed("snapshot", label, "minimal", f"{type(exc).__name__}: {exc}")]
+    finally:
+        tracker.kill_all()
+    what = "memory + devices + disk" if kw else "filesystem"
+    rows = [Row.latency(name, label, "minimal", values) for name, values in steps.items()]
+    rows[0] = Row.latency(
+        "snapshot", label, "minimal", steps["snapshot"], f"{what}, {size / 1024**2:.0f} MiB"
+    )
+    rows.append(Row.latency("fork x10 (one call)", label, "minimal", fork10))
+    return rows
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,12 +165,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rows: list[Row] = []
-    accel = choose_accel()
+    accel, _ = choose_accel(find_kernel().vmlinuz)
     try:
         with served(args, ["minimal"], "vm", 10) as (tracker, data_dir, _):
             rows += _tier(tracker, f"corral microvm ({accel})", args.runs, args.execs, **_VM)
             rows += _tier(tracker, "corral container", args.runs * 4, args.execs)
             rows.append(_vm_memory(tracker, data_dir, 3))
+            rows += _persistence(tracker, f"corral microvm ({accel})", args.runs, **_VM)
+            rows += _persistence(tracker, "corral container", args.runs)
     except RuntimeError as exc:
         rows.append(Row.failed("server start", "corral", "-", str(exc)))
     publish(

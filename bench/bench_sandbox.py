@@ -128,6 +128,20 @@ class _Tracker:
         self.live[sbx.id] = sbx
         return sbx
 
+    def from_snapshot(self, snapshot: Any) -> Any:
+        from corral import Sandbox
+
+        sbx = Sandbox.create(snapshot=snapshot)
+        self.live[sbx.id] = sbx
+        return sbx
+
+    def fork(self, snapshot: Any, count: int) -> list[Any]:
+        from corral import Sandbox
+
+        forks = Sandbox.fork(snapshot, count=count)
+        self.live.update((f.id, f) for f in forks)
+        return forks
+
     def kill(self, sbx: Any) -> None:
         try:
             sbx.kill()

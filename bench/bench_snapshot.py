@@ -91,17 +91,14 @@ def _restore_and_fork(tracker: _Tracker, template: str, runs: int) -> list[Row]:
             restored.append(_ms(t0))
         for _ in range(runs):
             t0 = time.perf_counter()
-            fork = Sandbox.create(snapshot=snap)
+            fork = tracker.from_snapshot(snap)
             fork.exec(["/bin/true"])
             first.append(_ms(t0))
-            tracker.live[fork.id] = fork
             tracker.kill(fork)
         for _ in range(max(3, runs // 5)):
             t0 = time.perf_counter()
-            forks = Sandbox.fork(snap, count=10)
+            forks = tracker.fork(snap, 10)
             fork10.append(_ms(t0))
-            for f in forks:
-                tracker.live[f.id] = f
             for f in forks:
                 tracker.kill(f)
         Sandbox.delete_snapshot(snap)

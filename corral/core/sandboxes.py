@@ -427,9 +427,33 @@ class SandboxService:
         return template, cpu, memory, disk, timeout
 
     def _check_microvm(self, cmd: CreateSandbox) -> None:
-        """What the microvm tier cannot do yet (issue 5) is refused up front, not half done."""
+        """What the microvm tier cannot do is refused up front, not half done: fractions of a
+        vCPU, and a guest bigger than this host — more vCPUs than it has cores, or more RAM than
+        its MemTotal (whatever the configured limits allow a container's cgroup)."""
+        import os
+
         if cmd.cpu is not None and cmd.vcpus is None and cmd.cpu != int(cmd.cpu):
             raise InvalidRequestError(f"a microvm has whole vCPUs; got cpu={cmd.cpu}")
+        cores = os.cpu_count() or 1
+        cpu = cmd.cpu if cmd.cpu is not None else self._config.default_cpu
+        vcpus = cmd.vcpus if cmd.vcpus is not None else max(1, round(cpu))
+        if vcpus > cores:
+            raise InvalidRequestError(
+                f"vcpus={vcpus} is more than this host's {cores} CPU cores "
+                f"(a microvm may have at most {cores} vCPUs here)"
+            )
+        memory = cmd.memory_mb if cmd.memory_mb is not None else self._config.default_memory_mb
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            meminfo = ""
+        found = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE)
+        limit = int(found.group(1)) // 1024 if found is not None else None
+        if limit is not None and memory > limit:
+            raise InvalidRequestError(
+                f"memory_mb={memory} is more than this host's memory (MemTotal {limit} MB; "
+                f"a microvm may have at most {limit} MB here)"
+            )
 
     async def create(
         self, who: Principal, cmd: CreateSandbox, *, snapshot: str | None = None

@@ -248,13 +248,20 @@ class MicroVMRuntime:
         self.data_dir = Path(data_dir)
         self.agent_binary = Path(agent_binary)
         self.ready_timeout = ready_timeout
-        self.accel = accel or choose_accel()
+        self._cache = self.data_dir / "vm-cache"
+        if accel is not None:
+            self.accel, self.accel_reason = accel, "chosen by the caller"
+        else:
+            try:
+                kernel: Path | None = find_kernel().vmlinuz
+            except CorralError:
+                kernel = None
+            self.accel, self.accel_reason = choose_accel(kernel, self._cache / "accel.json")
         # Disks, hibernated states and snapshots live in the data dir's storage pool, so that
         # copying any of them is a reflink (shared with the container tier by ``build_runtime``).
         self._pool = pool or Pool(self.data_dir / "pool.img", self.data_dir / "pool")
         digest = hashlib.sha256(os.fsencode(self.data_dir.resolve())).hexdigest()[:12]
         self._run = Path("/run/corral") / f"vm-{digest}"
-        self._cache = self.data_dir / "vm-cache"
         self._uids = SlotAllocator(
             self.data_dir / "vm-uids", first_id=_FIRST_UID, size=1, slots=_UID_SLOTS
         )
@@ -268,7 +275,7 @@ class MicroVMRuntime:
         self.last_create_timings: dict[str, float] = {}
 
     def describe(self) -> dict[str, str]:
-        return {"accelerator": self.accel}
+        return {"accelerator": self.accel, "accelerator_reason": self.accel_reason}
 
     # ----------------------------------------------------------------------------- helpers
     def _check_id(self, sandbox_id: str) -> None:

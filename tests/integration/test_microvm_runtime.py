@@ -358,3 +358,20 @@ async def test_qemu_is_jailed(vm_runtime: MicroVMRuntime, minimal_rootfs: Path) 
         assert (await sandbox_run(rt, "vm-jail", ["/bin/echo", "fine"])).out == "fine\n"
     finally:
         await rt.destroy("vm-jail")
+
+
+def test_the_accelerator_probe_times_a_real_boot(vm_data_dir: Path) -> None:
+    """The probe boots the guest kernel to its panic and times it; too slow is a refusal. On
+    these hosts /dev/kvm is PVM, refused without a probe, and the reason is given."""
+    from corral.vm.guest import find_kernel
+    from corral.vm.qemu import choose_accel, probe_boot
+
+    kernel = find_kernel().vmlinuz
+    took = probe_boot(kernel, "tcg", budget=60)
+    assert took is not None and 0.1 < took < 60
+    assert probe_boot(kernel, "tcg", budget=0.05) is None
+    accel, reason = choose_accel(kernel, vm_data_dir / "probe.json")
+    if Path("/sys/module/kvm_pvm").exists():
+        assert (accel, "PVM" in reason) == ("tcg", True)
+    rt = MicroVMRuntime(vm_data_dir, Path("/nonexistent"))
+    assert rt.describe() == {"accelerator": rt.accel, "accelerator_reason": rt.accel_reason}
