@@ -15,12 +15,12 @@ import socket
 import struct
 from pathlib import Path
 
-from corral.errors import SandboxNotRunningError
+from corral.errors import RuntimeFailure, SandboxNotRunningError
 from corral.vm.qemu import pinned_socket
 
 __all__ = ["PortMux", "Streams"]
 
-_OPEN, _DATA, _CLOSE, _RESET = 1, 2, 3, 4
+_OPEN, _DATA, _CLOSE, _RESET, _CLONE = 1, 2, 3, 4, 5
 _HDR = struct.Struct(">IBI")
 _MAX_PAYLOAD = 1 << 20
 _CHUNK = 64 * 1024
@@ -38,6 +38,7 @@ class PortMux:
         self._chans: dict[int, asyncio.StreamWriter] = {}
         self._pumps: dict[int, asyncio.Task[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._replies: dict[int, asyncio.Future[bytes]] = {}
         self._reader_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -74,6 +75,29 @@ class PortMux:
         self._pumps[ch] = asyncio.create_task(self._pump(ch, reader, port))
         return await asyncio.open_connection(sock=theirs)
 
+    async def clone(self, fields: list[str], timeout: float = 30.0) -> None:
+        """Tell the guest's vmux its identity as a clone (``CLONE``: name, clock, entropy,
+        network; see vmux.c), applied in vmux itself without starting a process."""
+        port = await self._connect()
+        ch = next(self._ids)
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[ch] = answer
+        payload = b"\0".join(f.encode() for f in fields)
+        try:
+            port.write(_HDR.pack(ch, _CLONE, len(payload)) + payload)
+            await port.drain()
+            outcome = await asyncio.wait_for(answer, timeout)
+        except TimeoutError as exc:
+            raise RuntimeFailure(
+                f"the guest did not answer its clone setup in {timeout} s"
+            ) from exc
+        finally:
+            self._replies.pop(ch, None)
+        if outcome != b"0":
+            raise RuntimeFailure(
+                f"the guest's clone setup failed: {outcome[2:].decode(errors='replace')}"
+            )
+
     async def _pump(self, ch: int, local: asyncio.StreamReader, port: asyncio.StreamWriter) -> None:
         """Local side → port, as DATA frames; EOF → CLOSE."""
         try:
@@ -99,6 +123,11 @@ class PortMux:
                 if length > _MAX_PAYLOAD:
                     break  # not our guest any more: drop everything
                 data = await reader.readexactly(length) if length else b""
+                if kind == _CLONE:
+                    reply = self._replies.get(ch)
+                    if reply is not None and not reply.done():
+                        reply.set_result(data)
+                    continue
                 writer = self._chans.get(ch)
                 if writer is None:
                     continue
@@ -115,6 +144,9 @@ class PortMux:
         finally:
             for ch in list(self._chans):
                 self._close(ch)
+            for reply in self._replies.values():
+                if not reply.done():
+                    reply.set_exception(SandboxNotRunningError("the VM's agent port closed"))
             if self._writer is not None:
                 self._writer.close()
 

@@ -330,7 +330,7 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
             return pid
         if pid is not None and not Path(f"/proc/{pid}").exists():
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.002)  # QEMU is up in ~30 ms: a coarse poll would add to a create
     # Never leave a QEMU that came up too slowly behind: nobody would know its pid.
     strays = set(_qemus_with(f"unix:{cfg.qmp_socket},server=on,wait=off"))
     if pid is not None:

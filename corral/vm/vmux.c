@@ -10,6 +10,10 @@
  *   DATA  (2) either way: bytes of the channel
  *   CLOSE (3) either way: the channel is done (no half-close: the agent protocol has none)
  *   RESET (4) host -> guest, channel 0: the host (re)connected; every channel is dropped
+ *   CLONE (5) host -> guest: a warm clone's identity, NUL-separated fields HOSTNAME EPOCH_NS
+ *             HEX [MAC ADDRESS GATEWAY GATEWAY_MAC], applied by vmux itself (no process to
+ *             start: under TCG a clone's first fork and exec cost ~100 ms); the guest answers
+ *             CLONE on the same channel with "0", or "1 " and what failed.
  *
  * Flow control is coarse: while more than LIMIT bytes wait for the agent, vmux stops reading
  * the port; while more than LIMIT bytes wait for the port, it stops reading connections. Memory
@@ -43,7 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { F_OPEN = 1, F_DATA = 2, F_CLOSE = 3, F_RESET = 4 };
+enum { F_OPEN = 1, F_DATA = 2, F_CLOSE = 3, F_RESET = 4, F_CLONE = 5 };
 enum { HDR = 9, MAX_CH = 1024, MAX_PAYLOAD = 1 << 20, LIMIT = 4 << 20, CHUNK = 64 << 10 };
 
 struct buf {
@@ -147,9 +151,29 @@ static void open_chan(uint32_t id) {
     slot->out.len = 0;
 }
 
+static int clone_setup(int argc, char **argv, char *why, size_t whylen);
+
+/* CLONE: split the payload into fields and answer with the outcome on the same channel. */
+static void on_clone(uint32_t id, const uint8_t *data, uint32_t n) {
+    char *copy = malloc((size_t)n + 1), *fields[8], why[256] = "";
+    int count = 0;
+    if (!copy) die("malloc");
+    memcpy(copy, data, n);
+    copy[n] = 0;
+    for (uint32_t at = 0; at < n && count < 8; at += (uint32_t)strlen(copy + at) + 1)
+        fields[count++] = copy + at;
+    char reply[300];
+    int rc = (count == 3 || count == 7) ? clone_setup(count, fields, why, sizeof why) : -1;
+    if (count != 3 && count != 7) snprintf(why, sizeof why, "%d fields", count);
+    int len = rc == 0 ? snprintf(reply, sizeof reply, "0") : snprintf(reply, sizeof reply, "1 %s", why);
+    frame(id, F_CLONE, reply, (size_t)len);
+    free(copy);
+}
+
 static void on_frame(uint32_t id, uint8_t type, const uint8_t *data, uint32_t n) {
     struct chan *c;
     switch (type) {
+    case F_CLONE: on_clone(id, data, n); break;
     case F_RESET: drop_all(); break;
     case F_OPEN: open_chan(id); break;
     case F_DATA:
@@ -261,73 +285,81 @@ static int parse_mac(const char *text, unsigned char out[6]) {
     return 0;
 }
 
-static void set_in(struct sockaddr *sa, const char *ip) {
+/* What failed in a clone's setup (errno appended), for the host's error message. */
+static char *g_why;
+static size_t g_whylen;
+#define TRY(ok, what)                                                                 \
+    do {                                                                              \
+        if (!(ok)) {                                                                  \
+            snprintf(g_why, g_whylen, "%s: %s", (what), strerror(errno ? errno : EINVAL)); \
+            goto fail;                                                                \
+        }                                                                             \
+    } while (0)
+
+static int set_in(struct sockaddr *sa, const char *ip) {
     struct sockaddr_in *in = (struct sockaddr_in *)sa;
     memset(in, 0, sizeof *in);
     in->sin_family = AF_INET;
-    if (inet_pton(AF_INET, ip, &in->sin_addr) != 1) {
-        errno = EINVAL;
-        die(ip);
-    }
+    errno = EINVAL;
+    return inet_pton(AF_INET, ip, &in->sin_addr) == 1 ? 0 : -1;
 }
 
 /* A clone's network, as the cold boot's init sets it with busybox: eth0 with the sandbox's MAC
  * and /32, a host route to the gateway, the default route through it, and the gateway's MAC
  * fixed. Plain ioctls: under TCG each forked tool costs ~20 ms. */
-static void net_config(const char *mac, const char *addr, const char *gw, const char *gwmac) {
+static int net_config(const char *mac, const char *addr, const char *gw, const char *gwmac) {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (s < 0) die("socket");
+    TRY(s >= 0, "socket");
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("eth0");
+    TRY(ioctl(s, SIOCGIFFLAGS, &ifr) == 0, "eth0");
     ifr.ifr_flags &= ~IFF_UP;
-    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("eth0 down");
+    TRY(ioctl(s, SIOCSIFFLAGS, &ifr) == 0, "eth0 down");
     ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
-    if (parse_mac(mac, (unsigned char *)ifr.ifr_hwaddr.sa_data) < 0) {
-        errno = EINVAL;
-        die(mac);
-    }
-    if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0) die("eth0 address");
-    set_in(&ifr.ifr_addr, addr);
-    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) die("eth0 ip");
-    set_in(&ifr.ifr_netmask, "255.255.255.255");
-    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) die("eth0 netmask");
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("eth0");
+    errno = EINVAL;
+    TRY(parse_mac(mac, (unsigned char *)ifr.ifr_hwaddr.sa_data) == 0, mac);
+    TRY(ioctl(s, SIOCSIFHWADDR, &ifr) == 0, "eth0 address");
+    TRY(set_in(&ifr.ifr_addr, addr) == 0, addr);
+    TRY(ioctl(s, SIOCSIFADDR, &ifr) == 0, "eth0 ip");
+    TRY(set_in(&ifr.ifr_netmask, "255.255.255.255") == 0, "netmask");
+    TRY(ioctl(s, SIOCSIFNETMASK, &ifr) == 0, "eth0 netmask");
+    TRY(ioctl(s, SIOCGIFFLAGS, &ifr) == 0, "eth0");
     ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("eth0 up");
+    TRY(ioctl(s, SIOCSIFFLAGS, &ifr) == 0, "eth0 up");
     char dev[] = "eth0";
     struct rtentry rt;
     memset(&rt, 0, sizeof rt);
-    set_in(&rt.rt_dst, gw);
-    set_in(&rt.rt_genmask, "255.255.255.255");
+    TRY(set_in(&rt.rt_dst, gw) == 0, gw);
+    TRY(set_in(&rt.rt_genmask, "255.255.255.255") == 0, "netmask");
     rt.rt_flags = RTF_UP | RTF_HOST;
     rt.rt_dev = dev;
-    if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) die("route to the gateway");
+    TRY(ioctl(s, SIOCADDRT, &rt) == 0 || errno == EEXIST, "route to the gateway");
     memset(&rt, 0, sizeof rt);
-    set_in(&rt.rt_dst, "0.0.0.0");
-    set_in(&rt.rt_genmask, "0.0.0.0");
-    set_in(&rt.rt_gateway, gw);
+    TRY(set_in(&rt.rt_dst, "0.0.0.0") == 0 && set_in(&rt.rt_genmask, "0.0.0.0") == 0, "route");
+    TRY(set_in(&rt.rt_gateway, gw) == 0, gw);
     rt.rt_flags = RTF_UP | RTF_GATEWAY;
     rt.rt_dev = dev;
-    if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) die("default route");
+    TRY(ioctl(s, SIOCADDRT, &rt) == 0 || errno == EEXIST, "default route");
     struct arpreq arp;
     memset(&arp, 0, sizeof arp);
-    set_in(&arp.arp_pa, gw);
+    TRY(set_in(&arp.arp_pa, gw) == 0, gw);
     arp.arp_ha.sa_family = ARPHRD_ETHER;
-    if (parse_mac(gwmac, (unsigned char *)arp.arp_ha.sa_data) < 0) {
-        errno = EINVAL;
-        die(gwmac);
-    }
+    errno = EINVAL;
+    TRY(parse_mac(gwmac, (unsigned char *)arp.arp_ha.sa_data) == 0, gwmac);
     arp.arp_flags = ATF_PERM | ATF_COM;
     strncpy(arp.arp_dev, "eth0", sizeof arp.arp_dev - 1);
-    if (ioctl(s, SIOCSARP, &arp) < 0) die("gateway neighbour");
+    TRY(ioctl(s, SIOCSARP, &arp) == 0, "gateway neighbour");
     close(s);
     int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd >= 0) {
         dprintf(fd, "nameserver %s\n", gw);
         close(fd);
     }
+    return 0;
+fail:
+    if (s >= 0) close(s);
+    return -1;
 }
 
 /* Every clone of a warm template starts from the template's RNG state: writing to /dev/urandom
@@ -338,21 +370,42 @@ static int reseed(const char *hex) {
         int entropy_count, buf_size;
         uint8_t buf[256];
     } info = {0};
+    int fd = -1;
     size_t n = strlen(hex) / 2;
-    if (n == 0 || n > sizeof info.buf) return 2;
+    errno = EINVAL;
+    TRY(n > 0 && n <= sizeof info.buf, "entropy length");
     for (size_t i = 0; i < n; i++) {
         unsigned v;
-        if (sscanf(hex + 2 * i, "%2x", &v) != 1) return 2;
+        errno = EINVAL;
+        TRY(sscanf(hex + 2 * i, "%2x", &v) == 1, "entropy hex");
         info.buf[i] = (uint8_t)v;
     }
     info.buf_size = (int)n;
     info.entropy_count = (int)n * 8;
-    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-    if (fd < 0) die("/dev/urandom");
-    if (ioctl(fd, RNDADDENTROPY, &info) < 0) die("RNDADDENTROPY");
-    if (ioctl(fd, RNDRESEEDCRNG) < 0) die("RNDRESEEDCRNG");
+    fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    TRY(fd >= 0, "/dev/urandom");
+    TRY(ioctl(fd, RNDADDENTROPY, &info) == 0, "RNDADDENTROPY");
+    TRY(ioctl(fd, RNDRESEEDCRNG) == 0, "RNDRESEEDCRNG");
     close(fd);
     return 0;
+fail:
+    if (fd >= 0) close(fd);
+    return -1;
+}
+
+/* A clone of a warm template (or of a snapshot): its own network, name, the host's clock and
+ * fresh entropy. argv: HOSTNAME EPOCH_NS HEX [MAC ADDRESS GATEWAY GATEWAY_MAC]. */
+static int clone_setup(int argc, char **argv, char *why, size_t whylen) {
+    g_why = why;
+    g_whylen = whylen;
+    if (argc == 7 && net_config(argv[3], argv[4], argv[5], argv[6]) < 0) return -1;
+    TRY(sethostname(argv[0], strlen(argv[0])) == 0, "sethostname");
+    long long ns = atoll(argv[1]);
+    struct timespec now = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
+    TRY(clock_settime(CLOCK_REALTIME, &now) == 0, "clock_settime");
+    return reseed(argv[2]);
+fail:
+    return -1;
 }
 
 int main(int argc, char **argv) {
@@ -366,13 +419,10 @@ int main(int argc, char **argv) {
         die(argv[7]);
     }
     if ((argc == 5 || argc == 9) && strcmp(argv[1], "--clone") == 0) {
-        if (argc == 9) net_config(argv[5], argv[6], argv[7], argv[8]);
-        /* A clone of a warm template: its own name, the host's clock, fresh entropy. */
-        if (sethostname(argv[2], strlen(argv[2])) < 0) die("sethostname");
-        long long ns = atoll(argv[3]);
-        struct timespec now = {(time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL)};
-        if (clock_settime(CLOCK_REALTIME, &now) < 0) die("clock_settime");
-        return reseed(argv[4]);
+        char why[256];
+        if (clone_setup(argc - 2, argv + 2, why, sizeof why) == 0) return 0;
+        fprintf(stderr, "corral-vmux: %s\n", why);
+        return 1;
     }
     if (argc != 3) {
         fprintf(stderr, "usage: corral-vmux PORT_DEVICE AGENT_SOCKET\n");
