@@ -652,7 +652,7 @@ def restore(
     ],
     as_json: JsonOpt = False,
 ) -> None:
-    """Roll a sandbox's files back to a snapshot; its processes start afresh. Print its state."""
+    """Roll a sandbox back to a snapshot (a microvm's processes too). Print its state."""
     from corral.cli._output import print_json
     from corral.sdk.sandbox import Sandbox
 

@@ -748,8 +748,9 @@ class Sandbox:
         return self._info
 
     def hibernate(self) -> SandboxInfo:
-        """Stop every process and free its memory, keeping its disk (survives a host reboot);
-        ``resume`` wakes it with its files as they were and its processes started afresh.
+        """Stop the sandbox and free its memory, keeping its disk (survives a host reboot);
+        ``resume`` wakes it with its files as they were. A container's processes start afresh;
+        a microvm's memory is saved too, so its processes carry on where they were.
 
         ``ConflictError`` if already hibernated, ``SandboxNotRunningError`` if it has stopped.
         """
@@ -764,7 +765,8 @@ class Sandbox:
         return self._info
 
     def snapshot(self, name: str | None = None) -> Snapshot:
-        """Save the sandbox's files as they are now (processes keep running); the snapshot
+        """Save the sandbox's files as they are now (processes keep running; a microvm's
+        snapshot holds its memory and processes too, and it stops for the save); the snapshot
         outlives the sandbox until ``delete_snapshot``. ``name`` (default: the snapshot's id)
         must be unique among this sandbox's snapshots, else ``ConflictError``."""
         return Snapshot.from_json(self._http.json(calls.create_snapshot(self._id, name)))
@@ -776,8 +778,9 @@ class Sandbox:
 
     def restore(self, snapshot: SnapshotRef) -> None:
         """Roll the sandbox's files back to ``snapshot`` (a ``Snapshot``, its id, or its name
-        among this sandbox's snapshots). Its processes stop and start afresh; the id stays,
-        the address may change."""
+        among this sandbox's snapshots). A container's processes stop and start afresh; a
+        microvm carries on from the snapshot's processes. The id stays, the address may
+        change."""
         call = calls.restore_sandbox(self._id, snapshot)
         self._info = SandboxInfo.from_json(self._http.json(call))
 
