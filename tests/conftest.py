@@ -254,6 +254,8 @@ def _kept(path: str) -> bool:
         )
     ):
         return True
+    if path.startswith(f"{RUN_CORRAL}/vm-") and path.endswith("/.jail"):
+        return True  # the microvm jails' mount point (an empty directory, kept like the dir)
     return path == str(RUN_CORRAL) or (
         path.startswith((f"{RUN_CORRAL}/rootfs-", f"{RUN_CORRAL}/vm-")) and path.count("/") == 3
     )

@@ -1,10 +1,12 @@
 """`isolation: "microvm"` through the HTTP API and the SDK: a guest with its own kernel answers
-exec and files like a container, pauses and resumes, and is killed without a trace; what the
-tier cannot do yet (snapshots, hibernation) is a clear 400 that changes nothing."""
+exec and files like a container, pauses and resumes, is killed without a trace, and snapshots,
+forks, restores and hibernates with its processes carrying on; what the tier cannot do is a
+clear 400 that changes nothing."""
 
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,10 +66,9 @@ def test_info_names_the_tiers_and_the_accelerator(api: httpx.Client) -> None:
     assert info["isolation"]["microvm"]["accelerator"] in ("kvm", "tcg")
 
 
-def test_what_microvm_cannot_do_yet_is_a_400(api: httpx.Client) -> None:
+def test_what_microvm_cannot_do_is_a_400(api: httpx.Client) -> None:
     before = api.get("/v1/sandboxes").json()
     for body, words in (
-        ({"on_idle": "hibernate", "idle_timeout": 60}, "hibernate"),
         ({"cpu": 0.5, "vcpus": None}, "whole vCPUs"),
         ({"isolation": "vm"}, "isolation"),
     ):
@@ -78,15 +79,81 @@ def test_what_microvm_cannot_do_yet_is_a_400(api: httpx.Client) -> None:
         assert r.status_code == 400, (body, r.text)
         assert words in r.json()["error"]["message"], r.text
     assert api.get("/v1/sandboxes").json() == before
-    vm = _vm(api)
+
+
+# A process that counts in guest memory only (tmpfs): it survives only if memory does.
+_COUNTER = (
+    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
+    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
+    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 &"
+)
+
+
+def _count(sbx: Any) -> tuple[int, str]:
+    value, pid = sbx.exec("cat /run/mem/n").stdout.split()
+    return int(value), pid
+
+
+def test_snapshot_fork_restore_and_hibernate_keep_processes(server: RunningServer) -> None:
+    """The SDK's persistence calls on a microvm: what was running in memory carries on."""
+    why = microvm_skip_reason()
+    if why:
+        pytest.skip(why)
+    from corral import Sandbox
+
+    conn = {"api_key": server.admin_key, "base_url": server.url}
+    made: list[Any] = []
     try:
-        r = api.post(f"/v1/sandboxes/{vm['id']}/snapshots")
-        assert r.status_code == 400 and "microvm" in r.json()["error"]["message"]
-        r = api.post(f"/v1/sandboxes/{vm['id']}/hibernate")
-        assert r.status_code == 400 and "microvm" in r.json()["error"]["message"]
-        assert exec_stdout(api, vm["id"], "echo still here") == "still here\n"
+        src = Sandbox.create("minimal", isolation="microvm", vcpus=1, memory_mb=256, **conn)
+        made.append(src)
+        src.exec(_COUNTER)
+        time.sleep(0.3)
+        before, pid = _count(src)
+        snap = src.snapshot("counting")
+        assert snap.size_bytes > 1 << 20  # memory is in it
+        forks = Sandbox.fork(snap, 2, env={"WHO": "fork"}, **conn)
+        made += forks
+        for fork in forks:
+            value, fork_pid = _count(fork)
+            assert fork_pid == pid and value >= before
+            assert fork.exec("echo $WHO; hostname").stdout.split() == ["fork", fork.id]
+        a, b = (f.exec("head -c 8 /dev/urandom | od -An -tx1").stdout for f in forks)
+        assert a != b  # each fork's RNG reseeded
+        time.sleep(0.3)
+        high, _ = _count(src)
+        src.restore("counting")
+        back, back_pid = _count(src)
+        assert back_pid == pid and before <= back < high
+        assert src.hibernate().state == "hibernated"
+        assert src.resume().state == "running"
+        assert _count(src)[1] == pid  # the same process, not a new one
+        # A snapshot of a microvm is no container's filesystem, and its memory fits only a
+        # machine of its shape.
+        auth = {"Authorization": f"Bearer {server.admin_key}"}
+        for body, words in (
+            ({"isolation": "container"}, "isolation comes from snapshot"),
+            ({"isolation": "microvm", "vcpus": 1, "memory_mb": 512}, "256 MiB"),
+        ):
+            r = httpx.post(
+                f"{server.url}/v1/sandboxes",
+                json={"snapshot": snap.id, **body},
+                headers=auth,
+                timeout=120,
+            )
+            assert r.status_code == 400 and words in r.text, r.text
+        box = Sandbox.create("minimal", **conn)
+        made.append(box)
+        r = httpx.post(
+            f"{server.url}/v1/sandboxes/{box.id}/restore",
+            json={"snapshot": snap.id},
+            headers=auth,
+            timeout=60,
+        )
+        assert r.status_code == 400 and "microvm" in r.text, r.text
+        Sandbox.delete_snapshot(snap, **conn)
     finally:
-        api.delete(f"/v1/sandboxes/{vm['id']}")
+        for sbx in made:
+            sbx.kill()
 
 
 def test_sdk_creates_a_microvm(server: RunningServer) -> None:

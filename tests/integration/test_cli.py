@@ -1,4 +1,5 @@
-"""The ``corral`` command end to end: a real binary against a real server and real sandboxes."""
+"""The ``corral`` command end to end: a real binary against a real server and real sandboxes of
+both isolation tiers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,27 +31,31 @@ from tests.integration.server_harness import (
     network_config_for_tests,
     release_data_dir,
 )
+from tests.integration.tiers import cli_args
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def sid(env: dict[str, str]) -> Iterator[str]:
-    sandbox_id = corral(env, "create", "--template", TEMPLATE, "--timeout", "600").stdout
+def sid(env: dict[str, str], isolation: dict[str, Any]) -> Iterator[str]:
+    sandbox_id = corral(
+        env, "create", "--template", TEMPLATE, "--timeout", "600", *cli_args(isolation)
+    ).stdout
     sandbox_id_text = sandbox_id.decode().strip()
     yield sandbox_id_text
     corral(env, "kill", sandbox_id_text, check=False)
 
 
-def test_create_ls_info_kill(env: dict[str, str]) -> None:
+def test_create_ls_info_kill(env: dict[str, str], isolation: dict[str, Any]) -> None:
     tag = os.urandom(4).hex()
     created = corral(
         env, "create", "--template", TEMPLATE, "--metadata", f"t={tag}", "--env", "A=1",
-        "--timeout", "300", "--json",
+        "--timeout", "300", "--json", *cli_args(isolation),
     )  # fmt: skip
     obj = json.loads(created.stdout)
     sandbox_id = obj["id"]
     assert obj["state"] == "running" and obj["metadata"] == {"t": tag}
+    assert obj["runtime"] == isolation.get("isolation", "container")
 
     listed = json.loads(corral(env, "ls", "--metadata", f"t={tag}", "--json").stdout)
     assert [s["id"] for s in listed] == [sandbox_id]

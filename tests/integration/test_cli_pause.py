@@ -1,4 +1,5 @@
-"""``corral pause|resume`` and the lifecycle flags of ``corral create``, end to end."""
+"""``corral pause|resume`` (on both isolation tiers) and the lifecycle flags of ``corral create``,
+end to end."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.integration.cli_harness import TEMPLATE, corral_text, one_error
+from tests.integration.tiers import cli_args
 
 pytest.importorskip(
     "corral.api.server", reason="corral.api.server does not import yet (the server is in progress)"
@@ -20,9 +23,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def sid(env: dict[str, str]) -> Iterator[str]:
+def sid(env: dict[str, str], isolation: dict[str, Any]) -> Iterator[str]:
     sandbox_id = corral_text(
-        env, "create", "--template", TEMPLATE, "--timeout", "600"
+        env, "create", "--template", TEMPLATE, "--timeout", "600", *cli_args(isolation)
     ).stdout.strip()
     yield sandbox_id
     corral_text(env, "kill", sandbox_id, check=False)
@@ -47,6 +50,10 @@ def test_pause_resume_print_the_new_state(env: dict[str, str], sid: str) -> None
     corral_text(env, "pause", sid)
     assert corral_text(env, "exec", sid, "--", "echo hi").stdout == "hi\n"
     assert json.loads(corral_text(env, "info", sid, "--json").stdout)["state"] == "running"
+
+
+# The other tests are about the CLI's flags and the service's policies (one tier is enough: the
+# SDK pause tests run the policies on both).
 
 
 def test_create_with_lifecycle_flags(env: dict[str, str]) -> None:

@@ -1,6 +1,6 @@
 """After a server crash or restart, running sandboxes are adopted again (their background output
 meanwhile intact, containers and microvms alike) and orphans on the host are removed; after a
-host reboot, disks and snapshots are still there."""
+host reboot, disks and snapshots are still there, and a microvm's saved memory too."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -18,8 +19,8 @@ import pytest
 
 from corral.host.mounts import unmount
 from corral.runtime.container import ContainerRuntime
-from tests.conftest import container_skip_reason
-from tests.integration.server_harness import own_server
+from tests.conftest import container_skip_reason, microvm_skip_reason
+from tests.integration.server_harness import exec_stdout, own_server
 
 pytestmark = pytest.mark.integration
 
@@ -90,20 +91,81 @@ def test_background_output_survives_a_server_restart(
 
 
 def _simulate_reboot(data: Path) -> None:
-    """What a host reboot does to corral's host state: every sandbox process dies and every
-    mount goes (rootfs overlays, disks, the pool); files on the host disk stay."""
-    for meta in (data / "sandboxes").glob("*/meta.json"):
-        pid = json.loads(meta.read_text()).get("init_pid")
+    """What a host reboot does to corral's host state: every sandbox process (container init,
+    QEMU) dies, every mount goes (rootfs overlays, disks, the pool) and /run is empty again;
+    files on the host disk stay."""
+    metas = [
+        *(data / "sandboxes").glob("*/meta.json"),
+        *(data / "pool" / "vms").glob("*/meta.json"),
+    ]
+    for meta in metas:
+        found = json.loads(meta.read_text())
+        pid = found.get("init_pid", found.get("pid"))
         if isinstance(pid, int):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
+    shutil.rmtree(_vm_run_dir_of(data), ignore_errors=True)
     rootfs_dir = ContainerRuntime(data, Path("/nonexistent")).mount_dir
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
     for point in reversed(points):  # the topmost first: overlays, then disks, then the pool
         if point.startswith((f"{rootfs_dir}/", f"{data}/")):
             unmount(Path(point))
+
+
+def _vm_run_dir_of(data: Path) -> Path:
+    from corral.runtime.microvm import MicroVMRuntime
+
+    return MicroVMRuntime(data, Path("/nonexistent"), accel="tcg")._run
+
+
+# Counts in guest memory only (a tmpfs): it carries on only if the VM's memory did.
+_COUNTER = (
+    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
+    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
+    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 &"
+)
+
+
+def test_microvm_memory_survives_a_restart_and_a_reboot(tmp_path: Path) -> None:
+    """A hibernated microvm and a memory snapshot carry their processes through a server crash
+    and a host reboot; a microvm that was running at the reboot comes back with its disk."""
+    why = microvm_skip_reason()
+    if why:
+        pytest.skip(why)
+    vm = {"template": "minimal", "isolation": "microvm", "vcpus": 1, "memory_mb": 256}
+    with own_server(tmp_path) as own:
+        with own.server.client(timeout=180) as c:
+            made = {}
+            for kind in ("asleep", "running"):
+                r = c.post("/v1/sandboxes", json={**vm, "timeout": 900})
+                assert r.status_code == 201, r.text
+                made[kind] = sid = r.json()["id"]
+                # synced: a host going down takes what a guest had not written back, as power loss would
+                exec_stdout(c, sid, f"echo {kind} > /root/k; sync; {_COUNTER}")
+            time.sleep(0.3)
+            counted, pid = exec_stdout(c, made["asleep"], "cat /run/mem/n").split()
+            r = c.post(f"/v1/sandboxes/{made['asleep']}/snapshots")
+            assert r.status_code == 201, r.text
+            snap = r.json()["id"]
+            assert c.post(f"/v1/sandboxes/{made['asleep']}/hibernate").status_code == 200
+        data = own.server.data_dir
+        server = own.restart(hard=True, between=lambda: _simulate_reboot(data))
+        with server.client(timeout=180) as c:
+            for sid in made.values():
+                assert c.get(f"/v1/sandboxes/{sid}").json()["state"] == "hibernated"
+            # Woken from its saved memory: the same process, counting on.
+            value, same = exec_stdout(c, made["asleep"], "cat /run/mem/n").split()
+            assert same == pid and int(value) >= int(counted)
+            # Its memory died with the host: it boots from its disk.
+            out = exec_stdout(c, made["running"], "cat /root/k; cat /run/mem/n 2>&1 || true")
+            assert out.startswith("running\n") and "No such file" in out
+            r = c.post(f"/v1/snapshots/{snap}/fork")
+            assert r.status_code == 201, r.text
+            fork = r.json()[0]["id"]
+            value, same = exec_stdout(c, fork, "cat /run/mem/n").split()
+            assert same == pid and int(value) >= int(counted)
 
 
 def test_after_a_reboot_disks_and_snapshots_are_still_there(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The Python SDK, sync and async, end to end against a real corral server and real sandboxes."""
+"""The Python SDK, sync and async, end to end against a real corral server and real sandboxes of
+both isolation tiers (what only the service or the SDK does is checked on containers only)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import pytest
 
@@ -21,6 +22,7 @@ pytest.importorskip(
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk import Client
 from tests.integration.server_harness import RunningServer
+from tests.integration.tiers import container_only, sdk_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -38,21 +40,23 @@ def conn(server: RunningServer) -> Conn:
 
 
 @pytest.fixture
-def sbx(conn: Conn) -> Iterator[Sandbox]:
-    with Sandbox.create(TEMPLATE, timeout=600, **conn) as s:
+def sbx(conn: Conn, isolation: dict[str, Any]) -> Iterator[Sandbox]:
+    with Sandbox.create(TEMPLATE, timeout=600, **sdk_args(isolation), **conn) as s:
         yield s
 
 
 # ---------------------------------------------------------------- lifecycle
 
 
-def test_create_info_list_connect_and_kill_on_exit(conn: Conn) -> None:
+def test_create_info_list_connect_and_kill_on_exit(conn: Conn, isolation: dict[str, Any]) -> None:
     tag = os.urandom(4).hex()
+    tier = sdk_args(isolation)
     with Sandbox.create(
-        TEMPLATE, env={"GREETING": "hi"}, metadata={"test": tag}, timeout=120, **conn
+        TEMPLATE, env={"GREETING": "hi"}, metadata={"test": tag}, timeout=120, **tier, **conn
     ) as sbx:
         info = sbx.info()
         assert (info.id, info.state, info.template) == (sbx.id, "running", TEMPLATE)
+        assert info.isolation == tier.get("isolation", "container")
         assert info.metadata == {"test": tag} and info.env_keys == ["GREETING"]
         assert info.timeout == 120 and info.expires_at is not None
         assert sbx.exec("echo $GREETING").stdout == "hi\n"
@@ -74,6 +78,7 @@ def test_create_info_list_connect_and_kill_on_exit(conn: Conn) -> None:
     after.close()
 
 
+@container_only
 def test_set_timeout_moves_the_expiry(sbx: Sandbox) -> None:
     before = sbx.info().expires_at
     info = sbx.set_timeout(3600)
@@ -81,6 +86,7 @@ def test_set_timeout_moves_the_expiry(sbx: Sandbox) -> None:
     assert info.expires_at > before
 
 
+@container_only
 def test_errors_come_back_typed(conn: Conn, sbx: Sandbox) -> None:
     with pytest.raises(errors.NotFoundError):
         Sandbox.connect("sb-doesnotexist", **conn)
@@ -149,6 +155,7 @@ def test_exec_timeout_raises_timeout_error(sbx: Sandbox) -> None:
     assert time.monotonic() - start < 15
 
 
+@container_only
 def test_exec_stream_yields_raw_events(sbx: Sandbox) -> None:
     from corral.sdk import ExecExit, ExecOutput, ExecStart
 
@@ -287,6 +294,7 @@ def test_upload_and_download_directories(sbx: Sandbox, tmp_path: Path) -> None:
     assert (dst / "empty").is_dir()
 
 
+@container_only  # the SDK's own check, on the client
 def test_download_of_hostile_sandbox_content_stays_in_the_destination(
     sbx: Sandbox, tmp_path: Path
 ) -> None:
@@ -340,6 +348,8 @@ def test_pty_kill(sbx: Sandbox) -> None:
 # ---------------------------------------------------------------- asyncio flavour
 
 
+# The asyncio flavour makes the same calls as the sync one: on containers only (the sync tests
+# cover both tiers).
 @pytest.fixture
 async def asbx(conn: Conn) -> AsyncIterator[AsyncSandbox]:
     async with await AsyncSandbox.create(TEMPLATE, timeout=600, **conn) as s:

@@ -1,4 +1,5 @@
-"""Pause, resume and the idle policy through the SDK, against a real server and real sandboxes."""
+"""Pause, resume and the idle policy through the SDK, against a real server and real sandboxes
+(what the runtime does — freeze, thaw, CPU accounting, teardown — on both isolation tiers)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import TypedDict, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import pytest
 
@@ -18,6 +19,7 @@ pytest.importorskip(
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk.models import SandboxInfo
 from tests.integration.server_harness import RunningServer
+from tests.integration.tiers import container_only, sdk_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -41,8 +43,8 @@ def conn(server: RunningServer) -> Conn:
 
 
 @pytest.fixture
-def sbx(conn: Conn) -> Iterator[Sandbox]:
-    with Sandbox.create(TEMPLATE, timeout=600, **conn) as s:
+def sbx(conn: Conn, isolation: dict[str, Any]) -> Iterator[Sandbox]:
+    with Sandbox.create(TEMPLATE, timeout=600, **sdk_args(isolation), **conn) as s:
         yield s
 
 
@@ -93,6 +95,7 @@ def test_file_and_process_calls_resume_too(sbx: Sandbox) -> None:
     assert sbx.info().state == "running"
 
 
+@container_only
 def test_pause_twice_conflicts_and_resume_of_a_running_one_is_harmless(sbx: Sandbox) -> None:
     sbx.pause()
     with pytest.raises(errors.ConflictError, match="already paused") as caught:
@@ -115,8 +118,8 @@ def test_pause_or_resume_of_a_killed_sandbox_is_refused(conn: Conn) -> None:
         sbx.close()
 
 
-def test_kill_of_a_paused_sandbox_cleans_up(conn: Conn) -> None:
-    sbx = Sandbox.create(TEMPLATE, timeout=600, **conn)
+def test_kill_of_a_paused_sandbox_cleans_up(conn: Conn, isolation: dict[str, Any]) -> None:
+    sbx = Sandbox.create(TEMPLATE, timeout=600, **sdk_args(isolation), **conn)
     try:
         sbx.exec(COUNTER, background=True)
         sbx.pause()
@@ -127,8 +130,12 @@ def test_kill_of_a_paused_sandbox_cleans_up(conn: Conn) -> None:
     # server_no_leaks checks that nothing of it is left on the host.
 
 
-def test_a_paused_process_does_not_advance_and_continues_after_resume(conn: Conn) -> None:
-    with Sandbox.create(TEMPLATE, timeout=600, auto_resume=False, **conn) as sbx:
+def test_a_paused_process_does_not_advance_and_continues_after_resume(
+    conn: Conn, isolation: dict[str, Any]
+) -> None:
+    with Sandbox.create(
+        TEMPLATE, timeout=600, auto_resume=False, **sdk_args(isolation), **conn
+    ) as sbx:
         assert sbx.info().auto_resume is False
         sbx.exec(COUNTER, background=True)
         _until(lambda: _count(sbx) if sbx.files.exists("/tmp/n") else None, 10, "a first count")
@@ -155,6 +162,7 @@ def test_a_paused_process_does_not_advance_and_continues_after_resume(conn: Conn
         assert _count(sbx) >= after + 5  # and counts on
 
 
+@container_only
 def test_the_timeout_clock_stops_while_paused(sbx: Sandbox) -> None:
     before = sbx.info().expires_at
     assert before is not None
@@ -168,6 +176,7 @@ def test_the_timeout_clock_stops_while_paused(sbx: Sandbox) -> None:
     assert 1.5 <= moved <= 5, moved
 
 
+@container_only
 def test_paused_sandboxes_are_listed_by_state(conn: Conn, sbx: Sandbox) -> None:
     tag = os.urandom(4).hex()
     with Sandbox.create(TEMPLATE, timeout=600, metadata={"t": tag}, **conn) as other:
@@ -181,8 +190,12 @@ def test_paused_sandboxes_are_listed_by_state(conn: Conn, sbx: Sandbox) -> None:
 # ---------------------------------------------------------------- idle and timeout policy
 
 
-def test_idle_sandbox_is_paused_and_the_next_exec_resumes_it(conn: Conn) -> None:
-    with Sandbox.create(TEMPLATE, timeout=600, idle_timeout=2, on_idle="pause", **conn) as sbx:
+def test_idle_sandbox_is_paused_and_the_next_exec_resumes_it(
+    conn: Conn, isolation: dict[str, Any]
+) -> None:
+    with Sandbox.create(
+        TEMPLATE, timeout=600, idle_timeout=2, on_idle="pause", **sdk_args(isolation), **conn
+    ) as sbx:
         info = sbx.info()
         assert (info.idle_timeout, info.on_idle, info.auto_resume) == (2, "pause", True)
         start = time.monotonic()
@@ -193,11 +206,18 @@ def test_idle_sandbox_is_paused_and_the_next_exec_resumes_it(conn: Conn) -> None
         assert sbx.info().state == "running"
 
 
-def test_a_busy_background_process_keeps_it_from_idling(conn: Conn) -> None:
-    with Sandbox.create(TEMPLATE, timeout=600, idle_timeout=2, **conn) as sbx:
+def test_a_busy_background_process_keeps_it_from_idling(
+    conn: Conn, isolation: dict[str, Any]
+) -> None:
+    with Sandbox.create(
+        TEMPLATE, timeout=600, idle_timeout=2, **sdk_args(isolation), **conn
+    ) as sbx:
         sbx.exec("while :; do :; done", background=True)  # a whole core: not idle
         time.sleep(8)
         assert sbx.info().state == "running"
+
+
+# The policies below are the service's (the runtime only pauses, as above): containers only.
 
 
 def test_idle_kill_stops_it(conn: Conn) -> None:

@@ -1,5 +1,6 @@
 """Egress from real sandboxes goes only where its policy says, against a fake internet: DNS cannot
-carry data out, name tricks fail, the host, metadata and other sandboxes stay unreachable."""
+carry data out, name tricks fail, the host, metadata and other sandboxes stay unreachable — from a
+container and from a microvm alike (what the resolver and proxy decide alone is checked once)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -17,6 +18,7 @@ from corral import Sandbox
 from corral.errors import InvalidRequestError
 from tests.integration.fake_internet import FakeInternet
 from tests.integration.server_harness import RunningServer
+from tests.integration.tiers import container_only, sdk_args
 
 pytestmark = [pytest.mark.security, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -25,17 +27,28 @@ BLOCKED_IP = "198.51.100.11"  # blocked.test
 CURL_TIMEOUT_EXIT = 28  # curl's "operation timed out": a block must never look like this
 
 
+class Conn(TypedDict):
+    api_key: str
+    base_url: str
+
+
 @pytest.fixture
-def conn(server: RunningServer) -> dict[str, str]:
+def conn(server: RunningServer) -> Conn:
     return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture
-def make(conn: dict[str, str], base_template: str, fake_net: FakeInternet) -> Iterator[Any]:
+def make(
+    conn: Conn, base_template: str, fake_net: FakeInternet, isolation: dict[str, Any]
+) -> Iterator[Any]:
+    """Sandboxes of the test's tier; a microvm's packets leave through the same veth, rules and
+    proxy as a container's, so every probe must end the same way."""
     made: list[Sandbox] = []
 
     def _make(network: dict[str, Any] | None = None) -> Sandbox:
-        sbx = Sandbox.create(base_template, network=network, timeout=300, **conn)
+        sbx = Sandbox.create(
+            base_template, network=network, timeout=300, **sdk_args(isolation), **conn
+        )
         made.append(sbx)
         sbx.files.write("/etc/corral-test-ca.pem", fake_net.ca_pem)
         return sbx
@@ -126,6 +139,7 @@ def test_deny_all_resolves_nothing_and_asks_nobody(make: Any, fake_net: FakeInte
     assert len(fake_net.queries()) == before
 
 
+@container_only  # the resolver's or the proxy's own decision
 def test_exfiltration_names_never_reach_the_upstream(make: Any, fake_net: FakeInternet) -> None:
     sbx = make(ALLOW_ALLOWED)
     secret = "s3cr3t" + str(time.time_ns())
@@ -141,6 +155,7 @@ def test_exfiltration_names_never_reach_the_upstream(make: Any, fake_net: FakeIn
     assert not [q for q in fake_net.queries() if secret in q]
 
 
+@container_only  # the resolver's or the proxy's own decision
 def test_dns_rebinding_to_private_addresses_is_refused(make: Any) -> None:
     sbx = make(
         {
@@ -172,6 +187,7 @@ def test_ip_literals_are_refused_without_a_cidr_rule(make: Any, fake_net: FakeIn
     assert code == 0 and "hello from 203.0.113.10" in out, out
 
 
+@container_only  # the resolver's or the proxy's own decision
 def test_sni_host_and_absolute_uri_tricks_fail(make: Any, fake_net: FakeInternet) -> None:
     sbx = make(ALLOW_ALLOWED)
     # Allowed SNI, but the connection was aimed at the blocked host's address: it ends up at the
@@ -246,6 +262,7 @@ def test_host_api_metadata_and_other_sandboxes_are_unreachable(
     assert "b'" not in out, out
 
 
+@container_only  # the resolver's or the proxy's own decision
 def test_invalid_policy_update_keeps_the_old_one(make: Any) -> None:
     sbx = make(ALLOW_ALLOWED)
     for bad in (
@@ -263,6 +280,7 @@ def test_invalid_policy_update_keeps_the_old_one(make: Any) -> None:
     assert code == 0, out
 
 
+@container_only  # the resolver's or the proxy's own decision
 def test_policy_update_applies_to_new_connections_at_once(make: Any) -> None:
     sbx = make(None)
     code, _ = curl(sbx, "http://allowed.test/")
@@ -339,10 +357,12 @@ def test_egress_rate_limit_holds_within_20_percent(make: Any) -> None:
 
 
 def test_kill_leaves_no_network_state(
-    conn: dict[str, str], base_template: str, server: RunningServer
+    conn: Conn, base_template: str, server: RunningServer, isolation: dict[str, Any]
 ) -> None:
     config = json.loads((server.data_dir / "server.json").read_text())["network"]
-    sbx = Sandbox.create(base_template, network=ALLOW_ALLOWED, timeout=120, **conn)
+    sbx = Sandbox.create(
+        base_template, network=ALLOW_ALLOWED, timeout=120, **sdk_args(isolation), **conn
+    )
     netns = f"corral-{config['prefix']}-{sbx.id}"
     assert netns in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
     sbx.kill()
