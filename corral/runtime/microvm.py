@@ -111,7 +111,7 @@ async def _until_running(qmp: Qmp, timeout: float) -> None:
             return
         if status in ("internal-error", "shutdown", "guest-panicked"):
             break
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.002)
     raise RuntimeFailure(f"the VM did not start from its template ({status})")
 
 
@@ -505,11 +505,11 @@ class MicroVMRuntime:
         await asyncio.to_thread(_enter_cgroups, pid, cgroups)
         step("qemu")
         if state is not None:
-            qmp = Qmp(self._sock(sid, "qmp"))
             assert cfg.incoming_fd is not None
             try:
-                await start_incoming(qmp, cfg.incoming_fd)
-                await _until_running(qmp, self.ready_timeout)
+                async with Qmp(self._sock(sid, "qmp")) as qmp:
+                    await start_incoming(qmp, cfg.incoming_fd)
+                    await _until_running(qmp, self.ready_timeout)
             except RuntimeFailure as exc:
                 tail = (vdir / "qemu.log").read_text(errors="replace")[-600:].strip()
                 raise SnapshotUnusableError(
@@ -521,10 +521,13 @@ class MicroVMRuntime:
                 # crash from now on must not load it again (the disk alone is consistent).
                 state.unlink(missing_ok=True)
             step("restore")
-        await self._wait_ready(sid)
-        step("agent_ready")
-        if state is not None:
-            await self._personalize(sid, spec, net)
+        if state is None:
+            await self._wait_ready(sid)
+            step("agent_ready")
+        else:
+            # Saved with its agent answering: telling it who it is now is the first exchange,
+            # and proof enough that it answers.
+            await asyncio.wait_for(self._personalize(sid, spec, net), self.ready_timeout)
             step("personalize")
 
     async def _images(self, spec: SandboxSpec) -> tuple[GuestKernel, Path, Path]:
@@ -698,13 +701,13 @@ class MicroVMRuntime:
         from corral.agent import AgentClient
 
         client = AgentClient(lambda: self.open_agent(sid))
-        await client.set_env(spec.env)
         # Name, clock, fresh entropy and the network, applied by vmux in one frame: no process
-        # to start (a clone's first fork and exec cost ~100 ms under TCG).
+        # to start (a clone's first fork and exec cost ~100 ms under TCG). Independent of the
+        # agent's environment: both at once.
         fields = [spec.hostname, str(time.time_ns()), secrets.token_hex(64)]
         if net is not None:
             fields += [net.mac, net.address, net.gateway, net.gateway_mac]
-        await self._mux(sid).clone(fields)
+        await asyncio.gather(client.set_env(spec.env), self._mux(sid).clone(fields))
 
     def _make_cgroups(self, sid: str, spec: SandboxSpec) -> list[Path]:
         """QEMU's cgroups: guest RAM plus QEMU's own overhead, the vCPUs' share of CPU, and a
@@ -858,19 +861,19 @@ class MicroVMRuntime:
 
     async def _stopped(self, sid: str) -> str:
         """Stop the VM's vCPUs; returns the run state it had (to go back to)."""
-        qmp = Qmp(self._sock(sid, "qmp"))
-        status = str((await qmp.execute("query-status")).get("status"))
-        if status == "running":
-            await qmp.execute("stop")
+        async with Qmp(self._sock(sid, "qmp")) as qmp:
+            status = str((await qmp.execute("query-status")).get("status"))
+            if status == "running":
+                await qmp.execute("stop")
         return status
 
     async def _carry_on(self, sid: str, status: str) -> None:
         """After a save: QEMU's disks are inactive until ``cont``, whatever the VM was doing; a
         paused VM is stopped again at once (its guest may run for a few microseconds)."""
-        qmp = Qmp(self._sock(sid, "qmp"))
-        await qmp.execute("cont")
-        if status != "running":
-            await qmp.execute("stop")
+        async with Qmp(self._sock(sid, "qmp")) as qmp:
+            await qmp.execute("cont")
+            if status != "running":
+                await qmp.execute("stop")
 
     async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
         """Save the VM's memory and devices with its disk, then stop QEMU: its processes carry

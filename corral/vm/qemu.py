@@ -421,47 +421,58 @@ def save_state(qmp_socket: Path, out_fd: int, timeout: float = 300.0) -> None:
 
 
 class Qmp:
-    """Just enough of the QEMU Machine Protocol: one command at a time, on a fresh connection."""
+    """Just enough of the QEMU Machine Protocol. ``execute`` alone runs one command on a fresh
+    connection; ``async with Qmp(path) as qmp`` keeps one connection for several (each
+    connection costs a greeting and a capabilities negotiation: milliseconds a create pays)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def __aenter__(self) -> Qmp:
         try:
             with pinned_socket(self.path) as pinned:
-                reader, writer = await asyncio.open_unix_connection(pinned)
+                self._reader, self._writer = await asyncio.open_unix_connection(pinned)
         except OSError as exc:
             raise RuntimeFailure(f"QMP {self.path} unreachable: {exc.strerror or exc}") from exc
         try:
-            return await self._call(reader, writer, command, arguments)
-        except OSError as exc:  # QEMU went away mid-command
-            raise RuntimeFailure(f"QMP {command}: {exc.strerror or exc}") from exc
-        finally:
+            await self._reader.readline()  # greeting
+            await self._send("qmp_capabilities", None)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _call(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        command: str,
-        arguments: dict[str, Any] | None,
-    ) -> Any:
-        await reader.readline()  # greeting
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if self._writer is None:
+            async with Qmp(self.path) as once:
+                return await once.execute(command, arguments)
+        return await self._send(command, arguments)
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        assert self._reader is not None and self._writer is not None
         call: dict[str, Any] = {"execute": command}
         if arguments:
             call["arguments"] = arguments
-        for cmd in ({"execute": "qmp_capabilities"}, call):
-            writer.write(json.dumps(cmd).encode() + b"\n")
-            await writer.drain()
+        try:
+            self._writer.write(json.dumps(call).encode() + b"\n")
+            await self._writer.drain()
             while True:
-                answer = json.loads(await reader.readline() or b"{}")
+                answer = json.loads(await self._reader.readline() or b"{}")
                 if "event" in answer:
                     continue
                 if "error" in answer:
                     raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
                 if not answer:
                     raise RuntimeFailure(f"QMP {command}: connection closed")
-                break
-        return answer.get("return")
+                return answer.get("return")
+        except OSError as exc:  # QEMU went away mid-command
+            raise RuntimeFailure(f"QMP {command}: {exc.strerror or exc}") from exc
