@@ -28,6 +28,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -67,6 +68,8 @@ from corral.vm.qemu import (
 )
 
 __all__ = ["MicroVMRuntime"]
+
+log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -430,6 +433,7 @@ class MicroVMRuntime:
         )
         timings["total"] = round(sum(timings.values()), 3)
         self.last_create_timings = timings
+        log.info("microvm %s created in %.0f ms: %s", sid, timings["total"], timings)
 
     async def _launch(
         self,

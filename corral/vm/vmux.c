@@ -313,20 +313,27 @@ static int net_config(const char *mac, const char *addr, const char *gw, const c
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
-    TRY(ioctl(s, SIOCGIFFLAGS, &ifr) == 0, "eth0");
-    ifr.ifr_flags &= ~IFF_UP;
-    TRY(ioctl(s, SIOCSIFFLAGS, &ifr) == 0, "eth0 down");
     ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
     errno = EINVAL;
     TRY(parse_mac(mac, (unsigned char *)ifr.ifr_hwaddr.sa_data) == 0, mac);
-    TRY(ioctl(s, SIOCSIFHWADDR, &ifr) == 0, "eth0 address");
+    /* virtio-net changes its MAC while up (the template left the link up); a NIC that cannot
+     * goes down for it. */
+    if (ioctl(s, SIOCSIFHWADDR, &ifr) != 0) {
+        struct ifreq flags = ifr;
+        TRY(errno == EBUSY && ioctl(s, SIOCGIFFLAGS, &flags) == 0, "eth0 address");
+        flags.ifr_flags &= ~IFF_UP;
+        TRY(ioctl(s, SIOCSIFFLAGS, &flags) == 0, "eth0 down");
+        TRY(ioctl(s, SIOCSIFHWADDR, &ifr) == 0, "eth0 address");
+    }
     TRY(set_in(&ifr.ifr_addr, addr) == 0, addr);
     TRY(ioctl(s, SIOCSIFADDR, &ifr) == 0, "eth0 ip");
     TRY(set_in(&ifr.ifr_netmask, "255.255.255.255") == 0, "netmask");
     TRY(ioctl(s, SIOCSIFNETMASK, &ifr) == 0, "eth0 netmask");
     TRY(ioctl(s, SIOCGIFFLAGS, &ifr) == 0, "eth0");
-    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-    TRY(ioctl(s, SIOCSIFFLAGS, &ifr) == 0, "eth0 up");
+    if (!(ifr.ifr_flags & IFF_UP)) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        TRY(ioctl(s, SIOCSIFFLAGS, &ifr) == 0, "eth0 up");
+    }
     char dev[] = "eth0";
     struct rtentry rt;
     memset(&rt, 0, sizeof rt);
