@@ -61,6 +61,7 @@ from corral.host.uidrange import SlotAllocator
 from corral.host.userns import open_userns, open_userns_with_netns
 from corral.runtime.base import SandboxSpec
 from corral.runtime.oci import AGENT_PATH, IsolationProfile, build_config
+from corral.runtime.undo import undone_on_failure
 
 __all__ = ["ContainerRuntime", "ReadyCheck"]
 
@@ -290,21 +291,8 @@ class ContainerRuntime:
             sid = spec.sandbox_id
             if self._dir(sid).exists() or (self._runc.root / sid).exists():
                 raise ConflictError(f"sandbox {sid} already exists on this host")
-            try:
+            async with undone_on_failure(lambda: self._teardown(sid), f"create of {sid}"):
                 await self._create(spec)
-            except BaseException as exc:
-                # Shielded so that a cancelled create still cleans up after itself.
-                cleanup = asyncio.ensure_future(self._teardown(sid))
-                try:
-                    await asyncio.shield(cleanup)
-                except Exception as cleanup_exc:  # report both; the original error comes first
-                    if isinstance(exc, Exception):
-                        raise RuntimeFailure(
-                            f"create of {sid} failed ({exc}); cleanup failed too: {cleanup_exc}"
-                        ) from exc
-                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
-                    raise
-                raise RuntimeFailure(f"create of {sid} failed: {exc}") from exc
 
     async def _create(self, spec: SandboxSpec, *, wake: bool = False) -> None:
         """Start ``spec``; ``wake``: from its kept disk and id range (it was hibernated)."""
@@ -510,16 +498,11 @@ class ContainerRuntime:
         async with self._lock(sid):
             if not self._read_meta(sid).get("hibernated"):
                 raise ConflictError(f"sandbox {sid} is not hibernated on this host")
-            try:
+            # Back to hibernated, disk untouched, whatever failed.
+            async with undone_on_failure(
+                lambda: self._teardown(sid, keep_disk=True), f"wake of {sid}"
+            ):
                 await self._create(spec, wake=True)
-            except BaseException as exc:
-                # Back to hibernated, disk untouched, whatever failed.
-                cleanup = asyncio.ensure_future(self._teardown(sid, keep_disk=True))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(cleanup)
-                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
-                    raise
-                raise RuntimeFailure(f"wake of {sid} failed: {exc}") from exc
 
     async def destroy(self, sandbox_id: str) -> None:
         self._check_id(sandbox_id)

@@ -54,6 +54,7 @@ from corral.host.pool import Pool, clone_file
 from corral.host.process import cpu_seconds, start_time
 from corral.host.uidrange import SlotAllocator
 from corral.runtime.base import SandboxSpec
+from corral.runtime.undo import undone_on_failure
 from corral.vm.guest import GuestKernel, build_initramfs, find_kernel, qemu_img, root_image
 from corral.vm.mux import PortMux, Streams
 from corral.vm.net import VmNet, add_tap, fresh_netns_fd, wire_tap
@@ -358,15 +359,8 @@ class MicroVMRuntime:
         async with self._lock(sid):
             if self._dir(sid).exists():
                 raise ConflictError(f"sandbox {sid} already exists on this host")
-            try:
+            async with undone_on_failure(lambda: self._teardown(sid), f"create of {sid}"):
                 await self._create(spec)
-            except BaseException as exc:
-                cleanup = asyncio.ensure_future(self._teardown(sid))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(cleanup)
-                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
-                    raise
-                raise RuntimeFailure(f"create of {sid} failed: {exc}") from exc
 
     async def _create(self, spec: SandboxSpec) -> None:
         sid = spec.sandbox_id
@@ -905,30 +899,23 @@ class MicroVMRuntime:
             meta = self._meta(sid)
             if not meta.get("hibernated"):
                 raise ConflictError(f"sandbox {sid} is not hibernated on this host")
-            try:
+            # Back to hibernated, disk (and saved memory, unless spent) untouched.
+            async with undone_on_failure(
+                lambda: self._teardown(sid, keep_disk=True), f"wake of {sid}"
+            ):
                 self._socket_dir(sid)
                 kernel, initramfs, _ = await self._images(spec)
                 with_net = spec.network is not None or spec.netns is not None
                 shape = self._shape(spec, with_net)
-                state: Path | None = self._dir(sid) / "state"
-                assert state is not None
-                if not state.is_file():
-                    state = None
-                elif meta.get("shape") != shape:
+                saved = self._dir(sid) / "state"
+                state = saved if saved.is_file() else None
+                if state is not None and meta.get("shape") != shape:
                     raise InvalidRequestError(
                         f"sandbox {sid} was saved with {_describe(meta.get('shape'))}; it cannot "
                         f"wake with {_describe(shape)}"
                     )
                 backing = _backing_of(self._dir(sid))
                 await self._launch(spec, shape, kernel, initramfs, backing, state, None, wake=True)
-            except BaseException as exc:
-                # Back to hibernated, disk (and saved memory, unless spent) untouched.
-                cleanup = asyncio.ensure_future(self._teardown(sid, keep_disk=True))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(cleanup)
-                if isinstance(exc, CorralError) or not isinstance(exc, Exception):
-                    raise
-                raise RuntimeFailure(f"wake of {sid} failed: {exc}") from exc
 
     # ------------------------------------------------------------------------- snapshots
     async def snapshot(self, sandbox_id: str, snapshot_id: str) -> int:

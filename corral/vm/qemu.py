@@ -370,6 +370,19 @@ def pinned_socket(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
+def _answer(line: bytes, command: str) -> tuple[bool, Any]:
+    """One line QEMU sent on QMP after ``command``: (False, None) for an event (skip it),
+    (True, its return value) for the answer; an error answer or a closed connection raises."""
+    answer = json.loads(line or b"{}")
+    if "event" in answer:
+        return False, None
+    if "error" in answer:
+        raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
+    if not answer:
+        raise RuntimeFailure(f"QMP {command}: connection closed")
+    return True, answer.get("return")
+
+
 def save_state(qmp_socket: Path, out_fd: int, timeout: float = 300.0) -> None:
     """Write the whole state of a *stopped* VM (devices, and RAM not in a shared file) to
     ``out_fd``, passed to QEMU over the QMP socket (``getfd``): no ``exec:`` shell, so QEMU's
@@ -392,14 +405,9 @@ def save_state(qmp_socket: Path, out_fd: int, timeout: float = 300.0) -> None:
             else:
                 sock.sendall(line + b"\n")
             while True:
-                answer = json.loads(answers.readline() or b"{}")
-                if "event" in answer:
-                    continue
-                if "error" in answer:
-                    raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
-                if not answer:
-                    raise RuntimeFailure(f"QMP {command}: connection closed")
-                return answer.get("return")
+                done, value = _answer(answers.readline(), command)
+                if done:
+                    return value
 
         call("qmp_capabilities")
         caps = [{"capability": "x-ignore-shared", "state": True}]
@@ -466,13 +474,8 @@ class Qmp:
             self._writer.write(json.dumps(call).encode() + b"\n")
             await self._writer.drain()
             while True:
-                answer = json.loads(await self._reader.readline() or b"{}")
-                if "event" in answer:
-                    continue
-                if "error" in answer:
-                    raise RuntimeFailure(f"QMP {command}: {answer['error'].get('desc')}")
-                if not answer:
-                    raise RuntimeFailure(f"QMP {command}: connection closed")
-                return answer.get("return")
+                done, value = _answer(await self._reader.readline(), command)
+                if done:
+                    return value
         except OSError as exc:  # QEMU went away mid-command
             raise RuntimeFailure(f"QMP {command}: {exc.strerror or exc}") from exc

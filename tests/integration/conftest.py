@@ -4,10 +4,13 @@ the CLI tests share the environment that points the ``corral`` command at that s
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import microvm_skip_reason
 from tests.integration.server_harness import RunningServer
 
 
@@ -21,3 +24,14 @@ def env(server: RunningServer, tmp_path: Path) -> dict[str, str]:
         CORRAL_DATA_DIR=str(tmp_path / "unused"),
     )
     return out
+
+
+@pytest.fixture
+def vm_api(server: RunningServer) -> Iterator[httpx.Client]:
+    """An HTTP client of the session server for tests of the microvm tier (skipped where it
+    cannot run), with a timeout a VM's slower operations fit in."""
+    why = microvm_skip_reason()
+    if why:
+        pytest.skip(why)
+    with server.client(timeout=180) as c:
+        yield c

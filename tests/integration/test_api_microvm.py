@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,17 +14,14 @@ import pytest
 
 from tests.conftest import microvm_skip_reason
 from tests.integration.server_harness import RunningServer, exec_stdout
+from tests.integration.tiers import MEMORY_COUNTER
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 
 @pytest.fixture
-def api(server: RunningServer) -> Iterator[httpx.Client]:
-    why = microvm_skip_reason()
-    if why:
-        pytest.skip(why)
-    with server.client(timeout=180) as c:
-        yield c
+def api(vm_api: httpx.Client) -> httpx.Client:
+    return vm_api
 
 
 def _vm(api: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -81,14 +77,6 @@ def test_what_microvm_cannot_do_is_a_400(api: httpx.Client) -> None:
     assert api.get("/v1/sandboxes").json() == before
 
 
-# A process that counts in guest memory only (tmpfs): it survives only if memory does.
-_COUNTER = (
-    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
-    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
-    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 &"
-)
-
-
 def _count(sbx: Any) -> tuple[int, str]:
     value, pid = sbx.exec("cat /run/mem/n").stdout.split()
     return int(value), pid
@@ -106,7 +94,7 @@ def test_snapshot_fork_restore_and_hibernate_keep_processes(server: RunningServe
     try:
         src = Sandbox.create("minimal", isolation="microvm", vcpus=1, memory_mb=256, **conn)
         made.append(src)
-        src.exec(_COUNTER)
+        src.exec(MEMORY_COUNTER)
         time.sleep(0.3)
         before, pid = _count(src)
         snap = src.snapshot("counting")

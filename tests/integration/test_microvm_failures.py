@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import microvm_skip_reason
 from tests.integration.server_harness import RunningServer, exec_stdout
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
@@ -31,12 +30,8 @@ _GUEST_OWN = {"agent", "agent.sock", "busybox", "env", "vmux"}
 
 
 @pytest.fixture
-def api(server: RunningServer) -> Iterator[httpx.Client]:
-    why = microvm_skip_reason()
-    if why:
-        pytest.skip(why)
-    with server.client(timeout=180) as c:
-        yield c
+def api(vm_api: httpx.Client) -> httpx.Client:
+    return vm_api
 
 
 @pytest.fixture

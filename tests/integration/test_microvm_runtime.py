@@ -28,6 +28,7 @@ from corral.errors import (
 )
 from corral.runtime import MicroVMRuntime, SandboxSpec
 from tests.conftest import LeakWatch, microvm_skip_reason, sandbox_put, sandbox_run
+from tests.integration.tiers import MEMORY_COUNTER
 
 pytestmark = [pytest.mark.integration]
 
@@ -205,13 +206,6 @@ async def test_warm_clones_are_separate_machines(
     assert r1 != r2  # every clone starts from the template's RNG state unless reseeded
 
 
-# A process that counts in memory only (a tmpfs the guest mounts: nothing of it is on disk).
-_COUNTER = (
-    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
-    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
-    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 & "
-    "echo $!"
-)
 _READ = ["/bin/cat", "/run/mem/n"]
 
 
@@ -230,7 +224,7 @@ async def test_memory_snapshot_fork_hibernate_and_restore_keep_processes(
     made = ["vm-src"]
     await rt.create(spec)
     try:
-        await sandbox_run(rt, "vm-src", ["/bin/sh", "-c", _COUNTER])
+        await sandbox_run(rt, "vm-src", ["/bin/sh", "-c", MEMORY_COUNTER])
         await asyncio.sleep(0.5)
         before, pid = await _count(rt, "vm-src")
         size = await rt.snapshot("vm-src", "snap-mem")

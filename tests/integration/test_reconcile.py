@@ -21,6 +21,7 @@ from corral.host.mounts import unmount
 from corral.runtime.container import ContainerRuntime
 from tests.conftest import container_skip_reason, microvm_skip_reason
 from tests.integration.server_harness import exec_stdout, own_server
+from tests.integration.tiers import MEMORY_COUNTER
 
 pytestmark = pytest.mark.integration
 
@@ -120,14 +121,6 @@ def _vm_run_dir_of(data: Path) -> Path:
     return MicroVMRuntime(data, Path("/nonexistent"), accel="tcg")._run
 
 
-# Counts in guest memory only (a tmpfs): it carries on only if the VM's memory did.
-_COUNTER = (
-    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
-    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
-    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 &"
-)
-
-
 def test_microvm_memory_survives_a_restart_and_a_reboot(tmp_path: Path) -> None:
     """A hibernated microvm and a memory snapshot carry their processes through a server crash
     and a host reboot; a microvm that was running at the reboot comes back with its disk."""
@@ -143,7 +136,7 @@ def test_microvm_memory_survives_a_restart_and_a_reboot(tmp_path: Path) -> None:
                 assert r.status_code == 201, r.text
                 made[kind] = sid = r.json()["id"]
                 # synced: a host going down takes what a guest had not written back, as power loss would
-                exec_stdout(c, sid, f"echo {kind} > /root/k; sync; {_COUNTER}")
+                exec_stdout(c, sid, f"echo {kind} > /root/k; sync; {MEMORY_COUNTER}")
             time.sleep(0.3)
             counted, pid = exec_stdout(c, made["asleep"], "cat /run/mem/n").split()
             r = c.post(f"/v1/sandboxes/{made['asleep']}/snapshots")

@@ -7,7 +7,16 @@ from typing import TypedDict, cast
 
 import pytest
 
-__all__ = ["Tier", "cli_args", "container_only", "sdk_args"]
+# A shell command that starts a process counting in guest memory only (a tmpfs: nothing of it
+# on disk): ``cat /run/mem/n`` then prints its count and its pid. It carries on only if the
+# machine's memory did (a microvm's snapshot, fork, restore, hibernation).
+MEMORY_COUNTER = (
+    "mkdir -p /run/mem && mount -t tmpfs mem /run/mem && "
+    "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i $$ > /run/mem/n.tmp; "
+    "mv /run/mem/n.tmp /run/mem/n; sleep 0.05; done' </dev/null >/dev/null 2>&1 &"
+)
+
+__all__ = ["MEMORY_COUNTER", "Tier", "cli_args", "container_only", "sdk_args"]
 
 
 class Tier(TypedDict, total=False):
