@@ -45,6 +45,9 @@ class Limits(BaseModel):
     max_sandboxes_per_tenant: int = 1000
     max_snapshots_per_tenant: int = 1000
     max_fork_count: int = 100
+    # Sandboxes a tenant's warm pools may keep ready, all pools together (they cost the host
+    # memory while nobody uses them; they do not count as live sandboxes until taken).
+    max_pooled_per_tenant: int = 100
     pids_per_sandbox: int = 1024
 
 

@@ -14,7 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
 from corral.api.deps import Caller, Svc
-from corral.api.routes import files, ports, processes, sandboxes, snapshots, templates, tenants
+from corral.api.routes import (
+    files,
+    pools,
+    ports,
+    processes,
+    sandboxes,
+    snapshots,
+    templates,
+    tenants,
+)
 from corral.config import ServerConfig
 from corral.core.ingress import IngressService
 from corral.core.services import Services
@@ -97,6 +106,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     for r in (
         sandboxes.router,
         snapshots.router,
+        pools.router,
         processes.router,
         files.router,
         templates.router,

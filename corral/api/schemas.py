@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from corral.agent import FileInfo, ProcessInfo
+from corral.core.pools import Pool
 from corral.core.sandboxes import Sandbox
 from corral.core.snapshots import Snapshot
 from corral.core.templates import TemplateInfo
@@ -68,10 +69,15 @@ class SandboxOut(BaseModel):
     idle_timeout: int | None = None
     on_idle: str = "pause"
     auto_resume: bool = True
+    pool: str | None = None  # the name of the warm pool it came from
 
     @classmethod
     def of(
-        cls, sb: Sandbox, proxy: str | None = None, ingress_domain: str | None = None
+        cls,
+        sb: Sandbox,
+        proxy: str | None = None,
+        ingress_domain: str | None = None,
+        pool: str | None = None,
     ) -> SandboxOut:
         return cls(
             id=sb.id,
@@ -102,6 +108,7 @@ class SandboxOut(BaseModel):
             idle_timeout=sb.idle_timeout,
             on_idle=sb.on_idle,
             auto_resume=sb.auto_resume,
+            pool=pool,
         )
 
 
@@ -237,4 +244,30 @@ class SnapshotOut(BaseModel):
             disk_mb=snap.disk_mb,
             size_bytes=snap.size_bytes,
             created_at=snap.created_at,
+        )
+
+
+class PoolOut(BaseModel):
+    name: str
+    template: str
+    isolation: str
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    size: int  # how many it keeps ready
+    ready: int  # how many are ready now
+    created_at: datetime
+
+    @classmethod
+    def of(cls, pool: Pool) -> PoolOut:
+        return cls(
+            name=pool.name,
+            template=pool.template,
+            isolation=pool.isolation,
+            cpu=pool.cpu,
+            memory_mb=pool.memory_mb,
+            disk_mb=pool.disk_mb,
+            size=pool.size,
+            ready=pool.ready,
+            created_at=pool.created_at,
         )

@@ -15,6 +15,7 @@ __all__ = [
     "MkdirCommand",
     "RenameCommand",
     "RestoreSnapshot",
+    "SetPool",
     "SetTimeout",
     "SignalCommand",
     "StdinCommand",
@@ -73,6 +74,23 @@ class CreateSandbox(_Command):
 
 
 _SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$"
+
+
+class SetPool(_Command):
+    """A warm pool: ``size`` sandboxes of this template and shape kept made in advance; a
+    create asking for the same template and shape (and no snapshot) takes one."""
+
+    template: str | None = Field(default=None, max_length=128)
+    size: int = Field(ge=0, description="how many to keep ready")
+    isolation: Literal["container", "microvm"] = "container"
+    cpu: float | None = Field(default=None, gt=0)
+    vcpus: int | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, gt=0)
+    disk_mb: int | None = Field(default=None, gt=0)
+
+    def as_create(self) -> CreateSandbox:
+        """The create whose sandboxes this pool keeps (validated as any create is)."""
+        return CreateSandbox(**self.model_dump(exclude={"size"}))
 
 
 class TakeSnapshot(_Command):

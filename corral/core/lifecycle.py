@@ -11,6 +11,9 @@ __all__ = ["LIVE_STATES", "SandboxState", "check_transition"]
 
 class SandboxState(StrEnum):
     CREATING = "creating"
+    # Made in advance for a warm pool: running, owned by the pool's tenant, invisible to it and
+    # timeless until a create takes it (then RUNNING, with the taker's settings).
+    POOLED = "pooled"
     RUNNING = "running"
     # Every process frozen: no CPU, memory kept; resumes exactly where it stopped.
     PAUSED = "paused"
@@ -23,7 +26,10 @@ class SandboxState(StrEnum):
 
 _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
     SandboxState.CREATING: frozenset(
-        {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
+        {SandboxState.RUNNING, SandboxState.POOLED, SandboxState.ERROR, SandboxState.STOPPING}
+    ),
+    SandboxState.POOLED: frozenset(
+        {SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
     ),
     SandboxState.RUNNING: frozenset(
         {SandboxState.PAUSED, SandboxState.HIBERNATED, SandboxState.STOPPING, SandboxState.ERROR}
@@ -45,6 +51,7 @@ _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
 LIVE_STATES = frozenset(
     {
         SandboxState.CREATING,
+        SandboxState.POOLED,
         SandboxState.RUNNING,
         SandboxState.PAUSED,
         SandboxState.HIBERNATED,

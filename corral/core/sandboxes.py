@@ -86,6 +86,7 @@ class Sandbox:
     idle_timeout: int | None = None
     on_idle: str = "pause"
     auto_resume: bool = True
+    pool: str | None = None  # the warm pool it was made for or taken from
 
     @classmethod
     def from_row(cls, row: SandboxRow) -> Sandbox:
@@ -115,7 +116,21 @@ class Sandbox:
             idle_timeout=row.idle_timeout_s,
             on_idle=row.on_idle or "pause",
             auto_resume=bool(row.auto_resume),
+            pool=row.pool,
         )
+
+
+def _in_pool(sb: Sandbox) -> bool:
+    """Made for a warm pool and not taken yet (being made, or waiting)."""
+    return sb.pool is not None and sb.state in (SandboxState.CREATING, SandboxState.POOLED)
+
+
+async def _still_pooled(sb: Sandbox) -> bool:
+    return sb.state is SandboxState.POOLED
+
+
+# Sandbox fields stored under another column name.
+_RENAMED = {"metadata": "meta", "timeout": "timeout_s", "idle_timeout": "idle_timeout_s"}
 
 
 def _aware(dt: datetime) -> datetime:
@@ -195,7 +210,7 @@ class SandboxService:
         for row in await self._store.all_sandboxes(states=[s.value for s in LIVE_STATES]):
             sb = Sandbox.from_row(row)
             if (
-                sb.state in (SandboxState.RUNNING, SandboxState.PAUSED)
+                sb.state in (SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.POOLED)
                 and sb.id in on_host
                 and await self._runtime.is_running(sb.id)
             ):
@@ -272,8 +287,9 @@ class SandboxService:
         if sb is None:
             row = await self._store.get_sandbox(sandbox_id)
             sb = Sandbox.from_row(row) if row is not None else None
-        # Another tenant's sandbox is indistinguishable from one that does not exist.
-        if sb is None or sb.tenant_id != who.tenant_id:
+        # Another tenant's sandbox is indistinguishable from one that does not exist, and so is
+        # one waiting in a warm pool (nobody has it yet).
+        if sb is None or sb.tenant_id != who.tenant_id or _in_pool(sb):
             raise NotFoundError(f"no sandbox {sandbox_id!r}")
         return sb
 
@@ -293,14 +309,28 @@ class SandboxService:
             sb = self._live.get(row.id) or Sandbox.from_row(row)
             if wanted is None and sb.state is SandboxState.STOPPED:
                 continue  # like E2B: the default listing shows what is alive
+            if _in_pool(sb):
+                continue  # nobody's yet
             if metadata and any(sb.metadata.get(k) != v for k, v in metadata.items()):
                 continue
             out.append(sb)
         return out
 
     def live_count(self, tenant_id: str) -> int:
-        """Sandboxes of the tenant that may still exist on the host (what quotas count)."""
-        return sum(1 for s in self._live.values() if s.tenant_id == tenant_id)
+        """Sandboxes of the tenant that may still exist on the host (what quotas count); those
+        waiting in its warm pools count against the pools' own limit instead."""
+        return sum(
+            1
+            for s in self._live.values()
+            if s.tenant_id == tenant_id and not _in_pool(s)
+        )
+
+    def pooled(self, pool_id: str) -> builtins.list[Sandbox]:
+        """The sandboxes waiting in a warm pool, oldest first."""
+        waiting = [
+            s for s in self._live.values() if s.pool == pool_id and s.state is SandboxState.POOLED
+        ]
+        return sorted(waiting, key=lambda s: s.created_at)
 
     def template_in_use(self, name: str) -> bool:
         return any(sb.template == name for sb in self._live.values())
@@ -456,10 +486,16 @@ class SandboxService:
             )
 
     async def create(
-        self, who: Principal, cmd: CreateSandbox, *, snapshot: str | None = None
+        self,
+        who: Principal,
+        cmd: CreateSandbox,
+        *,
+        snapshot: str | None = None,
+        pool: str | None = None,
     ) -> Sandbox:
         """Start a sandbox; ``snapshot``: on a copy of that snapshot's disk (the snapshot service
-        checks it belongs to the tenant and fills ``cmd`` from it first)."""
+        checks it belongs to the tenant and fills ``cmd`` from it first); ``pool``: for that
+        warm pool (it waits, POOLED, until ``take_pooled``; the pool service counts it)."""
         if cmd.snapshot is not None:
             raise InvalidRequestError("a create from a snapshot goes through the snapshot service")
         template, cpu, memory, disk, timeout = self._validate(cmd)
@@ -470,7 +506,7 @@ class SandboxService:
             raise InvalidRequestError("networking is disabled on this server; omit 'network'")
         layers = self._templates.layers_for(template)
         live_for_tenant = self.live_count(who.tenant_id)
-        if live_for_tenant >= self._config.limits.max_sandboxes_per_tenant:
+        if pool is None and live_for_tenant >= self._config.limits.max_sandboxes_per_tenant:
             raise QuotaExceededError(
                 f"tenant {who.tenant_id} already has {live_for_tenant} live sandboxes "
                 f"(limit {self._config.limits.max_sandboxes_per_tenant}); kill some first"
@@ -498,6 +534,7 @@ class SandboxService:
             idle_timeout=cmd.idle_timeout,
             on_idle=cmd.on_idle,
             auto_resume=cmd.auto_resume,
+            pool=pool,
         )
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
@@ -524,6 +561,7 @@ class SandboxService:
                     idle_timeout_s=cmd.idle_timeout,
                     on_idle=cmd.on_idle,
                     auto_resume=int(cmd.auto_resume),
+                    pool=pool,
                 )
             )
             spec = replace(self._spec(sb, layers), snapshot=snapshot)
@@ -545,12 +583,85 @@ class SandboxService:
                     raise
                 raise RuntimeFailure(f"sandbox create failed: {e}") from e
             sb = self._live[sid]  # with the address the network layer gave it
+            if pool is not None:  # timeless until taken
+                await self._warm_up(sid)
+                sb = self._transition(sb, SandboxState.POOLED, expires_at=None)
+                await self._store.update_sandbox(sid, state=sb.state.value, expires_at=None)
+                return sb
             # The timeout counts from when the sandbox is usable, not from when it was asked for.
             started = _now()
             sb = self._transition(
                 sb, SandboxState.RUNNING, expires_at=started + timedelta(seconds=timeout)
             )
             await self._store.update_sandbox(sid, state=sb.state.value, expires_at=sb.expires_at)
+            return sb
+
+    async def _warm_up(self, sandbox_id: str) -> None:
+        """One throwaway exec in a pooled sandbox, so that its taker's first exec does not pay
+        for the agent's first process (~5 ms: faulting in the exec path)."""
+        from corral.agent import ExecRequest
+
+        client = AgentClient(lambda: self._runtime.open_agent(sandbox_id))
+        with contextlib.suppress(CorralError, OSError):
+            _, events = await client.exec_stream(ExecRequest(argv=["/bin/true"], stdin=False))
+            async for _ in events:
+                pass
+
+    def shape(self, cmd: CreateSandbox) -> tuple[str, str, float, int, int]:
+        """What a create asks for that a warm pool must match: template, tier, CPU, memory and
+        disk, resolved (defaults applied) and validated as the create itself would be."""
+        template, cpu, memory, disk, _ = self._validate(cmd)
+        self._templates.layers_for(template)  # the template must exist (404 otherwise)
+        return template, cmd.isolation, cpu, memory, disk
+
+    async def take_pooled(self, who: Principal, cmd: CreateSandbox, sandbox_id: str) -> Sandbox:
+        """Hand the pooled sandbox to ``who`` with the create's own settings — environment
+        (through the agent: no restart), metadata, timeout, policies, network rules — as if
+        it had just been made for this create. ``ConflictError`` when it is no longer
+        there to take (taken, or dead: then it goes)."""
+        policy_doc: dict[str, Any] | None = None
+        if self._network is not None:
+            policy_doc = self._network.parse(cmd.network).model_dump(mode="json")
+        elif cmd.network is not None:
+            raise InvalidRequestError("networking is disabled on this server; omit 'network'")
+        _, _, _, _, timeout = self._validate(cmd)
+        async with self._locks.setdefault(sandbox_id, asyncio.Lock()):
+            sb = self._live.get(sandbox_id)
+            if sb is None or sb.state is not SandboxState.POOLED or sb.tenant_id != who.tenant_id:
+                raise ConflictError(f"pooled sandbox {sandbox_id} is gone")
+            if not await self._runtime.is_running(sandbox_id):
+                self.spawn_task(
+                    self._kill(sandbox_id, reason="died in its warm pool"), f"pool-{sandbox_id}"
+                )
+                raise ConflictError(f"pooled sandbox {sandbox_id} died")
+            env = {**self._spec(sb, ()).env, **cmd.env}
+            if cmd.env:
+                agent = AgentClient(lambda: self._runtime.open_agent(sandbox_id))
+                await agent.set_env(env)
+            if self._network is not None and policy_doc != sb.network:
+                await self._network.update(sandbox_id, self._network.parse(policy_doc))
+            now = _now()
+            changes: dict[str, Any] = {
+                "env": dict(cmd.env),
+                "metadata": dict(cmd.metadata),
+                "timeout": timeout,
+                "created_at": now,
+                "expires_at": now + timedelta(seconds=timeout),
+                "network": policy_doc,
+                "access_token": secrets.token_urlsafe(24) if self._network is not None else None,
+                "public_ports": cmd.public_ports,
+                "on_timeout": cmd.on_timeout,
+                "idle_timeout": cmd.idle_timeout,
+                "on_idle": cmd.on_idle,
+                "auto_resume": cmd.auto_resume,
+            }
+            sb = self._transition(sb, SandboxState.RUNNING, **changes)
+            stored = {k: v for k, v in changes.items() if k not in _RENAMED}
+            stored.update({_RENAMED[k]: changes[k] for k in _RENAMED})
+            stored["public_ports"] = int(cmd.public_ports)
+            stored["auto_resume"] = int(cmd.auto_resume)
+            await self._store.update_sandbox(sandbox_id, state=sb.state.value, **stored)
+            self.touch(sandbox_id)
             return sb
 
     async def pause(self, who: Principal, sandbox_id: str) -> Sandbox:
@@ -867,6 +978,12 @@ class SandboxService:
     async def kill(self, who: Principal, sandbox_id: str) -> None:
         sb = await self.get(who, sandbox_id)
         await self._kill(sb.id, reason=None)
+
+    async def discard_pooled(self, sandbox_id: str, reason: str) -> None:
+        """Kill a sandbox still waiting in its warm pool (the pool shrank or went)."""
+        sb = self._live.get(sandbox_id)
+        if sb is not None and sb.state is SandboxState.POOLED:
+            await self._kill(sandbox_id, reason=reason, still=_still_pooled)
 
     async def _kill(
         self,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from corral.config import ServerConfig
 from corral.core.files import FileService
 from corral.core.network import NetworkService
+from corral.core.pools import PoolService
 from corral.core.processes import ProcessService
 from corral.core.sandboxes import SandboxService
 from corral.core.snapshots import SnapshotService
@@ -54,6 +55,7 @@ class Services:
     templates: TemplateService
     sandboxes: SandboxService
     snapshots: SnapshotService
+    pools: PoolService
     processes: ProcessService
     files: FileService
     network: NetworkService | None
@@ -79,6 +81,8 @@ class Services:
         await sandboxes.start()
         snapshots = SnapshotService(config, store, rt, sandboxes)
         await snapshots.reconcile()
+        pools = PoolService(config, store, sandboxes)
+        await pools.start()
         return cls(
             config=config,
             store=store,
@@ -87,12 +91,14 @@ class Services:
             templates=templates,
             sandboxes=sandboxes,
             snapshots=snapshots,
+            pools=pools,
             processes=ProcessService(sandboxes),
             files=FileService(sandboxes),
             network=network,
         )
 
     async def close(self) -> None:
+        await self.pools.stop()
         await self.sandboxes.stop()
         if self.network is not None:
             await self.network.stop()

@@ -1,6 +1,21 @@
 """Persistent control-plane state."""
 
 from corral.store.db import Store
-from corral.store.models import ApiKeyRow, EgressEventRow, SandboxRow, SnapshotRow, TenantRow
+from corral.store.models import (
+    ApiKeyRow,
+    EgressEventRow,
+    PoolRow,
+    SandboxRow,
+    SnapshotRow,
+    TenantRow,
+)
 
-__all__ = ["ApiKeyRow", "EgressEventRow", "SandboxRow", "SnapshotRow", "Store", "TenantRow"]
+__all__ = [
+    "ApiKeyRow",
+    "EgressEventRow",
+    "PoolRow",
+    "SandboxRow",
+    "SnapshotRow",
+    "Store",
+    "TenantRow",
+]

@@ -14,7 +14,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from corral.errors import ConflictError
-from corral.store.models import ApiKeyRow, EgressEventRow, SandboxRow, SnapshotRow, TenantRow
+from corral.store.models import (
+    ApiKeyRow,
+    EgressEventRow,
+    PoolRow,
+    SandboxRow,
+    SnapshotRow,
+    TenantRow,
+)
 
 __all__ = ["Store"]
 
@@ -156,6 +163,31 @@ class Store:
             if name is not None:
                 q = q.where(SnapshotRow.name == name)
             return (await s.execute(q)).scalars().all()
+
+    # warm pools
+    async def put_pool(self, row: PoolRow) -> None:
+        """Create the tenant's pool of that name, or replace its settings."""
+        async with self._session.begin() as s:
+            q = select(PoolRow).where(PoolRow.tenant_id == row.tenant_id, PoolRow.name == row.name)
+            old = (await s.execute(q)).scalars().first()
+            if old is None:
+                s.add(row)
+                return
+            for key in ("template", "runtime", "cpu", "memory_mb", "disk_mb", "size"):
+                setattr(old, key, getattr(row, key))
+
+    async def pools(self, *, tenant_id: str | None = None) -> Sequence[PoolRow]:
+        async with self._session() as s:
+            q = select(PoolRow).order_by(PoolRow.tenant_id, PoolRow.name)
+            if tenant_id is not None:
+                q = q.where(PoolRow.tenant_id == tenant_id)
+            return (await s.execute(q)).scalars().all()
+
+    async def delete_pool(self, pool_id: str) -> None:
+        async with self._session.begin() as s:
+            row = await s.get(PoolRow, pool_id)
+            if row is not None:
+                await s.delete(row)
 
     # egress log
     async def add_egress_events(self, rows: Sequence[EgressEventRow]) -> None:

@@ -18,7 +18,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ApiKeyRow", "Base", "EgressEventRow", "SandboxRow", "SnapshotRow", "TenantRow"]
+__all__ = [
+    "ApiKeyRow",
+    "Base",
+    "EgressEventRow",
+    "PoolRow",
+    "SandboxRow",
+    "SnapshotRow",
+    "TenantRow",
+]
 
 
 class Base(DeclarativeBase):
@@ -75,6 +83,8 @@ class SandboxRow(Base):
     idle_timeout_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
     on_idle: Mapped[str] = mapped_column(String(16), default="pause")
     auto_resume: Mapped[int] = mapped_column(Integer, default=1)
+    # The warm pool it was made for (pooled) or taken from; None: created on demand.
+    pool: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class EgressEventRow(Base):
@@ -111,3 +121,21 @@ class SnapshotRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The source sandbox's settings as a CreateSandbox document: what a fork starts with.
     source: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class PoolRow(Base):
+    """A tenant's warm pool: ``size`` sandboxes of one template and shape made in advance."""
+
+    __tablename__ = "pools"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_pools_tenant_name"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    template: Mapped[str] = mapped_column(String(128))
+    runtime: Mapped[str] = mapped_column(String(32))
+    cpu: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    disk_mb: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -19,14 +19,19 @@ router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
 def sandbox_out(svc: Services, sb: Sandbox) -> SandboxOut:
     proxy = svc.network.proxy_url if svc.network is not None else None
-    return SandboxOut.of(sb, proxy=proxy, ingress_domain=svc.config.network.ingress_domain)
+    return SandboxOut.of(
+        sb,
+        proxy=proxy,
+        ingress_domain=svc.config.network.ingress_domain,
+        pool=svc.pools.name_of(sb.pool),
+    )
 
 
 @router.post("", status_code=201)
 async def create_sandbox(cmd: CreateSandbox, who: Caller, svc: Svc) -> SandboxOut:
     if cmd.snapshot is not None:
         return sandbox_out(svc, await svc.snapshots.create_from(who, cmd))
-    return sandbox_out(svc, await svc.sandboxes.create(who, cmd))
+    return sandbox_out(svc, await svc.pools.create(who, cmd))
 
 
 def _parse_filters(
