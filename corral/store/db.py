@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -107,11 +107,14 @@ class Store:
             s.add(row)
 
     async def update_sandbox(self, sandbox_id: str, **fields: Any) -> None:
+        # One UPDATE, no SELECT first: this is on the path of every create and state change.
         async with self._session.begin() as s:
-            row = await s.get(SandboxRow, sandbox_id)
-            if row is not None:
-                for k, v in fields.items():
-                    setattr(row, k, v)
+            await s.execute(
+                update(SandboxRow)
+                .where(SandboxRow.id == sandbox_id)
+                .values(**fields)
+                .execution_options(synchronize_session=False)
+            )
 
     async def delete_sandbox(self, sandbox_id: str) -> None:
         async with self._session.begin() as s:
