@@ -11,10 +11,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from corral.sdk.models import SandboxInfo, Snapshot, TemplateInfo
+from corral.sdk.models import PoolInfo, SandboxInfo, Snapshot, TemplateInfo
 
 __all__ = [
     "console",
+    "pool_shape",
+    "pool_table",
     "print_json",
     "sandbox_detail",
     "sandbox_table",
@@ -111,6 +113,7 @@ def sandbox_detail(s: SandboxInfo) -> Table:
         ("on timeout", s.on_timeout),
         ("idle", _idle(s)),
         ("auto resume", "yes" if s.auto_resume else "no"),
+        *([("pool", s.pool)] if s.pool else []),
         ("metadata", _pairs(s.metadata)),
         ("env", ",".join(s.env_keys) or "-"),
     ]
@@ -168,5 +171,20 @@ def snapshot_table(items: Sequence[Snapshot]) -> Table:
                 _when(s.created_at),
             ]
             for s in items
+        ),
+    )
+
+
+def pool_shape(p: PoolInfo) -> str:
+    """What a create must ask for to take from the pool, besides its template."""
+    return f"{p.isolation}, {p.cpu:g} CPU, {p.memory_mb} MB, {p.disk_mb} MB disk"
+
+
+def pool_table(items: Sequence[PoolInfo]) -> Table:
+    return _table(
+        ["NAME", "TEMPLATE", "SHAPE", "READY", "CREATED"],
+        (
+            [p.name, p.template, pool_shape(p), f"{p.ready}/{p.size}", _when(p.created_at)]
+            for p in items
         ),
     )

@@ -121,6 +121,11 @@ template_app = typer.Typer(help="List and build templates.", no_args_is_help=Tru
 app.add_typer(template_app, name="template")
 net_app = typer.Typer(help="A sandbox's network policy and egress log.", no_args_is_help=True)
 app.add_typer(net_app, name="net")
+pool_app = typer.Typer(
+    help="Warm pools: sandboxes made in advance, so a matching create takes one at once.",
+    no_args_is_help=True,
+)
+app.add_typer(pool_app, name="pool")
 
 
 class _Conn:
@@ -1045,6 +1050,96 @@ def template_build(
         print_json(dict(built.raw))
     else:
         typer.echo(f"built template {built.name} ({describe_size(built.size_bytes)})")
+
+
+@pool_app.command("set")
+def pool_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    template: Annotated[
+        str, typer.Option(help="Template of the pool's sandboxes.", show_default=False)
+    ],
+    size: Annotated[
+        int,
+        typer.Option(
+            min=0, help="How many to keep ready (0: keep the pool, none ready).", show_default=False
+        ),
+    ],
+    isolation: Annotated[
+        IsolationChoice | None,
+        typer.Option(
+            help="container or microvm (default: the server's, as at create).", show_default=False
+        ),
+    ] = None,
+    cpu: Annotated[float | None, typer.Option(help="CPU cores.", show_default=False)] = None,
+    vcpus: Annotated[
+        int | None, typer.Option(min=1, help="Virtual CPUs (microvm).", show_default=False)
+    ] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(help="Memory limit in MB.", show_default=False)
+    ] = None,
+    disk_mb: Annotated[
+        int | None, typer.Option(help="Disk quota in MB.", show_default=False)
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a pool or replace its settings; print it.
+
+    A create with the same template and shape (no snapshot) takes a ready sandbox from it.
+
+    The pool refills in the background. Shape options left out take the create defaults.
+    """
+    from corral.cli._output import pool_shape, print_json
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        pool = client.set_pool(
+            name,
+            template,
+            size,
+            isolation=None if isolation is None else isolation.value,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            disk_mb=disk_mb,
+            vcpus=vcpus,
+        )
+    if as_json:
+        print_json(dict(pool.raw))
+    else:
+        typer.echo(
+            f"pool {pool.name}: {pool.template} ({pool_shape(pool)}), "
+            f"{pool.ready}/{pool.size} ready"
+        )
+
+
+@pool_app.command("ls")
+def pool_ls(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List pools with their template, shape and how many are ready of how many kept."""
+    from corral.cli._output import console, pool_table, print_json
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        items = client.list_pools()
+    if as_json:
+        print_json([dict(p.raw) for p in items])
+    elif items:
+        console().print(pool_table(items))
+
+
+@pool_app.command("rm")
+def pool_rm(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete pools and kill what waits in them; sandboxes already taken go on."""
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        _each(names, client.delete_pool, "deleted", as_json)
 
 
 def main() -> NoReturn:

@@ -319,11 +319,7 @@ class SandboxService:
     def live_count(self, tenant_id: str) -> int:
         """Sandboxes of the tenant that may still exist on the host (what quotas count); those
         waiting in its warm pools count against the pools' own limit instead."""
-        return sum(
-            1
-            for s in self._live.values()
-            if s.tenant_id == tenant_id and not _in_pool(s)
-        )
+        return sum(1 for s in self._live.values() if s.tenant_id == tenant_id and not _in_pool(s))
 
     def pooled(self, pool_id: str) -> builtins.list[Sandbox]:
         """The sandboxes waiting in a warm pool, oldest first."""

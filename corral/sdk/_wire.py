@@ -425,6 +425,47 @@ class calls:
         )
 
     @staticmethod
+    def set_pool(
+        name: str,
+        template: str,
+        size: int,
+        isolation: str | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        disk_mb: int | None = None,
+        vcpus: int | None = None,
+    ) -> Call:
+        body = {
+            "template": template,
+            # Sent as given: the server's answer to a bad size names the limits.
+            "size": size,
+            # The shape: left out when not given, so the server's create defaults decide it,
+            # exactly as they do for a create that is to take from this pool.
+            **_drop_none(
+                {
+                    "isolation": isolation,
+                    "cpu": cpu,
+                    "vcpus": vcpus,
+                    "memory_mb": memory_mb,
+                    "disk_mb": disk_mb,
+                }
+            ),
+        }
+        return Call("PUT", f"/v1/pools/{_seg(name)}", body=body)
+
+    @staticmethod
+    def list_pools() -> Call:
+        return Call("GET", "/v1/pools")
+
+    @staticmethod
+    def get_pool(name: str) -> Call:
+        return Call("GET", f"/v1/pools/{_seg(name)}")
+
+    @staticmethod
+    def delete_pool(name: str) -> Call:
+        return Call("DELETE", f"/v1/pools/{_seg(name)}")
+
+    @staticmethod
     def list_templates() -> Call:
         return Call("GET", "/v1/templates")
 

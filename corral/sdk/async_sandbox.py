@@ -55,6 +55,7 @@ from corral.sdk.models import (
     ExecResult,
     FileInfo,
     NetworkInfo,
+    PoolInfo,
     ProcessInfo,
     SandboxInfo,
     Snapshot,
@@ -778,6 +779,36 @@ class AsyncClient:
 
     async def build_template(self, name: str, *, force: bool = False) -> TemplateInfo:
         return TemplateInfo.from_json(await self._http.json(calls.build_template(name, force)))
+
+    async def set_pool(
+        self,
+        name: str,
+        template: str,
+        size: int,
+        *,
+        isolation: str | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        disk_mb: int | None = None,
+        vcpus: int | None = None,
+    ) -> PoolInfo:
+        """Keep ``size`` sandboxes of ``template`` and this shape ready so matching creates
+        are instant; see ``corral.sdk.sandbox.Client.set_pool``."""
+        call = calls.set_pool(name, template, size, isolation, cpu, memory_mb, disk_mb, vcpus)
+        return PoolInfo.from_json(await self._http.json(call))
+
+    async def list_pools(self) -> builtins.list[PoolInfo]:
+        """This key's tenant's pools, with how many sandboxes each has ready now."""
+        obj = await self._http.json(calls.list_pools())
+        return [PoolInfo.from_json(p) for p in parse_list(obj, "pool")]
+
+    async def get_pool(self, name: str) -> PoolInfo:
+        """One pool (``NotFoundError`` if there is none by that name)."""
+        return PoolInfo.from_json(await self._http.json(calls.get_pool(name)))
+
+    async def delete_pool(self, name: str) -> None:
+        """Delete a pool and kill what waits in it; sandboxes already taken go on."""
+        await self._http.send(calls.delete_pool(name))
 
     async def close(self) -> None:
         await self._http.close()

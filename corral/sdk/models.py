@@ -18,6 +18,7 @@ __all__ = [
     "ExecStart",
     "FileInfo",
     "NetworkInfo",
+    "PoolInfo",
     "ProcessInfo",
     "SandboxInfo",
     "Snapshot",
@@ -122,6 +123,8 @@ class SandboxInfo:
     on_idle: str = "pause"
     # Whether an exec, file, process or port request resumes a paused sandbox by itself.
     auto_resume: bool = True
+    # The warm pool it was taken from (see ``Client.set_pool``); None: started on demand.
+    pool: str | None = None
     # The object exactly as the server sent it, for --json output and fields newer than this SDK.
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -156,6 +159,8 @@ class SandboxInfo:
                 on_idle=str(d.get("on_idle") or "pause"),
                 # Absent only from servers older than pause/resume: the default then.
                 auto_resume=bool(d.get("auto_resume", True)),
+                # Absent from servers older than warm pools: started on demand then.
+                pool=_opt_str(d.get("pool")),
                 raw=dict(d),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -200,6 +205,47 @@ class Snapshot:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _malformed("snapshot", obj) from exc
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A warm pool: ``size`` sandboxes of one template and shape kept made in advance, so a
+    create asking for that template and shape (and no snapshot) takes one instead of waiting."""
+
+    name: str
+    template: str
+    # The shape a create must ask for (defaults resolved by the server) to take from the pool.
+    isolation: str
+    cpu: float
+    memory_mb: int
+    disk_mb: int
+    # How many it keeps ready, and how many are ready now (fewer while it refills).
+    size: int
+    ready: int
+    created_at: datetime
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> PoolInfo:
+        d = _obj("pool", obj)
+        try:
+            created_at = _time(d["created_at"])
+            if created_at is None:
+                raise ValueError("created_at is not a time")
+            return cls(
+                name=str(d["name"]),
+                template=str(d["template"]),
+                isolation=str(d.get("isolation") or "container"),
+                cpu=float(d.get("cpu") or 0.0),
+                memory_mb=int(d.get("memory_mb") or 0),
+                disk_mb=int(d.get("disk_mb") or 0),
+                size=int(d["size"]),
+                ready=int(d["ready"]),
+                created_at=created_at,
+                raw=dict(d),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("pool", obj) from exc
 
 
 @dataclass(frozen=True)

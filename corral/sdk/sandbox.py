@@ -60,6 +60,7 @@ from corral.sdk.models import (
     ExecResult,
     FileInfo,
     NetworkInfo,
+    PoolInfo,
     ProcessInfo,
     SandboxInfo,
     Snapshot,
@@ -814,7 +815,8 @@ class Sandbox:
 
 
 class Client:
-    """Calls that are not about one sandbox: templates, health, who the key belongs to."""
+    """Calls that are not about one sandbox: templates, warm pools, health, who the key
+    belongs to."""
 
     def __init__(self, *, api_key: str | None = None, base_url: str | None = None) -> None:
         self._http = SyncHttp(resolve_config(api_key, base_url))
@@ -838,6 +840,45 @@ class Client:
     def build_template(self, name: str, *, force: bool = False) -> TemplateInfo:
         """Build (or with ``force`` rebuild) a template; blocks until the build is done."""
         return TemplateInfo.from_json(self._http.json(calls.build_template(name, force)))
+
+    def set_pool(
+        self,
+        name: str,
+        template: str,
+        size: int,
+        *,
+        isolation: str | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        disk_mb: int | None = None,
+        vcpus: int | None = None,
+    ) -> PoolInfo:
+        """Keep ``size`` sandboxes of ``template`` and this shape made in advance, so that
+        ``Sandbox.create`` with the same template and shape (and no snapshot) takes one at once
+        instead of starting a sandbox; the server refills the pool in the background.
+
+        Creates the pool ``name`` or replaces its settings: a smaller size kills what waits
+        beyond it, a new shape kills all that waits (no create could take it any more); sandboxes
+        already taken are never touched. ``size`` 0 keeps the pool with nothing ready. Shape
+        arguments left out take the server's create defaults, as they do at create. Answers the
+        pool as it is now (``ready`` counts up while it fills); ``QuotaExceededError`` beyond the
+        tenant's pooled limit."""
+        call = calls.set_pool(name, template, size, isolation, cpu, memory_mb, disk_mb, vcpus)
+        return PoolInfo.from_json(self._http.json(call))
+
+    def list_pools(self) -> builtins.list[PoolInfo]:
+        """This key's tenant's pools, with how many sandboxes each has ready now."""
+        obj = self._http.json(calls.list_pools())
+        return [PoolInfo.from_json(p) for p in parse_list(obj, "pool")]
+
+    def get_pool(self, name: str) -> PoolInfo:
+        """One pool (``NotFoundError`` if there is none by that name)."""
+        return PoolInfo.from_json(self._http.json(calls.get_pool(name)))
+
+    def delete_pool(self, name: str) -> None:
+        """Delete a pool and kill the sandboxes waiting in it; sandboxes already taken from it
+        go on (``NotFoundError`` if there is none by that name)."""
+        self._http.send(calls.delete_pool(name))
 
     def close(self) -> None:
         self._http.close()

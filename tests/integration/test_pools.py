@@ -107,3 +107,27 @@ def test_pooled_sandboxes_survive_a_server_restart(tmp_path: Path) -> None:
             sb = c.post("/v1/sandboxes", json={"template": "minimal"}).json()
             assert sb["pool"] == "p" and sb["id"] in waiting
             assert exec_stdout(c, sb["id"], "echo ok") == "ok\n"
+
+
+@pytest.mark.usefixtures("server_no_leaks")
+def test_sdk_and_cli_manage_pools(server: RunningServer, env: dict[str, str]) -> None:
+    why = container_skip_reason()
+    if why:
+        pytest.skip(why)
+    from corral import Client, Sandbox
+    from tests.integration.cli_harness import corral_text
+
+    conn = {"api_key": server.admin_key, "base_url": server.url}
+    with Client(**conn) as client:
+        pool = client.set_pool("sdk", "minimal", 1, memory_mb=160)
+        assert (pool.name, pool.size, pool.memory_mb) == ("sdk", 1, 160)
+        deadline = time.monotonic() + 60
+        while client.get_pool("sdk").ready < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "sdk" in corral_text(env, "pool", "ls").stdout
+        with Sandbox.create("minimal", memory_mb=160, env={"K": "v"}, **conn) as sbx:
+            assert sbx.info().pool == "sdk"
+            assert sbx.exec("echo $K").stdout == "v\n"
+        corral_text(env, "pool", "rm", "sdk")
+        assert client.list_pools() == []
