@@ -22,7 +22,13 @@ from corral.config import ServerConfig
 from corral.core.commands import CreateSandbox, SetPool
 from corral.core.sandboxes import Sandbox, SandboxService
 from corral.core.tenants import Principal
-from corral.errors import ConflictError, CorralError, NotFoundError, QuotaExceededError
+from corral.errors import (
+    ConflictError,
+    CorralError,
+    InvalidRequestError,
+    NotFoundError,
+    QuotaExceededError,
+)
 from corral.store import PoolRow, Store
 
 __all__ = ["Pool", "PoolService"]
@@ -147,10 +153,22 @@ class PoolService:
         row = self._match(who, cmd)
         if row is not None:
             for waiting in self._sandboxes.pooled(row.id):
+                if _shape_of_sandbox(waiting) != _shape_of(row):
+                    # Made while the pool changed shape (a create in flight): nobody's size.
+                    await self._discard(waiting.id, "its pool changed shape")
+                    continue
                 try:
                     sb = await self._sandboxes.take_pooled(who, cmd, waiting.id)
                 except ConflictError:
                     continue  # taken by a concurrent create, or dead
+                except InvalidRequestError:
+                    raise  # the create's own mistake: no other sandbox would do better
+                except CorralError as exc:
+                    # This one could not be handed over (its agent or network failed): it
+                    # goes, and the next one (or an on-demand create) serves the caller.
+                    log.warning("pooled sandbox %s not taken: %s", waiting.id, exc.message)
+                    await self._discard(waiting.id, f"could not be handed over: {exc.message}")
+                    continue
                 self._refill_soon(row.id)
                 return sb
             self._refill_soon(row.id)
@@ -186,6 +204,11 @@ class PoolService:
             if row is None:
                 return
             waiting = self._sandboxes.pooled(pool_id)
+            stale = [sb for sb in waiting if _shape_of_sandbox(sb) != _shape_of(row)]
+            for sb in stale:
+                await self._discard(sb.id, "its pool changed shape")
+            if stale:
+                continue
             if len(waiting) > row.size:
                 for sb in waiting[row.size :]:
                     await self._discard(sb.id, "its pool shrank")
@@ -250,3 +273,7 @@ class PoolService:
 
 def _shape_of(row: PoolRow) -> tuple[str, str, float, int, int]:
     return row.template, row.runtime, row.cpu, row.memory_mb, row.disk_mb
+
+
+def _shape_of_sandbox(sb: Sandbox) -> tuple[str, str, float, int, int]:
+    return sb.template, sb.runtime, sb.cpu, sb.memory_mb, sb.disk_mb
