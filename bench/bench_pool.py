@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 
@@ -61,15 +60,9 @@ def _first_exec(tracker: _Tracker, runs: int, pooled: bool) -> tuple[list[float]
         sbx = tracker.create("minimal", timeout=600)
         sbx.exec(["/bin/true"])
         times.append(_ms(t0))
-        from_pool += int(_pool_of(sbx) is not None)
+        from_pool += int(sbx.pool is not None)
         tracker.kill(sbx)
     return times, from_pool
-
-
-def _pool_of(sbx: Any) -> str | None:
-    with _api() as c:
-        pool = c.get(f"/v1/sandboxes/{sbx.id}").json().get("pool")
-    return str(pool) if pool is not None else None
 
 
 def _sustained(tracker: _Tracker, count: int) -> tuple[float, int]:
@@ -79,7 +72,7 @@ def _sustained(tracker: _Tracker, count: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         for _ in range(count):
             sbx = tracker.create("minimal", timeout=600)
-            from_pool += int(_pool_of(sbx) is not None)
+            from_pool += int(sbx.pool is not None)
             killers.submit(tracker.kill, sbx)
         took = time.perf_counter() - t0
     return took, from_pool

@@ -120,6 +120,17 @@ class Sandbox:
         )
 
 
+def _environment(sandbox_id: str, env: Mapping[str, str]) -> dict[str, str]:
+    """What every process of the sandbox starts with: corral's defaults, then the caller's."""
+    return {
+        "PATH": DEFAULT_PATH,
+        "LANG": "C.UTF-8",
+        "CORRAL_SANDBOX": "1",
+        "CORRAL_SANDBOX_ID": sandbox_id,
+        **env,
+    }
+
+
 def _in_pool(sb: Sandbox) -> bool:
     """Made for a warm pool and not taken yet (being made, or waiting)."""
     return sb.pool is not None and sb.state in (SandboxState.CREATING, SandboxState.POOLED)
@@ -630,7 +641,7 @@ class SandboxService:
                     self._kill(sandbox_id, reason="died in its warm pool"), f"pool-{sandbox_id}"
                 )
                 raise ConflictError(f"pooled sandbox {sandbox_id} died")
-            env = {**self._spec(sb, ()).env, **cmd.env}
+            env = _environment(sandbox_id, cmd.env)
             if cmd.env:
                 agent = AgentClient(lambda: self._runtime.open_agent(sandbox_id))
                 await agent.set_env(env)
@@ -753,13 +764,7 @@ class SandboxService:
             pids_max=self._config.limits.pids_per_sandbox,
             hostname=sb.id,
             isolation=sb.runtime,
-            env={
-                "PATH": DEFAULT_PATH,
-                "LANG": "C.UTF-8",
-                "CORRAL_SANDBOX": "1",
-                "CORRAL_SANDBOX_ID": sb.id,
-                **sb.env,
-            },
+            env=_environment(sb.id, sb.env),
         )
         network = self._network
         if network is None:

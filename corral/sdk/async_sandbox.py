@@ -587,6 +587,12 @@ class AsyncSandbox:
         return self._info
 
     @property
+    def pool(self) -> str | None:
+        """The warm pool this sandbox was taken from (None: started on demand), as create
+        answered: no request."""
+        return self._info.pool if self._info is not None else None
+
+    @property
     def access_token(self) -> str | None:
         """See ``Sandbox.access_token``."""
         return ingress_token(self._known())

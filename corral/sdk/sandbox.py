@@ -599,6 +599,12 @@ class Sandbox:
         return self._info if self._info is not None else self.info()
 
     @property
+    def pool(self) -> str | None:
+        """The warm pool this sandbox was taken from (None: started on demand), as create
+        answered: no request."""
+        return self._info.pool if self._info is not None else None
+
+    @property
     def access_token(self) -> str | None:
         """What ``get_url`` appends with ``with_token=True`` (send it as the
         ``X-Corral-Access-Token`` header instead where you can); None when ports are public."""

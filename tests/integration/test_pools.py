@@ -127,7 +127,7 @@ def test_sdk_and_cli_manage_pools(server: RunningServer, env: dict[str, str]) ->
             time.sleep(0.1)
         assert "sdk" in corral_text(env, "pool", "ls").stdout
         with Sandbox.create("minimal", memory_mb=160, env={"K": "v"}, **conn) as sbx:
-            assert sbx.info().pool == "sdk"
+            assert sbx.pool == sbx.info().pool == "sdk"
             assert sbx.exec("echo $K").stdout == "v\n"
         corral_text(env, "pool", "rm", "sdk")
         assert client.list_pools() == []
