@@ -11,7 +11,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "Limits", "NetworkConfig", "ServerConfig"]
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_LISTEN",
+    "BuildConfig",
+    "Limits",
+    "NetworkConfig",
+    "ServerConfig",
+]
 
 DEFAULT_DATA_DIR = Path("/var/lib/corral")
 DEFAULT_LISTEN = "127.0.0.1:7700"
@@ -116,6 +123,23 @@ class NetworkConfig(BaseModel):
         return self.network.network_address + 1
 
 
+class BuildConfig(BaseModel):
+    """Template builds and imports (docs/templates.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Registries spoken to over plain HTTP (host:port), like Docker's insecure-registries.
+    insecure_registries: tuple[str, ...] = ()
+    # Each RUN step's sandbox: the same isolation as any sandbox, a bigger disk.
+    cpu: float = 2.0
+    memory_mb: int = 2048
+    disk_mb: int = 8192
+    # A RUN step still running after this long fails the build.
+    step_timeout_s: float = 3600.0
+    # A build context (the uploaded tar) larger than this is refused.
+    max_context_mb: int = 2048
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,6 +155,7 @@ class ServerConfig(BaseModel):
     reap_interval_s: float = 1.0
     limits: Limits = Field(default_factory=Limits)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    builds: BuildConfig = Field(default_factory=BuildConfig)
 
     @classmethod
     def load(cls, path: Path | None, **overrides: object) -> ServerConfig:

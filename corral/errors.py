@@ -24,6 +24,7 @@ __all__ = [
     "SandboxNotRunningError",
     "SnapshotUnusableError",
     "TimeoutError",
+    "UpstreamError",
     "error_from_code",
 ]
 
@@ -96,6 +97,14 @@ class PortUnreachableError(CorralError):
     status = 502  # Bad Gateway: the server is fine, the sandbox's side is not
 
 
+class UpstreamError(CorralError):
+    """A service outside corral that a request needs (an image registry) failed or refused us;
+    the message names it and what it answered."""
+
+    code = "upstream_error"
+    status = 502
+
+
 class RuntimeFailure(CorralError):
     """The isolation layer (OCI runtime, kernel, QEMU) failed; the message carries its words."""
 
@@ -117,6 +126,7 @@ _BY_CODE: dict[str, type[CorralError]] = {
         QuotaExceededError,
         TimeoutError,
         PortUnreachableError,
+        UpstreamError,
         RuntimeFailure,
     )
 }

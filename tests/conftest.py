@@ -239,6 +239,11 @@ def _kept(path: str) -> bool:
     """Files a runtime keeps on purpose between sandboxes: its directories and caches."""
     if "/pool/golden" in path or "/vm-cache" in path or path.endswith("/vms"):
         return True
+    # Template state: its directories, the build cache and built-ins adopted as layers.
+    if "/build-cache" in path or "/layers/.builtin-" in path:
+        return True
+    if path.endswith(("/builds", "/catalog", "/layers")):
+        return True
     if path.endswith(
         (
             "/uidranges",

@@ -5,22 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from corral.agent import FileInfo, ProcessInfo
 from corral.core.pools import Pool
 from corral.core.sandboxes import Sandbox
 from corral.core.snapshots import Snapshot
-from corral.core.templates import TemplateInfo
+from corral.core.templates import Version
 
 __all__ = [
+    "CollectOut",
     "EgressEventOut",
     "ErrorBody",
     "FileInfoOut",
+    "ImportIn",
+    "LayerOut",
     "NetworkOut",
     "ProcessOut",
     "SandboxOut",
     "SnapshotOut",
+    "TagIn",
     "TemplateOut",
 ]
 
@@ -177,22 +181,74 @@ class FileInfoOut(BaseModel):
         )
 
 
+class LayerOut(BaseModel):
+    digest: str
+    size_bytes: int
+
+
 class TemplateOut(BaseModel):
     name: str
+    version: int
+    tags: list[str]
+    builtin: bool
     description: str
     built: bool
     size_bytes: int | None
     built_at: str | None
+    source: str
+    image: str | None
+    layers: list[LayerOut]
+    start_cmd: list[str] | None
+    ready_cmd: list[str] | None
+    ready_timeout: float
+    env: dict[str, str]
+    workdir: str
+    user: str
 
     @classmethod
-    def of(cls, t: TemplateInfo) -> TemplateOut:
+    def of(cls, v: Version, *, built: bool = True) -> TemplateOut:
+        s = v.settings
+        builtin = v.source == "builtin"
         return cls(
-            name=t.name,
-            description=t.description,
-            built=t.built,
-            size_bytes=t.size_bytes,
-            built_at=t.built_at,
+            name=v.name,
+            version=v.version,
+            tags=list(v.tags),
+            builtin=builtin,
+            description=v.description,
+            built=built,
+            size_bytes=v.size_bytes if built else None,
+            built_at=v.built_at or None,
+            source=v.source,
+            image=v.image,
+            layers=[
+                LayerOut(digest=layer.digest, size_bytes=layer.size_bytes) for layer in v.layers
+            ],
+            start_cmd=list(s.start_cmd) if s.start_cmd is not None else None,
+            ready_cmd=list(s.ready_cmd) if s.ready_cmd is not None else None,
+            ready_timeout=s.ready_timeout,
+            env=dict(s.env),
+            workdir=s.workdir,
+            user=s.user,
         )
+
+
+class TagIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+
+
+class ImportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, max_length=1024)
+    username: str | None = Field(default=None, max_length=1024)
+    password: str | None = Field(default=None, max_length=8192)
+
+
+class CollectOut(BaseModel):
+    layers_removed: int
+    bytes_freed: int
 
 
 class TenantOut(BaseModel):

@@ -90,7 +90,11 @@ class PoolService:
 
     # --- settings -----------------------------------------------------------------------
     async def set(self, who: Principal, name: str, cmd: SetPool) -> Pool:
-        template, isolation, cpu, memory, disk = self._sandboxes.shape(cmd.as_create())
+        create = cmd.as_create()
+        _, isolation, cpu, memory, disk = self._sandboxes.shape(create, who.tenant_id)
+        # The pool keeps the reference as written (``web`` follows web's latest version); its
+        # sandboxes pin the version they were made of.
+        template = create.template or self._config.default_template
         async with self._lock:
             mine = {r.name: r for r in self._rows.values() if r.tenant_id == who.tenant_id}
             others = sum(r.size for n, r in mine.items() if n != name)
@@ -113,7 +117,7 @@ class PoolService:
                 size=cmd.size,
                 created_at=old.created_at if old is not None else datetime.now(UTC),
             )
-            reshaped = old is not None and _shape_of(old) != _shape_of(row)
+            reshaped = old is not None and self._shape_of(old) != self._shape_of(row)
             await self._store.put_pool(row)
             self._rows[row.id] = row
             if reshaped:  # what waits is of the old shape: nobody could take it any more
@@ -153,7 +157,7 @@ class PoolService:
         row = self._match(who, cmd)
         if row is not None:
             for waiting in self._sandboxes.pooled(row.id):
-                if _shape_of_sandbox(waiting) != _shape_of(row):
+                if _shape_of_sandbox(waiting) != self._shape_of(row):
                     # Made while the pool changed shape (a create in flight): nobody's size.
                     await self._discard(waiting.id, "its pool changed shape")
                     continue
@@ -185,8 +189,14 @@ class PoolService:
         mine = [r for r in self._rows.values() if r.tenant_id == who.tenant_id]
         if not mine:
             return None
-        shape = self._sandboxes.shape(cmd)
-        return next((r for r in mine if _shape_of(r) == shape), None)
+        shape = self._sandboxes.shape(cmd, who.tenant_id)
+        return next((r for r in mine if self._shape_of(r) == shape), None)
+
+    def _shape_of(self, row: PoolRow) -> tuple[str, str, float, int, int]:
+        """The pool's shape with its template pinned to the version a create makes now (a new
+        build of the template makes what waits stale)."""
+        template = self._sandboxes.pin(row.template, row.tenant_id)
+        return template, row.runtime, row.cpu, row.memory_mb, row.disk_mb
 
     # --- refilling ----------------------------------------------------------------------
     def _run(self, pool_id: str) -> None:
@@ -204,7 +214,7 @@ class PoolService:
             if row is None:
                 return
             waiting = self._sandboxes.pooled(pool_id)
-            stale = [sb for sb in waiting if _shape_of_sandbox(sb) != _shape_of(row)]
+            stale = [sb for sb in waiting if _shape_of_sandbox(sb) != self._shape_of(row)]
             for sb in stale:
                 await self._discard(sb.id, "its pool changed shape")
             if stale:
@@ -269,10 +279,6 @@ class PoolService:
             ready=len(self._sandboxes.pooled(row.id)),
             created_at=_aware(row.created_at),
         )
-
-
-def _shape_of(row: PoolRow) -> tuple[str, str, float, int, int]:
-    return row.template, row.runtime, row.cpu, row.memory_mb, row.disk_mb
 
 
 def _shape_of_sandbox(sb: Sandbox) -> tuple[str, str, float, int, int]:

@@ -125,13 +125,15 @@ class ProcessService:
     def __init__(self, sandboxes: SandboxService) -> None:
         self._sandboxes = sandboxes
 
-    @staticmethod
-    def _request(cmd: ExecCommand, *, pty: tuple[int, int] | None = None) -> ExecRequest:
+    def _request(
+        self, sandbox_id: str, cmd: ExecCommand, *, pty: tuple[int, int] | None = None
+    ) -> ExecRequest:
+        cwd, user = self._sandboxes.exec_defaults(sandbox_id)
         return ExecRequest(
             argv=cmd.argv(),
-            cwd=cmd.cwd,
+            cwd=cmd.cwd if cmd.cwd is not None else cwd,
             env=dict(cmd.env),
-            user=cmd.user,
+            user=cmd.user if cmd.user is not None else user,
             pty=pty,
             stdin=cmd.background or cmd.stdin is not None or pty is not None,
             tag=cmd.tag,
@@ -140,7 +142,7 @@ class ProcessService:
     async def start(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> RunningExec:
         """Start a foreground command; the caller must consume or close ``events``."""
         agent = await self._sandboxes.agent(who, sandbox_id)
-        pid, events = await agent.exec_stream(self._request(cmd))
+        pid, events = await agent.exec_stream(self._request(sandbox_id, cmd))
         if cmd.stdin is not None:
             try:
                 await _feed(agent, pid, cmd.stdin.encode(), eof=True)
@@ -155,7 +157,7 @@ class ProcessService:
 
     async def start_background(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> int:
         agent = await self._sandboxes.agent(who, sandbox_id)
-        pid = await agent.spawn(self._request(cmd))
+        pid = await agent.spawn(self._request(sandbox_id, cmd))
         if cmd.stdin is not None:
             try:
                 await _feed(agent, pid, cmd.stdin.encode(), eof=True)
@@ -186,7 +188,7 @@ class ProcessService:
             )
         agent = await self._sandboxes.agent(who, sandbox_id)
         env = {"TERM": "xterm-256color", **cmd.env}
-        req = self._request(cmd.model_copy(update={"env": env}), pty=(rows, cols))
+        req = self._request(sandbox_id, cmd.model_copy(update={"env": env}), pty=(rows, cols))
         pid, events = await agent.exec_stream(req)
         return agent, RunningExec(
             pid, _guard(agent, pid, events, cmd.timeout, self._sandboxes.busy(sandbox_id))

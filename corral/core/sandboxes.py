@@ -27,12 +27,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from corral.agent import AgentClient
+from corral.agent import AgentClient, ExecRequest, OutputEvent
 from corral.config import ServerConfig
 from corral.core.commands import CreateSandbox
 from corral.core.lifecycle import LIVE_STATES, SandboxState, check_transition
 from corral.core.network import NetworkService
-from corral.core.templates import TemplateService
+from corral.core.templates import Resolved, TemplateService
 from corral.core.tenants import Principal
 from corral.errors import (
     ConflictError,
@@ -43,6 +43,7 @@ from corral.errors import (
     RuntimeFailure,
     SandboxNotRunningError,
 )
+from corral.errors import TimeoutError as ReadyTimeoutError
 from corral.runtime.base import Runtime, SandboxSpec
 from corral.store import SandboxRow, Store
 
@@ -511,7 +512,9 @@ class SandboxService:
             policy_doc = self._network.parse(cmd.network).model_dump(mode="json")
         elif cmd.network is not None:
             raise InvalidRequestError("networking is disabled on this server; omit 'network'")
-        layers = self._templates.layers_for(template)
+        resolved = self._templates.resolve(template, who.tenant_id)
+        # The sandbox pins the version it is made of: a newer build never changes its layers.
+        template = resolved.ref
         live_for_tenant = self.live_count(who.tenant_id)
         if pool is None and live_for_tenant >= self._config.limits.max_sandboxes_per_tenant:
             raise QuotaExceededError(
@@ -571,9 +574,12 @@ class SandboxService:
                     pool=pool,
                 )
             )
-            spec = replace(self._spec(sb, layers), snapshot=snapshot)
+            spec = replace(self._spec(sb, resolved), snapshot=snapshot)
             try:
                 await self._runtime.create(spec)
+                if snapshot is None or cmd.isolation == "container":
+                    # (A microvm snapshot carries its processes, the start command's too.)
+                    await self._start_template(sid, resolved)
             except BaseException as e:
                 # A failed create leaves no trace: not on the host (the runtime promises that, and
                 # destroy is idempotent belt and braces), not in the store.
@@ -606,7 +612,6 @@ class SandboxService:
     async def _warm_up(self, sandbox_id: str) -> None:
         """One throwaway exec in a pooled sandbox, so that its taker's first exec does not pay
         for the agent's first process (~5 ms: faulting in the exec path)."""
-        from corral.agent import ExecRequest
 
         client = AgentClient(lambda: self._runtime.open_agent(sandbox_id))
         with contextlib.suppress(CorralError, OSError):
@@ -614,12 +619,91 @@ class SandboxService:
             async for _ in events:
                 pass
 
-    def shape(self, cmd: CreateSandbox) -> tuple[str, str, float, int, int]:
-        """What a create asks for that a warm pool must match: template, tier, CPU, memory and
-        disk, resolved (defaults applied) and validated as the create itself would be."""
+    def shape(self, cmd: CreateSandbox, tenant: str) -> tuple[str, str, float, int, int]:
+        """What a create asks for that a warm pool must match: template (pinned to the version
+        a create makes now), tier, CPU, memory and disk, resolved (defaults applied) and
+        validated as the create itself would be."""
         template, cpu, memory, disk, _ = self._validate(cmd)
-        self._templates.layers_for(template)  # the template must exist (404 otherwise)
+        template = self._templates.resolve(template, tenant).ref  # 400 when there is none
         return template, cmd.isolation, cpu, memory, disk
+
+    def pin(self, template: str, tenant: str) -> str:
+        """The pinned reference a create of ``template`` by ``tenant`` would record now (the
+        reference itself when it names nothing)."""
+        try:
+            return self._templates.resolve(template, tenant).ref
+        except CorralError:
+            return template
+
+    async def _start_template(self, sandbox_id: str, resolved: Resolved) -> None:
+        """Start the template's start command and wait for its ready check to pass; on
+        timeout a ``TimeoutError`` naming the check and what it last printed (the caller
+        removes the sandbox)."""
+        settings = resolved.version.settings
+        if settings.start_cmd is None and settings.ready_cmd is None:
+            return
+        agent = AgentClient(lambda: self._runtime.open_agent(sandbox_id))
+        cwd = settings.workdir or None
+        user = settings.user or None
+        if settings.start_cmd is not None:
+            await agent.spawn(
+                ExecRequest(
+                    argv=list(settings.start_cmd), cwd=cwd, user=user, stdin=False, tag="start"
+                )
+            )
+        if settings.ready_cmd is None:
+            return
+        deadline = asyncio.get_running_loop().time() + settings.ready_timeout
+        delay = 0.02
+        last = b""
+        code: int | None = None
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                shown = last.decode(errors="replace").strip()[-500:]
+                raise ReadyTimeoutError(
+                    f"template {resolved.ref}: the ready check {list(settings.ready_cmd)} did "
+                    f"not pass within {settings.ready_timeout:g} s (last exit code {code}"
+                    + (f", output: {shown}" if shown else "")
+                    + ")"
+                )
+            out = bytearray()
+            try:
+                _, events = await agent.exec_stream(
+                    ExecRequest(argv=list(settings.ready_cmd), cwd=cwd, user=user, stdin=False)
+                )
+
+                async def drain(
+                    events: AsyncIterator[OutputEvent] = events, out: bytearray = out
+                ) -> int | None:
+                    async for ev in events:
+                        if ev.kind == "exit":
+                            code: int | None = ev.exit_code
+                            return code
+                        out.extend(ev.data)
+                        del out[:-2000]
+                    return None
+
+                code = await asyncio.wait_for(drain(), max(left, 0.01))
+            except TimeoutError:
+                code = None
+            last = bytes(out)
+            if code == 0:
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - asyncio.get_running_loop().time())))
+            delay = min(delay * 2, 0.5)
+
+    def exec_defaults(self, sandbox_id: str) -> tuple[str | None, str | None]:
+        """The working directory and user a command runs with when it names none: the
+        template's WORKDIR and USER, as ``docker exec`` does."""
+        sb = self._live.get(sandbox_id)
+        if sb is None:
+            return None, None
+        try:
+            settings = self._templates.resolve(sb.template).version.settings
+        except CorralError:
+            return None, None
+        return settings.workdir or None, settings.user or None
 
     async def take_pooled(self, who: Principal, cmd: CreateSandbox, sandbox_id: str) -> Sandbox:
         """Hand the pooled sandbox to ``who`` with the create's own settings — environment
@@ -641,7 +725,8 @@ class SandboxService:
                     self._kill(sandbox_id, reason="died in its warm pool"), f"pool-{sandbox_id}"
                 )
                 raise ConflictError(f"pooled sandbox {sandbox_id} died")
-            env = _environment(sandbox_id, cmd.env)
+            template_env = self._templates.resolve(sb.template).version.settings.env
+            env = _environment(sandbox_id, {**template_env, **cmd.env})
             if cmd.env:
                 agent = AgentClient(lambda: self._runtime.open_agent(sandbox_id))
                 await agent.set_env(env)
@@ -753,18 +838,18 @@ class SandboxService:
                 )
             yield sb
 
-    def _spec(self, sb: Sandbox, layers: tuple[Path, ...]) -> SandboxSpec:
+    def _spec(self, sb: Sandbox, resolved: Resolved) -> SandboxSpec:
         """What the runtime needs to start ``sb`` (at create, and again at wake)."""
         spec = SandboxSpec(
             sandbox_id=sb.id,
-            layers=layers,
+            layers=resolved.layers,
             cpu=sb.cpu,
             memory_mb=sb.memory_mb,
             disk_mb=sb.disk_mb,
             pids_max=self._config.limits.pids_per_sandbox,
             hostname=sb.id,
             isolation=sb.runtime,
-            env=_environment(sb.id, sb.env),
+            env=_environment(sb.id, {**resolved.version.settings.env, **sb.env}),
         )
         network = self._network
         if network is None:
@@ -815,7 +900,7 @@ class SandboxService:
     async def _wake_locked(self, sb: Sandbox) -> Sandbox:
         """Start a hibernated sandbox again on its disk: a container's processes start afresh,
         a microvm's carry on from its saved memory."""
-        spec = self._spec(sb, self._templates.layers_for(sb.template))
+        spec = self._spec(sb, self._templates.resolve(sb.template))
         try:
             await self._runtime.wake(spec)
         except BaseException:
@@ -888,7 +973,7 @@ class SandboxService:
         (address, rules, namespace): unplumbing and plumbing again cost more than the rest of a
         restore together. Until it runs again the store still says running or paused; a crash
         in between is found by ``reconcile`` (init dead, disk kept) and hibernates it."""
-        spec = self._spec(sb, self._templates.layers_for(sb.template))
+        spec = self._spec(sb, self._templates.resolve(sb.template))
         netns = self._network.netns_of(sb.id) if self._network is not None else None
         if self._network is not None and netns is None:
             raise RuntimeFailure(f"sandbox {sb.id} lost its network namespace")

@@ -6,7 +6,9 @@ import logging
 from dataclasses import dataclass
 
 from corral.config import ServerConfig
+from corral.core.builds import BuildService
 from corral.core.files import FileService
+from corral.core.lifecycle import LIVE_STATES
 from corral.core.network import NetworkService
 from corral.core.pools import PoolService
 from corral.core.processes import ProcessService
@@ -56,6 +58,7 @@ class Services:
     sandboxes: SandboxService
     snapshots: SnapshotService
     pools: PoolService
+    builds: BuildService
     processes: ProcessService
     files: FileService
     network: NetworkService | None
@@ -72,10 +75,19 @@ class Services:
         describe = getattr(rt, "describe", None)
         if describe is not None:
             log.info("isolation tiers: %s (default %s)", describe(), rt.name)
+
+        async def pinned() -> set[str]:
+            """Template versions live sandboxes and snapshots hold (kept from collection)."""
+            rows = await store.all_sandboxes(states=[s.value for s in LIVE_STATES])
+            refs = {r.template for r in rows}
+            refs.update(snap.template for snap in await store.snapshots())
+            return refs
+
         # Late-bound: the sandbox service that answers "in use?" is made just below.
         templates = TemplateService(
-            config.data_dir, in_use=lambda name: sandboxes.template_in_use(name)
+            config.data_dir, in_use=lambda name: sandboxes.template_in_use(name), pinned=pinned
         )
+        templates.start()
         network = NetworkService(config.network, store) if config.network.enabled else None
         sandboxes = SandboxService(config, store, rt, templates, network)
         await sandboxes.start()
@@ -83,6 +95,8 @@ class Services:
         await snapshots.reconcile()
         pools = PoolService(config, store, sandboxes)
         await pools.start()
+        builds = BuildService(config, rt, templates, network)
+        builds.start()
         return cls(
             config=config,
             store=store,
@@ -92,6 +106,7 @@ class Services:
             sandboxes=sandboxes,
             snapshots=snapshots,
             pools=pools,
+            builds=builds,
             processes=ProcessService(sandboxes),
             files=FileService(sandboxes),
             network=network,

@@ -1,50 +1,232 @@
-"""Template catalogue of one data dir, as the services see it (builders live in corral.templates)."""
+"""Templates as the services see them: the built-ins (``corral.templates.registry``) and the
+tenants' own (``corral.templates.catalog``, layers in ``corral.templates.layers``), behind one
+reference syntax and one view (``Version``).
+
+Dockerfile builds and OCI imports live in ``corral.core.builds``; they end here, in
+``register``. Garbage collection keeps every layer that a version, a live sandbox, a snapshot
+or a build in progress needs.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import builtins
+import collections
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from corral import templates as builders
-from corral.errors import ConflictError, InvalidRequestError
-from corral.templates import TemplateInfo
+from corral.errors import ConflictError, InvalidRequestError, NotFoundError
+from corral.templates.catalog import (
+    BUILTIN_VERSION,
+    Catalog,
+    LayerRef,
+    Settings,
+    Version,
+    parse_ref,
+)
+from corral.templates.layers import LayerStore
 
-__all__ = ["TemplateInfo", "TemplateService"]
+__all__ = ["Resolved", "TemplateService", "Version"]
+
+_BUILTIN_USER = {"base": ""}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A template version ready to start sandboxes from."""
+
+    version: Version
+    layers: tuple[Path, ...]  # lowest first
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class TemplateService:
-    def __init__(self, data_dir: Path, in_use: Callable[[str], bool] = lambda _name: False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        in_use: Callable[[str], bool] = lambda _name: False,
+        pinned: Callable[[], Awaitable[set[str]]] | None = None,
+    ) -> None:
         self._data_dir = data_dir
-        # Whether live sandboxes mount a template: their lower layer must not be swapped away.
+        # Whether live sandboxes mount a built-in: their lower layer must not be swapped away.
         self._in_use = in_use
+        # Every pinned reference (NAME@N) live sandboxes and snapshots hold (for collection).
+        self._pinned = pinned
         self._locks: dict[str, asyncio.Lock] = {}
+        self.layers = LayerStore(data_dir / "layers")
+        self.catalog = Catalog(data_dir / "catalog", reserved=builders.TEMPLATES)
+        # Layers a build or import in progress has made or reuses but not registered yet.
+        self._held: collections.Counter[str] = collections.Counter()
+        self._gc_lock = asyncio.Lock()
 
-    def list(self) -> list[TemplateInfo]:
-        return builders.list_templates(self._data_dir)
+    def start(self) -> None:
+        """Forget half-made layers of a previous run (no build runs yet)."""
+        self.layers.sweep()
 
-    def get(self, name: str) -> TemplateInfo:
-        return builders.template_info(self._data_dir, name)
+    # ------------------------------------------------------------------------------ views
 
-    def layers_for(self, name: str) -> tuple[Path, ...]:
-        """The read-only layers a sandbox of this template mounts, lowest first."""
+    def _builtin(self, name: str) -> Version:
+        info = builders.template_info(self._data_dir, name)
+        return Version(
+            name=name,
+            version=BUILTIN_VERSION,
+            owner=None,
+            source="builtin",
+            layers=(LayerRef(f"builtin:{name}", info.size_bytes or 0),) if info.built else (),
+            settings=Settings(),
+            built_at=info.built_at or "",
+            description=info.description,
+            tags=(),
+        )
+
+    def is_built(self, v: Version) -> bool:
+        if v.source == "builtin":
+            return bool(v.layers)
+        return all(self.layers.has(layer.digest) for layer in v.layers)
+
+    def list(self, tenant: str | None = None) -> list[Version]:
+        return [self._builtin(n) for n in builders.TEMPLATES] + self.catalog.latest(tenant=tenant)
+
+    def get(self, ref: str, tenant: str | None = None) -> Version:
+        if ref in builders.TEMPLATES:
+            return self._builtin(ref)
+        name, _, _ = parse_ref(ref)
+        if name in builders.TEMPLATES:
+            raise InvalidRequestError(f"built-in template {name!r} has no versions or tags")
+        return self.catalog.resolve(ref, tenant=tenant, pinned_ok=False)
+
+    def versions(self, name: str, tenant: str | None = None) -> builtins.list[Version]:
+        if name in builders.TEMPLATES:
+            return [self._builtin(name)]
+        return self.catalog.versions(name, tenant=tenant)
+
+    def resolve(self, ref: str, tenant: str | None = None) -> Resolved:
+        """What a create of ``ref`` (by ``tenant``; None: a pinned reference held by the
+        server itself) starts from; ``InvalidRequestError`` when there is no such template."""
+        if ref in builders.TEMPLATES:
+            rootfs = builders.rootfs_path(self._data_dir, ref)
+            if not builders.is_built(rootfs):
+                raise InvalidRequestError(
+                    f"template {ref!r} is not built yet; run 'corral template build {ref}'"
+                )
+            return Resolved(self._builtin(ref), (rootfs,))
+        try:
+            v = self.catalog.resolve(ref, tenant=tenant, pinned_ok=tenant is None)
+        except NotFoundError as exc:
+            known = ", ".join(sorted(builders.TEMPLATES))
+            raise InvalidRequestError(
+                f"unknown template {ref!r} ({exc.message}); built-in templates: {known}"
+            ) from None
+        paths = tuple(self.layers.path(layer.digest) for layer in v.layers)
+        missing = [p for p in paths if not p.is_dir()]
+        if missing:
+            raise InvalidRequestError(f"template {ref!r} lost layer {missing[0].name}")
+        return Resolved(v, paths)
+
+    def layers_for(self, ref: str) -> tuple[Path, ...]:
+        """The read-only layers a sandbox of this (pinned) template mounts, lowest first."""
+        return self.resolve(ref).layers
+
+    # ---------------------------------------------------------------------------- built-ins
+
+    async def build(self, name: str, *, force: bool = False) -> Version:
+        """(Re)build a built-in template."""
         if name not in builders.TEMPLATES:
             known = ", ".join(sorted(builders.TEMPLATES))
-            raise InvalidRequestError(f"unknown template {name!r}; known templates: {known}")
-        rootfs = builders.rootfs_path(self._data_dir, name)
-        if not builders.is_built(rootfs):
-            raise InvalidRequestError(
-                f"template {name!r} is not built yet; run 'corral template build {name}'"
+            raise NotFoundError(
+                f"{name!r} is not a built-in template (known: {known}); "
+                "build your own from a Dockerfile with POST /v1/templates/{name}/builds"
             )
-        return (rootfs,)
-
-    async def build(self, name: str, *, force: bool = False) -> TemplateInfo:
-        self.get(name)  # unknown names fail before taking a lock
         if force and self._in_use(name):
             raise ConflictError(
                 f"template {name!r} is in use by live sandboxes; kill them before a forced rebuild"
             )
         async with self._locks.setdefault(name, asyncio.Lock()):
-            return await asyncio.to_thread(
-                builders.build_in_data_dir, name, self._data_dir, force=force
-            )
+            await asyncio.to_thread(builders.build_in_data_dir, name, self._data_dir, force=force)
+        return self._builtin(name)
+
+    # ------------------------------------------------------------------------ user templates
+
+    @contextlib.contextmanager
+    def holding(self, digests: Iterable[str]) -> Iterator[None]:
+        """Keep these layers from collection while a build or import still needs them."""
+        held = list(digests)
+        self._held.update(held)
+        try:
+            yield
+        finally:
+            self._held.subtract(held)
+            self._held += collections.Counter()  # drop zero counts
+
+    def hold(self, digest: str) -> None:
+        self._held[digest] += 1
+
+    def release(self, digest: str) -> None:
+        self._held[digest] -= 1
+        self._held += collections.Counter()
+
+    def register(
+        self,
+        name: str,
+        owner: str,
+        *,
+        source: str,
+        layers: Iterable[str],
+        settings: Settings,
+        image: str | None = None,
+        build_seconds: float | None = None,
+        tags: Iterable[str] = (),
+    ) -> Version:
+        refs = [LayerRef(d, self.layers.size(d)) for d in layers]
+        return self.catalog.add_version(
+            name,
+            owner,
+            source=source,
+            layers=refs,
+            settings=settings,
+            built_at=now_iso(),
+            image=image,
+            build_seconds=build_seconds,
+            tags=tags,
+        )
+
+    def check_writable(self, name: str, tenant: str | None) -> None:
+        """Refuse names a tenant may not build into before any work starts."""
+        parse_ref(name)
+        if name in builders.TEMPLATES:
+            raise InvalidRequestError(f"{name!r} is a built-in template; choose another name")
+        owner = self.catalog.owner(name)
+        if owner is not None and tenant is not None and owner != tenant:
+            raise ConflictError(f"template name {name!r} is taken")
+
+    def tag(self, name: str, tag: str, version: int, tenant: str | None) -> Version:
+        return self.catalog.set_tag(name, tag, version, tenant=tenant)
+
+    def untag(self, name: str, tag: str, tenant: str | None) -> None:
+        self.catalog.remove_tag(name, tag, tenant=tenant)
+
+    async def delete(self, ref: str, tenant: str | None) -> None:
+        name, _, _ = parse_ref(ref)
+        if name in builders.TEMPLATES:
+            raise InvalidRequestError(f"built-in template {name!r} cannot be deleted")
+        self.catalog.delete(ref, tenant=tenant)
+        await self.collect()
+
+    async def collect(self) -> tuple[int, int]:
+        """Remove layers nothing needs: returns (layers removed, bytes freed)."""
+        async with self._gc_lock:
+            pinned = await self._pinned() if self._pinned is not None else set()
+            keep = self.catalog.collect(pinned)
+            keep |= set(self._held)
+            return await asyncio.to_thread(self.layers.collect, keep)

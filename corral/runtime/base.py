@@ -108,6 +108,13 @@ class Runtime(Protocol):
         it has either disk whole); wake it afterwards."""
         ...
 
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        """Copy what the sandbox changed on top of its layers into the empty directory ``dest``
+        as an overlayfs lower layer (whiteouts, opaque dirs, the ids the sandbox sees), leaving
+        out what the runtime itself put there (agent mount point, /etc/hosts, hostname,
+        resolv.conf). For template builds: a running sandbox is frozen while it is copied."""
+        ...
+
     async def is_running(self, sandbox_id: str) -> bool:
         """Whether the sandbox's init (the agent) is alive."""
         ...

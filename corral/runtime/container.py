@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -132,6 +133,46 @@ def _write_identity_files(upper: Path, hostname: str, nameservers: tuple[str, ..
                     os.close(fd)
         finally:
             os.close(etc)
+    finally:
+        os.close(top)
+
+
+# What the runtime writes into a sandbox's upper layer itself: never part of a built layer
+# (Docker leaves its own /etc/hosts, hostname and resolv.conf out of images the same way).
+_RUNTIME_ENTRIES = (".corral", "etc/hostname", "etc/hosts", "etc/resolv.conf")
+
+
+def _copy_changes(upper: Path, dest: Path) -> None:
+    """``cp -a`` keeps what a layer is made of: owners, modes, xattrs (the ``trusted.overlay``
+    opaque marks included, as root), whiteout devices and hard links within the copy."""
+    try:
+        subprocess.run(
+            ["cp", "-a", "--no-dereference", f"{upper}/.", f"{dest}/"],
+            check=True,
+            capture_output=True,
+            timeout=3600,
+        )
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeFailure(
+            f"copying the changes out of {upper} failed: {exc.stderr.decode(errors='replace')}"
+        ) from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeFailure(f"copying the changes out of {upper} failed: {exc}") from exc
+    top = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for rel in _RUNTIME_ENTRIES:
+            parent, _, name = rel.rpartition("/")
+            fd = top
+            try:
+                if parent:
+                    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                with contextlib.suppress(FileNotFoundError):
+                    _remove_entry(fd, name)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            finally:
+                if fd != top:
+                    os.close(fd)
     finally:
         os.close(top)
 
@@ -713,6 +754,20 @@ class ContainerRuntime:
                 await asyncio.to_thread(swap)
             except OSError as exc:
                 raise RuntimeFailure(f"restore of {sandbox_id} failed: {exc}") from exc
+
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        self._check_id(sandbox_id)
+        async with self._lock(sandbox_id):
+            upper = self._dir(sandbox_id) / "disk" / "upper"
+            if not os.path.ismount(upper.parent):
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} has no mounted disk")
+            was_frozen = self._freezer_state(sandbox_id).read_text().strip() == "FROZEN"
+            await self._freeze(sandbox_id, "FROZEN")
+            try:
+                await asyncio.to_thread(_copy_changes, upper, dest)
+            finally:
+                if not was_frozen:
+                    await self._freeze(sandbox_id, "THAWED")
 
     # ------------------------------------------------------------------------------ inspect
 

@@ -55,7 +55,14 @@ from corral.host.process import cpu_seconds, start_time
 from corral.host.uidrange import SlotAllocator
 from corral.runtime.base import SandboxSpec
 from corral.runtime.undo import undone_on_failure
-from corral.vm.guest import GuestKernel, build_initramfs, find_kernel, qemu_img, root_image
+from corral.vm.guest import (
+    GuestKernel,
+    build_initramfs,
+    find_kernel,
+    layered_root_image,
+    qemu_img,
+    root_image,
+)
 from corral.vm.mux import PortMux, Streams
 from corral.vm.net import VmNet, add_tap, fresh_netns_fd, wire_tap
 from corral.vm.qemu import (
@@ -352,8 +359,8 @@ class MicroVMRuntime:
     async def create(self, spec: SandboxSpec) -> None:
         sid = spec.sandbox_id
         self._check_id(sid)
-        if len(spec.layers) != 1:
-            raise InvalidRequestError("the microvm tier needs a template with exactly one layer")
+        if not spec.layers:
+            raise InvalidRequestError("a sandbox needs at least one template layer")
         if spec.netns is not None:
             raise InvalidRequestError("a new microvm cannot start in an existing namespace")
         async with self._lock(sid):
@@ -536,14 +543,20 @@ class MicroVMRuntime:
         agent = self.agent_binary.stat()
         meta = rootfs.parent / "meta.json"
         stamp = meta.stat().st_mtime_ns if meta.exists() else rootfs.stat().st_mtime_ns
-        key = (kernel.version, agent.st_mtime_ns, agent.st_size, str(rootfs), stamp, spec.disk_mb)
+        names = tuple(str(p) for p in spec.layers)
+        key = (kernel.version, agent.st_mtime_ns, agent.st_size, names, stamp, spec.disk_mb)
         known = self._images_seen.get(key)
         if known is not None and known[0].exists() and known[1].exists():
             return kernel, known[0], known[1]
         initramfs = await asyncio.to_thread(build_initramfs, self._cache, kernel, self.agent_binary)
-        image = await asyncio.to_thread(
-            root_image, self._cache, rootfs.parent.name, rootfs, spec.disk_mb
-        )
+        if len(spec.layers) == 1 and meta.exists():  # a built-in template
+            image = await asyncio.to_thread(
+                root_image, self._cache, rootfs.parent.name, rootfs, spec.disk_mb
+            )
+        else:  # layers of the store: immutable, named by their digests
+            image = await asyncio.to_thread(
+                layered_root_image, self._cache, spec.layers, spec.disk_mb
+            )
         self._images_seen[key] = (initramfs, image)
         return kernel, initramfs, image
 
@@ -997,6 +1010,12 @@ class MicroVMRuntime:
             await asyncio.to_thread(_fsync_dir, vdir)
 
     # ------------------------------------------------------------------------------ inspect
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        raise InvalidRequestError(
+            "template builds run on the container tier; a microvm's disk is a whole image, "
+            "not a layer"
+        )
+
     async def is_running(self, sandbox_id: str) -> bool:
         self._check_id(sandbox_id)
         return self._pid(sandbox_id) is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from pathlib import Path
 
 from corral.errors import InvalidRequestError, SandboxNotRunningError
 from corral.runtime.base import Runtime, SandboxSpec
@@ -99,6 +100,9 @@ class TieredRuntime:
 
     async def restore_disk(self, sandbox_id: str, snapshot_id: str) -> None:
         await (await self._for(sandbox_id)).restore_disk(sandbox_id, snapshot_id)
+
+    async def export_changes(self, sandbox_id: str, dest: Path) -> None:
+        await (await self._for(sandbox_id)).export_changes(sandbox_id, dest)
 
     async def is_running(self, sandbox_id: str) -> bool:
         try:

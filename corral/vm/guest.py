@@ -25,7 +25,15 @@ from pathlib import Path
 from corral.agent.build import static_binary
 from corral.errors import RuntimeFailure
 
-__all__ = ["GuestKernel", "build_initramfs", "find_kernel", "qemu_img", "root_image", "vmux_binary"]
+__all__ = [
+    "GuestKernel",
+    "build_initramfs",
+    "find_kernel",
+    "layered_root_image",
+    "qemu_img",
+    "root_image",
+    "vmux_binary",
+]
 
 _HERE = Path(__file__).resolve().parent
 # Load order matters: each needs the ones before it (modules.dep of Debian's 6.1 cloud kernel).
@@ -252,6 +260,44 @@ def root_image(cache: Path, template: str, rootfs: Path, size_mb: int) -> Path:
         except subprocess.CalledProcessError as exc:
             raise RuntimeFailure(
                 f"cannot make the {template} VM image: {exc.stderr.strip()}"
+            ) from exc
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def layered_root_image(cache: Path, layers: tuple[Path, ...], size_mb: int) -> Path:
+    """An ext4 image of ``size_mb`` holding the merged view of ``layers`` (lowest first; layers
+    of the store, immutable and named by digest, so the names are the cache key).
+
+    The merge is overlayfs's own, read-only, mounted in a private mount namespace of the mkfs
+    process (``unshare -m``): whiteouts and opaque dirs apply exactly as in a container, and
+    the mount can never outlive the process or show on the host."""
+    key = _digest([str(size_mb).encode(), *(p.name.encode() for p in layers)])
+    path = cache / f"layers-{key}.ext4"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    lower = ":".join(str(p) for p in reversed(layers))  # overlayfs: topmost first
+    script = (
+        'set -e; m=$(mktemp -d); trap \'umount "$m" 2>/dev/null; rmdir "$m"\' EXIT; '
+        'mount -t overlay overlay -o "ro,lowerdir=$1" "$m"; '
+        'mkfs.ext4 -q -F -m 0 -d "$m" -E lazy_itable_init=1,lazy_journal_init=1 "$2"'
+    )
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size_mb * 1024 * 1024)
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+        argv += [lower, str(tmp)]
+        if len(layers) == 1:  # overlayfs wants two lowers without an upper; none is needed
+            argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-d", str(layers[0]), str(tmp)]
+        try:
+            subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeFailure(
+                f"cannot make a VM image of the layers: {exc.stderr.strip()}"
             ) from exc
         os.replace(tmp, path)
     finally:
