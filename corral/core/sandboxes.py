@@ -914,7 +914,19 @@ class SandboxService:
                 await self._store.update_sandbox(sb.id, address=None)
             raise
         sb = self._live[sb.id]
+        await self._restart_template(sb)
         return await self._running_again(sb)
+
+    async def _restart_template(self, sb: Sandbox) -> None:
+        """A container that woke (or restarted on a snapshot) has no processes left: its
+        template's start command runs again. A failure is logged, not fatal: the sandbox and
+        its files are there, and the caller can start the service itself."""
+        if sb.runtime != "container":
+            return  # a microvm's processes carry on from its saved memory
+        try:
+            await self._start_template(sb.id, self._templates.resolve(sb.template))
+        except CorralError as e:
+            log.warning("sandbox %s: start command after wake: %s", sb.id, e.message)
 
     async def snapshot_disk(
         self, who: Principal, sandbox_id: str, snapshot_id: str
@@ -994,6 +1006,7 @@ class SandboxService:
                 raise
             raise RuntimeFailure(f"restore of {sb.id} failed: {e}") from e
         self._cpu_mark.pop(sb.id, None)
+        await self._restart_template(sb)
         if sb.state is SandboxState.PAUSED:
             return await self._running_again(sb)
         self.touch(sb.id)

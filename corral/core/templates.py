@@ -229,4 +229,16 @@ class TemplateService:
             pinned = await self._pinned() if self._pinned is not None else set()
             keep = self.catalog.collect(pinned)
             keep |= set(self._held)
-            return await asyncio.to_thread(self.layers.collect, keep)
+            removed = await asyncio.to_thread(self.layers.collect, keep)
+            await asyncio.to_thread(self._prune_build_cache)
+            return removed
+
+    def _prune_build_cache(self) -> None:
+        """Build cache entries name layers; those naming a collected one are worthless."""
+        cache = self._data_dir / "build-cache"
+        with contextlib.suppress(FileNotFoundError):
+            for entry in cache.iterdir():
+                with contextlib.suppress(OSError, InvalidRequestError):
+                    digest = entry.read_text().strip()
+                    if entry.name.startswith(".") or (digest and not self.layers.has(digest)):
+                        entry.unlink()

@@ -9,7 +9,7 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -128,6 +128,11 @@ def test_a_multi_stage_build_makes_a_template_its_sandboxes_start_from(api: http
     assert exec_stdout(api, sid, "/usr/local/share/tool") == "tool ran\n"
     assert exec_stdout(api, sid, "cat conf/app.ini") == "[app]\nport=8080\n"
     assert exec_stdout(api, sid, "test ! -e /bin/vi && test ! -e /greeting && echo ok") == "ok\n"
+    procs = api.get(f"/v1/sandboxes/{sid}/processes").json()
+    assert any(p["tag"] == "start" and p["running"] for p in procs), procs
+    # A container that wakes from hibernation starts its template's start command again.
+    assert api.post(f"/v1/sandboxes/{sid}/hibernate").status_code == 200
+    assert api.post(f"/v1/sandboxes/{sid}/resume").status_code == 200
     procs = api.get(f"/v1/sandboxes/{sid}/processes").json()
     assert any(p["tag"] == "start" and p["running"] for p in procs), procs
     # Explicit user and cwd still win over the template's.
@@ -298,7 +303,59 @@ def test_build_sandboxes_are_isolated_like_any_sandbox(api: httpx.Client) -> Non
         "FROM minimal\n"
         # The host's data dir is not there; with network "none", no interface but loopback.
         "RUN test ! -e /var/lib/corral && test ! -e /sys/class/net/eth0 && "
-        "test \"$(id -u)\" = 0 && ! nslookup example.com >/dev/null 2>&1 || (echo LEAK; exit 1)\n"
+        'test "$(id -u)" = 0 && ! nslookup example.com >/dev/null 2>&1 || (echo LEAK; exit 1)\n'
     )
     _status, events = build(api, "probe", {"Dockerfile": probe}, network="none")
     assert events[-1]["type"] == "done", events[-1]
+
+
+@pytest.mark.usefixtures("server_no_leaks")
+def test_a_pool_of_a_template_follows_its_latest_version(api: httpx.Client) -> None:
+    def build_version(n: int) -> None:
+        _status, events = build(api, "pooled", {"Dockerfile": f"FROM minimal\nRUN echo {n} > /v\n"})
+        assert done(events)["version"] == n
+
+    def waiting() -> bool:
+        return bool(api.get("/v1/pools/tpl").json()["ready"] == 1)
+
+    build_version(1)
+    r = api.put("/v1/pools/tpl", json={"template": "pooled", "size": 1, "memory_mb": 128})
+    assert r.status_code == 200, r.text
+    assert r.json()["template"] == "pooled"
+    _wait(waiting)
+    sb = api.post("/v1/sandboxes", json={"template": "pooled", "memory_mb": 128}).json()
+    assert sb["pool"] == "tpl" and sb["template"] == "pooled@1"
+    assert exec_stdout(api, sb["id"], "cat /v") == "1\n"
+    _wait(waiting)
+    build_version(2)
+    # What waits is of version 1: a create of "pooled" must not get it.
+    sb = api.post("/v1/sandboxes", json={"template": "pooled", "memory_mb": 128}).json()
+    assert sb["template"] == "pooled@2"
+    assert exec_stdout(api, sb["id"], "cat /v") == "2\n"
+    _wait(waiting)
+    sb = api.post("/v1/sandboxes", json={"template": "pooled", "memory_mb": 128}).json()
+    assert sb["pool"] == "tpl" and sb["template"] == "pooled@2"
+    assert api.delete("/v1/pools/tpl").status_code == 204
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.usefixtures("server_no_leaks")
+def test_a_built_template_runs_in_a_microvm_too(vm_api: httpx.Client) -> None:
+    dockerfile = "FROM minimal\nRUN echo layered > /layered && rm /bin/vi\nCOPY note.txt /srv/\n"
+    status, events = build(vm_api, "vmtpl", {"Dockerfile": dockerfile, "note.txt": "note\n"})
+    assert status == 200 and done(events)
+    r = vm_api.post("/v1/sandboxes", json={"template": "vmtpl", "isolation": "microvm"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    try:
+        out = exec_stdout(vm_api, sid, "cat /layered /srv/note.txt; test ! -e /bin/vi && echo gone")
+        assert out == "layered\nnote\ngone\n"
+    finally:
+        vm_api.delete(f"/v1/sandboxes/{sid}")
+        vm_api.delete("/v1/templates/vmtpl")
