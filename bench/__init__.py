@@ -62,6 +62,14 @@ class Row:
         return cls(metric, system, template, value, str(len(ms)), note)
 
     @classmethod
+    def seconds(
+        cls, metric: str, system: str, template: str, s: list[float], note: str = ""
+    ) -> Row:
+        """Durations long enough to show in seconds (builds, imports)."""
+        value = f"median {statistics.median(s):.2f} s · min {min(s):.2f} s · max {max(s):.2f} s"
+        return cls(metric, system, template, value, str(len(s)), note)
+
+    @classmethod
     def failed(cls, metric: str, system: str, template: str, error: str) -> Row:
         first = " ".join(error.strip().split())[:300] or "failed without output"
         return cls(metric, system, template, "**fails**", "", first.replace("|", "\\|"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,11 @@ __all__ = [
     "sandbox_detail",
     "sandbox_table",
     "snapshot_table",
+    "template_detail",
+    "template_layers",
+    "template_summary",
     "template_table",
+    "template_versions_table",
 ]
 
 
@@ -138,12 +143,19 @@ def _size(n: int | None) -> str:
     return f"{size:.1f} GiB"  # pragma: no cover
 
 
+def _tags(t: TemplateInfo) -> str:
+    return ",".join(t.tags) or "-"
+
+
 def template_table(items: Sequence[TemplateInfo]) -> Table:
     return _table(
-        ["NAME", "BUILT", "SIZE", "BUILT AT", "DESCRIPTION"],
+        ["NAME", "VERSION", "TAGS", "SOURCE", "BUILT", "SIZE", "BUILT AT", "DESCRIPTION"],
         (
             [
                 t.name,
+                "-" if t.version is None else str(t.version),
+                _tags(t),
+                t.source,
                 "yes" if t.built else "no",
                 _size(t.size_bytes),
                 _when(t.built_at),
@@ -152,6 +164,75 @@ def template_table(items: Sequence[TemplateInfo]) -> Table:
             for t in items
         ),
     )
+
+
+def template_versions_table(items: Sequence[TemplateInfo]) -> Table:
+    return _table(
+        ["VERSION", "TAGS", "SOURCE", "SIZE", "LAYERS", "BUILT AT"],
+        (
+            [
+                "-" if t.version is None else str(t.version),
+                _tags(t),
+                t.source + (f" {t.image}" if t.image else ""),
+                _size(t.size_bytes),
+                str(len(t.layers)),
+                _when(t.built_at),
+            ]
+            for t in items
+        ),
+    )
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    """A command as a person would type it: a ``sh -c`` wrapper shows just its script."""
+    if argv is None:
+        return "-"
+    if len(argv) == 3 and argv[0] in ("/bin/sh", "sh") and argv[1] == "-c":
+        return argv[2]
+    return shlex.join(argv)
+
+
+def template_detail(t: TemplateInfo) -> Table:
+    ready = _command(t.ready_cmd)
+    if t.ready_cmd is not None and t.ready_timeout is not None:
+        ready += f" (timeout {t.ready_timeout:g} s)"
+    rows = [
+        ("name", t.name),
+        ("version", "-" if t.version is None else str(t.version)),
+        ("tags", _tags(t)),
+        ("source", t.source + (" (built-in)" if t.builtin and t.source != "builtin" else "")),
+        *([("image", t.image)] if t.image else []),
+        *([("description", t.description)] if t.description else []),
+        ("built", _when(t.built_at) if t.built else "no"),
+        ("size", _size(t.size_bytes)),
+        ("start command", _command(t.start_cmd)),
+        ("ready check", ready),
+        ("workdir", t.workdir or "-"),
+        ("user", t.user or "-"),
+        ("env", "\n".join(f"{k}={v}" for k, v in t.env.items()) or "-"),
+        ("layers", str(len(t.layers))),
+    ]
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def template_layers(t: TemplateInfo) -> Table:
+    """The layers lowest first, as the overlay stacks them."""
+    return _table(
+        ["#", "LAYER", "SIZE"],
+        ([str(i), layer.digest, _size(layer.size_bytes)] for i, layer in enumerate(t.layers, 1)),
+    )
+
+
+def template_summary(verb: str, t: TemplateInfo, seconds: float | None) -> str:
+    """``built web@3 (tags: latest) in 12.3 s, 120.0 MiB``."""
+    tags = f" (tags: {', '.join(t.tags)})" if t.tags else ""
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    return f"{verb} {t.ref}{tags}{took}, {_size(t.size_bytes)}"
 
 
 def describe_size(n: int | None) -> str:

@@ -1,11 +1,14 @@
 """Entry point of the ``corral`` command.
 
 Every failure ends as one line on stderr, ``error: <message>``, and exit status 2 for a usage
-error or an invalid request, 1 for anything else; never a traceback.
+error or an invalid request, 1 for anything else; never a traceback. Template builds and
+imports are the exception: whatever the server refused or failed is printed whole (a failing
+RUN's output and exit code) with status 1, local usage errors staying 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -117,7 +120,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-template_app = typer.Typer(help="List and build templates.", no_args_is_help=True)
+template_app = typer.Typer(
+    help="Templates: build from a Dockerfile, import images, list, inspect, tag, delete.",
+    no_args_is_help=True,
+)
 app.add_typer(template_app, name="template")
 net_app = typer.Typer(help="A sandbox's network policy and egress log.", no_args_is_help=True)
 app.add_typer(net_app, name="net")
@@ -1014,9 +1020,15 @@ def net_log(
         sbx.close()
 
 
+# Built by the server itself (``corral template build base --force``); a Dockerfile build can
+# neither take these names nor start from --force.
+BUILTIN_TEMPLATES = ("minimal", "base")
+_BUILD = "Dockerfile build"
+
+
 @template_app.command("list")
 def template_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List templates and whether they are built."""
+    """List templates (each at its latest version) and whether they are built."""
     from corral.cli._output import console, print_json, template_table
     from corral.sdk.sandbox import Client
 
@@ -1029,14 +1041,29 @@ def template_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         console().print(template_table(items))
 
 
-@template_app.command("build")
-def template_build(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME")],
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if built.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Build a template (takes a while; admin key only)."""
+def _say_build_error(exc: CorralError) -> NoReturn:
+    """A build's error in full: a failing RUN's message carries its output and exit code."""
+    sys.stderr.write(f"error: {exc.message.rstrip()}\n")
+    sys.stderr.flush()
+    raise typer.Exit(EXIT_FAILURE)
+
+
+def _build_args(values: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise typer.BadParameter(
+                f"expected KEY=VALUE or KEY, got {item!r}", param_hint="--build-arg"
+            )
+        if sep:
+            out[key] = value
+        elif key in os.environ:  # like docker: a bare KEY takes its value from here
+            out[key] = os.environ[key]
+    return out
+
+
+def _build_builtin(ctx: typer.Context, name: str, force: bool, as_json: bool) -> None:
     from rich.console import Console
 
     from corral.cli._output import describe_size, print_json
@@ -1050,6 +1077,375 @@ def template_build(
         print_json(dict(built.raw))
     else:
         typer.echo(f"built template {built.name} ({describe_size(built.size_bytes)})")
+
+
+@template_app.command("build")
+def template_build(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    context: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CONTEXT]",
+            help="Directory sent to the build (COPY/ADD sources); default: the current one. "
+            "Its .dockerignore is honoured.",
+            show_default=False,
+        ),
+    ] = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="The Dockerfile (default: CONTEXT/Dockerfile; '-': read it from stdin).",
+            show_default=False,
+            rich_help_panel=_BUILD,
+        ),
+    ] = None,
+    tag: Annotated[
+        str | None,
+        typer.Option(help="A tag for the new version besides latest.", rich_help_panel=_BUILD),
+    ] = None,
+    build_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--build-arg",
+            help="ARG value as KEY=VALUE (KEY alone: from the environment), repeatable.",
+            show_default=False,
+            rich_help_panel=_BUILD,
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Run every step again.", rich_help_panel=_BUILD),
+    ] = False,
+    network: Annotated[
+        Preset | None,
+        typer.Option(
+            help="What RUN steps may reach: none, registries (default) or public.",
+            show_default=False,
+            rich_help_panel=_BUILD,
+        ),
+    ] = None,
+    ready_cmd: Annotated[
+        str | None,
+        typer.Option(
+            help="Shell command a new sandbox must pass before create returns "
+            "(replaces the Dockerfile's HEALTHCHECK).",
+            show_default=False,
+            rich_help_panel=_BUILD,
+        ),
+    ] = None,
+    ready_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds the ready check may take.",
+            show_default=False,
+            rich_help_panel=_BUILD,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress; print only NAME@VERSION.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild a built-in template (minimal, base).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the new template as JSON.")
+    ] = False,
+) -> None:
+    """Build a template from a Dockerfile, showing each step and its output.
+
+    Each build adds a version (NAME@1, NAME@2, ...) and moves the latest tag to it. The
+    built-in templates (minimal, base) are built by the server instead: 'corral template
+    build base --force' (admin key only).
+    """
+    dockerfile_given = file is not None or context is not None
+    options_given = tag, build_arg, network, ready_cmd, ready_timeout
+    if name in BUILTIN_TEMPLATES:
+        if dockerfile_given or no_cache or any(o is not None for o in options_given):
+            raise typer.BadParameter(
+                f"{name} is a built-in template: only --force applies to it "
+                "(give a Dockerfile build another name)",
+                param_hint="NAME",
+            )
+        _build_builtin(ctx, name, force, as_json)
+        return
+    if force:
+        raise typer.BadParameter(
+            "only the built-in templates (minimal, base) are rebuilt with --force; "
+            "--no-cache runs every step of a Dockerfile build again",
+            param_hint="--force",
+        )
+
+    from corral.cli._output import print_json, template_summary
+    from corral.cli._progress import BuildView
+    from corral.sdk.sandbox import Client
+
+    root = context if context is not None else Path(".")
+    if not root.is_dir():
+        raise typer.BadParameter(f"{root} is not a directory", param_hint="CONTEXT")
+    text: str | None = None
+    dockerfile = Path("Dockerfile")
+    if file == "-":
+        text = sys.stdin.read()
+    elif file is not None:
+        dockerfile = Path(file).absolute()  # relative to here, like docker's -f
+        if not dockerfile.is_file():
+            raise typer.BadParameter(f"no Dockerfile at {file}", param_hint="'--file'")
+    elif not (root / "Dockerfile").is_file():
+        raise typer.BadParameter(
+            f"no Dockerfile in {root} (name one with -f)", param_hint="CONTEXT"
+        )
+    args = _build_args(build_arg)
+
+    from rich.console import Console
+
+    conn = _conn(ctx)
+    view = BuildView(Console(stderr=True, highlight=False))
+    on_event = None if quiet or as_json else view
+    try:
+        with Client(api_key=conn.api_key, base_url=conn.url) as client, view:
+            built = client.build_template_from_dockerfile(
+                name,
+                root,
+                dockerfile=dockerfile,
+                dockerfile_text=text,
+                tag=tag,
+                build_args=args,
+                no_cache=no_cache,
+                network=None if network is None else network.value,
+                ready_cmd=ready_cmd,
+                ready_timeout=ready_timeout,
+                on_event=on_event,
+            )
+    except CorralError as exc:
+        _say_build_error(exc)
+    if as_json:
+        print_json(dict(built.raw))
+    elif quiet:
+        typer.echo(built.ref)
+    else:
+        typer.echo(template_summary("built", built, view.seconds))
+
+
+@template_app.command("import")
+def template_import(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    image: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[IMAGE]",
+            help="Registry image, e.g. registry.example:5000/app:1 (or give --archive).",
+            show_default=False,
+        ),
+    ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            help="A 'docker save' or OCI-layout tarball to import instead of IMAGE.",
+            show_default=False,
+        ),
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option(help="Registry user name.", show_default=False)
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the registry password from stdin.")
+    ] = False,
+    tag: Annotated[
+        str | None, typer.Option(help="A tag for the new version besides latest.")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress; print only NAME@VERSION.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the new template as JSON.")
+    ] = False,
+) -> None:
+    """Import an OCI/Docker image (linux/amd64) from a registry or a tarball as a new version
+    of a template, with a progress bar per layer."""
+    if (image is None) == (archive is None):
+        raise typer.BadParameter("give either IMAGE or --archive FILE", param_hint="IMAGE")
+    if archive is not None and (username is not None or password_stdin):
+        raise typer.BadParameter("registry credentials go with IMAGE", param_hint="--username")
+    if (username is None) != (not password_stdin):
+        raise typer.BadParameter(
+            "--username and --password-stdin go together", param_hint="--username"
+        )
+    if archive is not None and not archive.is_file():
+        raise typer.BadParameter(f"{archive} is not a file", param_hint="'--archive'")
+    password = sys.stdin.read().rstrip("\r\n") if password_stdin else None
+
+    from rich.console import Console
+
+    from corral.cli._output import print_json, template_summary
+    from corral.cli._progress import BuildView
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    view = BuildView(Console(stderr=True, highlight=False))
+    on_event = None if quiet or as_json else view
+    try:
+        with Client(api_key=conn.api_key, base_url=conn.url) as client, view:
+            if archive is not None:
+                got = client.import_template_archive(name, archive, tag=tag, on_event=on_event)
+            else:
+                assert image is not None
+                got = client.import_template_image(
+                    name,
+                    image,
+                    username=username,
+                    password=password,
+                    tag=tag,
+                    on_event=on_event,
+                )
+    except CorralError as exc:
+        _say_build_error(exc)
+    if as_json:
+        print_json(dict(got.raw))
+    elif quiet:
+        typer.echo(got.ref)
+    else:
+        layers = len(got.layers)
+        typer.echo(
+            template_summary("imported", got, view.seconds)
+            + f", {layers} layer{'' if layers == 1 else 's'}"
+        )
+
+
+@template_app.command("inspect")
+def template_inspect(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME, NAME:TAG or NAME@VERSION.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a template version: layers and sizes, start command, ready check, env, workdir,
+    user."""
+    from corral.cli._output import console, print_json, template_detail, template_layers
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        t = client.get_template(ref)
+    if as_json:
+        print_json(dict(t.raw))
+        return
+    out = console()
+    out.print(template_detail(t))
+    if t.layers:
+        out.print()
+        out.print(template_layers(t))
+
+
+@template_app.command("versions")
+def template_versions(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    as_json: JsonOpt = False,
+) -> None:
+    """List a template's versions, oldest first, with their tags."""
+    from corral.cli._output import console, print_json, template_versions_table
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        items = client.list_template_versions(name)
+    if as_json:
+        print_json([dict(t.raw) for t in items])
+    elif items:
+        console().print(template_versions_table(items))
+
+
+@template_app.command("tag")
+def template_tag(
+    ctx: typer.Context,
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME@VERSION", help="The version to tag (NAME:TAG: the one it names now)."
+        ),
+    ],
+    tag: Annotated[str, typer.Argument(metavar="TAG")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Point a tag at a version (moving it if it exists): 'corral template tag web@3 stable'."""
+    from corral.cli._output import print_json
+    from corral.sdk._wire import parse_template_ref
+    from corral.sdk.sandbox import Client
+
+    name, version = parse_template_ref(ref)
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        if version is None:
+            if ":" not in ref:
+                raise typer.BadParameter(
+                    f"name the version: {ref}@VERSION (or {ref}:TAG)", param_hint="NAME@VERSION"
+                )
+            current = client.get_template(ref)
+            name, version = current.name, current.version
+            if version is None:
+                raise CorralError(f"the server did not say which version {ref} is")
+        t = client.tag_template(name, tag, version)
+    if as_json:
+        print_json(dict(t.raw))
+    else:
+        typer.echo(f"tagged {t.ref} as {name}:{tag}")
+
+
+@template_app.command("untag")
+def template_untag(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    tag: Annotated[str, typer.Argument(metavar="TAG")],
+) -> None:
+    """Remove a tag; the version it named stays."""
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        client.untag_template(name, tag)
+    typer.echo(f"removed tag {name}:{tag}")
+
+
+@template_app.command("rm")
+def template_rm(
+    ctx: typer.Context,
+    refs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="REF...", help="NAME (every version), NAME@VERSION or NAME:TAG (one version)."
+        ),
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete templates or single versions. Sandboxes made from them go on; their layers are
+    freed once nothing uses them."""
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        _each(refs, client.delete_template, "deleted", as_json)
+
+
+@template_app.command("gc")
+def template_gc(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Free the layers no template version, snapshot or sandbox uses (admin key only)."""
+    from corral.cli._output import describe_size, print_json
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        gc = client.gc_templates()
+    if as_json:
+        print_json(dict(gc.raw))
+    else:
+        n = gc.layers_removed
+        typer.echo(
+            f"removed {n} layer{'' if n == 1 else 's'}, freed {describe_size(gc.bytes_freed)}"
+        )
 
 
 @pool_app.command("set")

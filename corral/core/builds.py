@@ -202,6 +202,10 @@ class BuildService:
             await asyncio.to_thread(_extract_context, tar_path, context)
             tar_path.unlink()
             text = _read_dockerfile(context, options.dockerfile)
+            if options.dockerfile.startswith(".corral/"):
+                # The SDK's way of sending a Dockerfile from outside the context: not part
+                # of what COPY . sees.
+                remove_tree(context / ".corral")
             stages = df.parse(text, options.build_args)
             needed = _needed_stages(stages)
             bases = {stages[i].base: self._check_base(stages[i], tenant) for i in needed}

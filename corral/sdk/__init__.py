@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from corral.sdk._wire import OnIdle, OnTimeout, network_policy
+from corral.sdk._wire import BuildEventCallback, OnIdle, OnTimeout, network_policy
 from corral.sdk.async_sandbox import (
     AsyncClient,
     AsyncFiles,
@@ -17,6 +17,7 @@ from corral.sdk.async_sandbox import (
     AsyncSandbox,
 )
 from corral.sdk.models import (
+    BuildEvent,
     EgressEvent,
     ExecEvent,
     ExecExit,
@@ -24,14 +25,17 @@ from corral.sdk.models import (
     ExecResult,
     ExecStart,
     FileInfo,
+    LayerInfo,
     NetworkInfo,
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
     Snapshot,
+    TemplateGcResult,
     TemplateInfo,
 )
 from corral.sdk.sandbox import Client, Files, Network, Process, Processes, Pty, Sandbox
+from corral.sdk.template import AsyncTemplate, Template
 
 __all__ = [
     "AsyncClient",
@@ -41,6 +45,9 @@ __all__ = [
     "AsyncProcesses",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncTemplate",
+    "BuildEvent",
+    "BuildEventCallback",
     "Client",
     "EgressEvent",
     "ExecEvent",
@@ -50,6 +57,7 @@ __all__ = [
     "ExecStart",
     "FileInfo",
     "Files",
+    "LayerInfo",
     "Network",
     "NetworkInfo",
     "OnIdle",
@@ -62,6 +70,8 @@ __all__ = [
     "Sandbox",
     "SandboxInfo",
     "Snapshot",
+    "Template",
+    "TemplateGcResult",
     "TemplateInfo",
     "network_policy",
 ]

@@ -139,6 +139,10 @@ def _decode_json(resp: httpx.Response) -> Any:
         ) from exc
 
 
+def _content_headers(call: Call) -> dict[str, str] | None:
+    return None if call.content_type is None else {"Content-Type": call.content_type}
+
+
 @functools.lru_cache(maxsize=1)
 def _tls_context() -> ssl.SSLContext:
     # Loading the CA bundle costs ~30 ms; once per process, not once per Sandbox.
@@ -173,6 +177,7 @@ class SyncHttp:
             params=list(call.params) or None,
             json=call.body,
             content=content,
+            headers=_content_headers(call),
             timeout=call.timeout(),
         )
 
@@ -191,8 +196,10 @@ class SyncHttp:
         return _decode_json(self.send(call, content))
 
     @contextmanager
-    def stream(self, call: Call) -> Iterator[httpx.Response]:
-        req = self._request(call, None)
+    def stream(
+        self, call: Call, content: bytes | Iterator[bytes] | None = None
+    ) -> Iterator[httpx.Response]:
+        req = self._request(call, content)
         try:
             resp = self._client.send(req, stream=True)
         except httpx.TransportError as exc:
@@ -213,6 +220,16 @@ class SyncHttp:
             yield from resp.iter_bytes(chunk_size)
         except httpx.TransportError as exc:
             raise error_from_transport(exc, self.config.base_url) from exc
+
+    def ndjson(
+        self, call: Call, content: bytes | Iterator[bytes] | None = None
+    ) -> Generator[dict[str, Any], None, None]:
+        """The objects of an NDJSON answer, one a line, as they arrive (template builds)."""
+        with self.stream(call, content) as resp:
+            dec = NdjsonDecoder()
+            for chunk in self.iter_bytes(resp):
+                yield from dec.feed(chunk)
+            yield from dec.finish()
 
     def events(self, call: Call) -> Generator[ExecEvent, None, None]:
         """The typed events of an NDJSON exec/output stream; closing it closes the connection."""
@@ -244,6 +261,7 @@ class AsyncHttp:
             params=list(call.params) or None,
             json=call.body,
             content=content,
+            headers=_content_headers(call),
             timeout=call.timeout(),
         )
 
@@ -263,8 +281,10 @@ class AsyncHttp:
         return _decode_json(await self.send(call, content))
 
     @asynccontextmanager
-    async def stream(self, call: Call) -> AsyncIterator[httpx.Response]:
-        req = self._request(call, None)
+    async def stream(
+        self, call: Call, content: bytes | AsyncIterator[bytes] | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        req = self._request(call, content)
         try:
             resp = await self._client.send(req, stream=True)
         except httpx.TransportError as exc:
@@ -288,6 +308,17 @@ class AsyncHttp:
                 yield chunk
         except httpx.TransportError as exc:
             raise error_from_transport(exc, self.config.base_url) from exc
+
+    async def ndjson(
+        self, call: Call, content: bytes | AsyncIterator[bytes] | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        async with self.stream(call, content) as resp:
+            dec = NdjsonDecoder()
+            async for chunk in self.iter_bytes(resp):
+                for obj in dec.feed(chunk):
+                    yield obj
+            for obj in dec.finish():
+                yield obj
 
     async def events(self, call: Call) -> AsyncGenerator[ExecEvent, None]:
         async with self.stream(call) as resp:

@@ -12,13 +12,13 @@ import os
 import stat
 import tarfile
 import warnings
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from corral.errors import CorralError, InvalidRequestError
 
-__all__ = ["ChunkReader", "extract_tar", "iter_tar"]
+__all__ = ["ChunkReader", "Member", "extract_tar", "iter_tar", "tar_stream", "walk_tree"]
 
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
@@ -36,8 +36,25 @@ def iter_tar(root: str | os.PathLike[str], chunk_size: int = 1 << 20) -> Iterato
     base = Path(root)
     if not base.is_dir():
         raise InvalidRequestError(f"{base} is not a directory")
+    yield from tar_stream(base, walk_tree(base), chunk_size=chunk_size)
+
+
+Member = tuple[PurePosixPath, os.stat_result]
+_TOP = PurePosixPath()
+
+
+def tar_stream(
+    base: Path,
+    members: Iterable[Member],
+    extra: Iterable[tuple[str, bytes | None]] = (),
+    *,
+    chunk_size: int = 1 << 20,
+) -> Iterator[bytes]:
+    """A tar of ``members`` (paths relative to ``base`` with their lstat), then of ``extra``:
+    files held in memory (``None`` for a directory), named as given. Both are consumed lazily,
+    so ``extra`` may depend on what the walk found."""
     total = 0
-    for rel, st in _walk(base, PurePosixPath()):
+    for rel, st in members:
         info = tarfile.TarInfo(str(rel))
         info.mode = stat.S_IMODE(st.st_mode)
         info.mtime = int(st.st_mtime)
@@ -59,13 +76,29 @@ def iter_tar(root: str | os.PathLike[str], chunk_size: int = 1 << 20) -> Iterato
             total += len(header)
             yield header
             total += yield from _file_body(path, st.st_size, chunk_size)
+    for name, data in extra:
+        info = tarfile.TarInfo(name)
+        if data is None:
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            chunk = _header(info)
+        else:
+            info.mode, info.size = 0o644, len(data)
+            chunk = _header(info) + data + b"\0" * (-len(data) % _BLOCK)
+        total += len(chunk)
+        yield chunk
     end = b"\0" * (2 * _BLOCK)
     total += len(end)
     # Pad to a whole record like tar(1) does; some readers insist on it.
     yield end + b"\0" * (-total % _RECORD)
 
 
-def _walk(base: Path, rel: PurePosixPath) -> Iterator[tuple[PurePosixPath, os.stat_result]]:
+def walk_tree(
+    base: Path,
+    rel: PurePosixPath = _TOP,
+    descend: Callable[[PurePosixPath], bool] | None = None,
+) -> Iterator[Member]:
+    """Every entry under ``base / rel`` with its lstat, parents before children, names sorted;
+    a directory for which ``descend`` answers False is listed but not entered."""
     try:
         entries = sorted(os.scandir(base / rel), key=lambda e: e.name)
     except OSError as exc:
@@ -74,8 +107,8 @@ def _walk(base: Path, rel: PurePosixPath) -> Iterator[tuple[PurePosixPath, os.st
         child = rel / entry.name
         st = entry.stat(follow_symlinks=False)
         yield child, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk(base, child)
+        if stat.S_ISDIR(st.st_mode) and (descend is None or descend(child)):
+            yield from walk_tree(base, child, descend)
 
 
 def _file_body(path: Path, size: int, chunk_size: int) -> Generator[bytes, None, int]:

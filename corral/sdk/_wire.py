@@ -31,6 +31,7 @@ from corral.errors import (
     error_from_code,
 )
 from corral.sdk.models import (
+    BuildEvent,
     ExecEvent,
     ExecExit,
     ExecOutput,
@@ -38,13 +39,17 @@ from corral.sdk.models import (
     ExecStart,
     SandboxInfo,
     Snapshot,
+    TemplateInfo,
 )
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "TAR_TYPE",
     "USER_AGENT",
     "WS_MAX_SIZE",
+    "BuildEventCallback",
+    "BuildWatcher",
     "Call",
     "ExecCollector",
     "Names",
@@ -69,6 +74,7 @@ __all__ = [
     "parse_file_count",
     "parse_list",
     "parse_pid",
+    "parse_template_ref",
     "pty_params",
     "pty_path",
     "resize_message",
@@ -85,6 +91,11 @@ CONNECT_TIMEOUT: Final = 10.0
 WS_MAX_SIZE: Final = 16 << 20
 
 TextCallback = Callable[[str], object]
+# Called with every line of a template build or import stream, the last one included; the
+# asyncio client also awaits what it returns.
+BuildEventCallback = Callable[[BuildEvent], object]
+
+TAR_TYPE: Final = "application/x-tar"
 
 # What a sandbox's timeout does, and what being idle for ``idle_timeout`` seconds does.
 OnTimeout = Literal["kill", "pause", "hibernate"]
@@ -115,6 +126,8 @@ class Call:
     params: tuple[tuple[str, str], ...] = ()
     body: Any = None
     read_timeout: float | None = DEFAULT_TIMEOUT
+    # Of a body sent as raw content rather than ``body`` (JSON), e.g. a tar being streamed.
+    content_type: str | None = None
 
     def timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.read_timeout, connect=CONNECT_TIMEOUT)
@@ -478,6 +491,89 @@ class calls:
             read_timeout=None,
         )
 
+    # Template references (NAME, NAME:TAG, NAME@N) are one quoted segment: ":" and "@" are
+    # encoded along with everything else and the server decodes them.
+    @staticmethod
+    def get_template(ref: str) -> Call:
+        return Call("GET", f"/v1/templates/{_seg(ref)}")
+
+    @staticmethod
+    def template_versions(name: str) -> Call:
+        return Call("GET", f"/v1/templates/{_seg(name)}/versions")
+
+    @staticmethod
+    def build_template_dockerfile(
+        name: str,
+        dockerfile: str,
+        *,
+        tag: str | None = None,
+        build_args: Mapping[str, str] | None = None,
+        no_cache: bool = False,
+        network: str | None = None,
+        ready_cmd: str | None = None,
+        ready_timeout: float | None = None,
+    ) -> Call:
+        params: tuple[tuple[str, str], ...] = (("dockerfile", dockerfile),)
+        if tag is not None:
+            params += (("tag", tag),)
+        params += _kv_params("build_arg", build_args)
+        if no_cache:
+            params += (("no_cache", "true"),)
+        if network is not None:
+            params += (("network", network),)
+        if ready_cmd is not None:
+            params += (("ready_cmd", ready_cmd),)
+        if ready_timeout is not None:
+            params += (("ready_timeout", str(float(ready_timeout))),)
+        return Call(
+            "POST",
+            f"/v1/templates/{_seg(name)}/builds",
+            params=params,
+            read_timeout=None,
+            content_type=TAR_TYPE,
+        )
+
+    @staticmethod
+    def import_template_image(
+        name: str, image: str, username: str | None, password: str | None, tag: str | None
+    ) -> Call:
+        body = {"image": image, "username": username, "password": password}
+        params = () if tag is None else (("tag", tag),)
+        return Call(
+            "POST", f"/v1/templates/{_seg(name)}/imports", params, body=body, read_timeout=None
+        )
+
+    @staticmethod
+    def import_template_archive(name: str, tag: str | None) -> Call:
+        params = () if tag is None else (("tag", tag),)
+        return Call(
+            "POST",
+            f"/v1/templates/{_seg(name)}/imports",
+            params,
+            read_timeout=None,
+            content_type=TAR_TYPE,
+        )
+
+    @staticmethod
+    def tag_template(name: str, tag: str, version: int) -> Call:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InvalidRequestError(f"version {version!r} is not a version number")
+        return Call(
+            "PUT", f"/v1/templates/{_seg(name)}/tags/{_seg(tag)}", body={"version": version}
+        )
+
+    @staticmethod
+    def untag_template(name: str, tag: str) -> Call:
+        return Call("DELETE", f"/v1/templates/{_seg(name)}/tags/{_seg(tag)}")
+
+    @staticmethod
+    def delete_template(ref: str) -> Call:
+        return Call("DELETE", f"/v1/templates/{_seg(ref)}")
+
+    @staticmethod
+    def gc_templates() -> Call:
+        return Call("POST", "/v1/templates/gc")
+
 
 class _ModelDump(Protocol):
     def model_dump(self, *, mode: str) -> dict[str, Any]: ...
@@ -785,6 +881,56 @@ def parse_exec_event(obj: Mapping[str, Any]) -> ExecEvent | None:
         code = str(obj.get("code") or "internal")
         raise error_from_code(code, str(obj.get("message") or f"the command failed ({code})"))
     return None
+
+
+def parse_template_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME@N`` as ``(NAME, N)``; any other reference as ``(ref, None)``."""
+    name, sep, version = ref.rpartition("@")
+    if sep and name and version.isdigit():
+        return name, int(version)
+    return ref, None
+
+
+class BuildWatcher:
+    """Follow a template build or import stream to its end.
+
+    The stream's last line is ``done`` (its template is the answer) or ``error`` (raised as its
+    ``corral.errors`` class). A stream that stops before either was cut off.
+    """
+
+    def __init__(self, what: str = "build") -> None:
+        self.what = what
+        self.template: TemplateInfo | None = None
+
+    def add(self, obj: Mapping[str, Any]) -> BuildEvent:
+        """Parse one line and note the template of a ``done``; answer the event."""
+        event = BuildEvent.from_json(obj)
+        if event.type == "done":
+            if event.template is None:
+                raise CorralError(
+                    f"the server sent a malformed {self.what} end: {dict(obj)!r:.200}"
+                )
+            self.template = event.template
+        return event
+
+    def check(self, event: BuildEvent) -> None:
+        """Raise the error an ``error`` event carries (once the caller's callback has seen it)."""
+        if event.type == "error":
+            code = event.code or "internal"
+            message = event.message or f"the template {self.what} failed ({code})"
+            raise error_from_code(code, message)
+
+    @property
+    def finished(self) -> bool:
+        return self.template is not None
+
+    def result(self) -> TemplateInfo:
+        if self.template is None:
+            raise CorralError(
+                f"the template {self.what} stream ended before the {self.what} finished "
+                "(connection lost or server restarted)"
+            )
+        return self.template
 
 
 class ExecCollector:

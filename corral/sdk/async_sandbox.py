@@ -21,12 +21,16 @@ import websockets.exceptions
 
 from corral.errors import CorralError, InvalidRequestError, NotFoundError, TimeoutError
 from corral.sdk._config import resolve_config
+from corral.sdk._context import build_context, check_file, file_chunks
 from corral.sdk._http import AsyncHttp, AsyncWriteData, async_body, iterate_in_thread
 from corral.sdk._tar import ChunkReader, extract_tar, iter_tar
 from corral.sdk._wire import (
     CONNECT_TIMEOUT,
     USER_AGENT,
     WS_MAX_SIZE,
+    BuildEventCallback,
+    BuildWatcher,
+    Call,
     ExecCollector,
     Names,
     OnIdle,
@@ -59,6 +63,7 @@ from corral.sdk.models import (
     ProcessInfo,
     SandboxInfo,
     Snapshot,
+    TemplateGcResult,
     TemplateInfo,
 )
 
@@ -785,6 +790,110 @@ class AsyncClient:
 
     async def build_template(self, name: str, *, force: bool = False) -> TemplateInfo:
         return TemplateInfo.from_json(await self._http.json(calls.build_template(name, force)))
+
+    async def get_template(self, ref: str) -> TemplateInfo:
+        """See ``corral.sdk.sandbox.Client.get_template``."""
+        return TemplateInfo.from_json(await self._http.json(calls.get_template(ref)))
+
+    async def list_template_versions(self, name: str) -> builtins.list[TemplateInfo]:
+        """Every version of template ``name``, oldest first."""
+        obj = await self._http.json(calls.template_versions(name))
+        return [TemplateInfo.from_json(t) for t in parse_list(obj, "template")]
+
+    async def build_template_from_dockerfile(
+        self,
+        name: str,
+        context: str | os.PathLike[str] = ".",
+        *,
+        dockerfile: str | os.PathLike[str] = "Dockerfile",
+        dockerfile_text: str | None = None,
+        tag: str | None = None,
+        build_args: Mapping[str, str] | None = None,
+        no_cache: bool = False,
+        network: str | None = None,
+        ready_cmd: str | None = None,
+        ready_timeout: float | None = None,
+        on_event: BuildEventCallback | None = None,
+    ) -> TemplateInfo:
+        """See ``Template.build``; the context is read in a worker thread."""
+        ctx = build_context(context, dockerfile, dockerfile_text)
+        call = calls.build_template_dockerfile(
+            name,
+            ctx.dockerfile,
+            tag=tag,
+            build_args=build_args,
+            no_cache=no_cache,
+            network=network,
+            ready_cmd=ready_cmd,
+            ready_timeout=ready_timeout,
+        )
+        return await self._follow(call, iterate_in_thread(ctx.chunks()), on_event, "build")
+
+    async def import_template_image(
+        self,
+        name: str,
+        image: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tag: str | None = None,
+        on_event: BuildEventCallback | None = None,
+    ) -> TemplateInfo:
+        """See ``Template.import_image``."""
+        call = calls.import_template_image(name, image, username, password, tag)
+        return await self._follow(call, None, on_event, "import")
+
+    async def import_template_archive(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        tag: str | None = None,
+        on_event: BuildEventCallback | None = None,
+    ) -> TemplateInfo:
+        """See ``Template.import_archive``; the file is read in a worker thread."""
+        archive = check_file(path, "image archive")
+        call = calls.import_template_archive(name, tag)
+        body = iterate_in_thread(file_chunks(archive))
+        return await self._follow(call, body, on_event, "import")
+
+    async def _follow(
+        self,
+        call: Call,
+        content: AsyncIterator[bytes] | None,
+        on_event: BuildEventCallback | None,
+        what: str,
+    ) -> TemplateInfo:
+        watcher = BuildWatcher(what)
+        lines = self._http.ndjson(call, content)
+        try:
+            async for obj in lines:
+                event = watcher.add(obj)
+                await _call(on_event, event)
+                watcher.check(event)
+                if watcher.finished:
+                    break
+        finally:
+            # Leaving early (a callback raised, a cancel) drops the connection: the server
+            # stops the build.
+            await lines.aclose()
+        return watcher.result()
+
+    async def tag_template(self, name: str, tag: str, version: int) -> TemplateInfo:
+        """Point ``name:tag`` at version ``version`` (moving the tag if it exists)."""
+        call = calls.tag_template(name, tag, version)
+        return TemplateInfo.from_json(await self._http.json(call))
+
+    async def untag_template(self, name: str, tag: str) -> None:
+        await self._http.send(calls.untag_template(name, tag))
+
+    async def delete_template(self, ref: str) -> None:
+        """See ``corral.sdk.sandbox.Client.delete_template``."""
+        await self._http.send(calls.delete_template(ref))
+
+    async def gc_templates(self) -> TemplateGcResult:
+        """Free the layers nothing uses any more (admin key only)."""
+        return TemplateGcResult.from_json(await self._http.json(calls.gc_templates()))
 
     async def set_pool(
         self,

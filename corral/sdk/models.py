@@ -10,6 +10,7 @@ from typing import Any, Literal
 from corral.errors import CorralError
 
 __all__ = [
+    "BuildEvent",
     "EgressEvent",
     "ExecEvent",
     "ExecExit",
@@ -17,11 +18,13 @@ __all__ = [
     "ExecResult",
     "ExecStart",
     "FileInfo",
+    "LayerInfo",
     "NetworkInfo",
     "PoolInfo",
     "ProcessInfo",
     "SandboxInfo",
     "Snapshot",
+    "TemplateGcResult",
     "TemplateInfo",
 ]
 
@@ -324,29 +327,188 @@ class FileInfo:
             raise _malformed("file info", obj) from exc
 
 
+def _opt_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _argv(value: object) -> tuple[str, ...] | None:
+    """A command as the server stores it: an argv list (a lone string is one shell command)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ("/bin/sh", "-c", value)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{value!r} is not a command")
+    return tuple(str(v) for v in value)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One read-only layer of a template version, lowest first in ``TemplateInfo.layers``."""
+
+    # "sha256:<hex>": the hash of the layer's uncompressed tar, shared by every template using it.
+    digest: str
+    size_bytes: int = 0
+
+    @classmethod
+    def from_json(cls, obj: object) -> LayerInfo:
+        d = _obj("layer", obj)
+        try:
+            return cls(digest=str(d["digest"]), size_bytes=int(d.get("size_bytes") or 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("layer", obj) from exc
+
+
 @dataclass(frozen=True)
 class TemplateInfo:
+    """A template version: its layers and the image config sandboxes made from it start with.
+
+    Servers older than Dockerfile builds send only name, description, built, size and build
+    time (they have only the built-ins); the other fields then keep their defaults.
+    """
+
     name: str
     description: str = ""
     built: bool = False
     size_bytes: int | None = None
     built_at: datetime | None = None
+    # 1, 2, 3... per name; None from old servers.
+    version: int | None = None
+    # The tags pointing at this version ("latest" follows each new one unless told otherwise).
+    tags: tuple[str, ...] = ()
+    builtin: bool = False
+    # "dockerfile", "image", "archive" or "builtin".
+    source: str = "builtin"
+    # The image reference it was imported from (source "image").
+    image: str | None = None
+    layers: tuple[LayerInfo, ...] = ()
+    # Started in every new sandbox; create answers once ``ready_cmd`` exits 0 (or fails after
+    # ``ready_timeout`` seconds).
+    start_cmd: tuple[str, ...] | None = None
+    ready_cmd: tuple[str, ...] | None = None
+    ready_timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        """``NAME@VERSION`` (just the name when the server gave no version): names this exact
+        version for ``Template.get``, a create or a ``FROM``, whatever the tags do later."""
+        return self.name if self.version is None else f"{self.name}@{self.version}"
 
     @classmethod
     def from_json(cls, obj: object) -> TemplateInfo:
         d = _obj("template", obj)
         try:
+            source = str(d.get("source") or "builtin")
             return cls(
                 name=str(d["name"]),
                 description=str(d.get("description") or ""),
                 built=bool(d.get("built")),
-                size_bytes=None if d.get("size_bytes") is None else int(d["size_bytes"]),
+                size_bytes=_opt_int(d.get("size_bytes")),
                 built_at=_time(d.get("built_at")),
+                version=_opt_int(d.get("version")),
+                tags=tuple(str(t) for t in d.get("tags") or ()),
+                # Old servers know only the built-ins, and say nothing of it.
+                builtin=bool(d.get("builtin", source == "builtin")),
+                source=source,
+                image=_opt_str(d.get("image")),
+                layers=tuple(LayerInfo.from_json(layer) for layer in d.get("layers") or ()),
+                start_cmd=_argv(d.get("start_cmd")),
+                ready_cmd=_argv(d.get("ready_cmd")),
+                ready_timeout=_opt_float(d.get("ready_timeout")),
+                env=_str_map(d.get("env")),
+                workdir=_opt_str(d.get("workdir")),
+                user=_opt_str(d.get("user")),
                 raw=dict(d),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _malformed("template", obj) from exc
+
+
+@dataclass(frozen=True)
+class TemplateGcResult:
+    """What ``Template.gc`` freed: layers no template version, snapshot or sandbox used."""
+
+    layers_removed: int
+    bytes_freed: int
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> TemplateGcResult:
+        d = _obj("template gc answer", obj)
+        try:
+            return cls(
+                layers_removed=int(d.get("layers_removed") or 0),
+                bytes_freed=int(d.get("bytes_freed") or 0),
+                raw=dict(d),
+            )
+        except (TypeError, ValueError) as exc:
+            raise _malformed("template gc answer", obj) from exc
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """One line of a template build or import stream.
+
+    ``type`` says which fields are set: ``"step"`` (``stage``, ``step`` of ``of``, Dockerfile
+    ``line``, ``instruction``, ``cached``), ``"output"`` (``stream``, ``data``: a RUN's text),
+    ``"progress"`` (``layer``, ``bytes`` of ``total``: an import's download), ``"done"``
+    (``template``, ``seconds``) and ``"error"`` (``code``, ``message``). Types this SDK does not
+    know come through with only ``type`` and ``raw``.
+    """
+
+    type: str
+    stage: int | None = None
+    step: int | None = None
+    of: int | None = None
+    line: int | None = None
+    instruction: str | None = None
+    cached: bool = False
+    stream: str | None = None
+    data: str = ""
+    layer: str | None = None
+    total: int | None = None
+    template: TemplateInfo | None = None
+    seconds: float | None = None
+    code: str | None = None
+    message: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Last: inside the class body the name shadows the builtin type for what follows.
+    bytes: int | None = None
+
+    @classmethod
+    def from_json(cls, obj: object) -> BuildEvent:
+        d = _obj("build event", obj)
+        try:
+            template = d.get("template")
+            return cls(
+                type=str(d["type"]),
+                stage=_opt_int(d.get("stage")),
+                step=_opt_int(d.get("step")),
+                of=_opt_int(d.get("of")),
+                line=_opt_int(d.get("line")),
+                instruction=_opt_str(d.get("instruction")),
+                cached=bool(d.get("cached")),
+                stream=_opt_str(d.get("stream")),
+                data=str(d.get("data") or ""),
+                layer=_opt_str(d.get("layer")),
+                total=_opt_int(d.get("total")),
+                template=None if template is None else TemplateInfo.from_json(template),
+                seconds=_opt_float(d.get("seconds")),
+                code=_opt_str(d.get("code")),
+                message=_opt_str(d.get("message")),
+                raw=dict(d),
+                bytes=_opt_int(d.get("bytes")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _malformed("build event", obj) from exc
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,16 @@ from corral.errors import (
     TimeoutError,
 )
 from corral.sdk._config import resolve_config
+from corral.sdk._context import build_context, check_file, file_chunks
 from corral.sdk._http import SyncHttp, WriteData, sync_body
 from corral.sdk._tar import ChunkReader, extract_tar, iter_tar
 from corral.sdk._wire import (
     CONNECT_TIMEOUT,
     USER_AGENT,
     WS_MAX_SIZE,
+    BuildEventCallback,
+    BuildWatcher,
+    Call,
     ExecCollector,
     Names,
     OnIdle,
@@ -64,6 +68,7 @@ from corral.sdk.models import (
     ProcessInfo,
     SandboxInfo,
     Snapshot,
+    TemplateGcResult,
     TemplateInfo,
 )
 
@@ -844,8 +849,114 @@ class Client:
         return [TemplateInfo.from_json(t) for t in parse_list(obj, "template")]
 
     def build_template(self, name: str, *, force: bool = False) -> TemplateInfo:
-        """Build (or with ``force`` rebuild) a template; blocks until the build is done."""
+        """Build (or with ``force`` rebuild) a built-in template (``minimal``, ``base``; admin
+        key only); blocks until the build is done."""
         return TemplateInfo.from_json(self._http.json(calls.build_template(name, force)))
+
+    def get_template(self, ref: str) -> TemplateInfo:
+        """A template version by ``NAME`` (its ``latest``), ``NAME:TAG`` or ``NAME@N``."""
+        return TemplateInfo.from_json(self._http.json(calls.get_template(ref)))
+
+    def list_template_versions(self, name: str) -> builtins.list[TemplateInfo]:
+        """Every version of template ``name``, oldest first."""
+        obj = self._http.json(calls.template_versions(name))
+        return [TemplateInfo.from_json(t) for t in parse_list(obj, "template")]
+
+    def build_template_from_dockerfile(
+        self,
+        name: str,
+        context: str | os.PathLike[str] = ".",
+        *,
+        dockerfile: str | os.PathLike[str] = "Dockerfile",
+        dockerfile_text: str | None = None,
+        tag: str | None = None,
+        build_args: Mapping[str, str] | None = None,
+        no_cache: bool = False,
+        network: str | None = None,
+        ready_cmd: str | None = None,
+        ready_timeout: float | None = None,
+        on_event: BuildEventCallback | None = None,
+    ) -> TemplateInfo:
+        """Build a new version of template ``name`` from a Dockerfile; see ``Template.build``."""
+        ctx = build_context(context, dockerfile, dockerfile_text)
+        call = calls.build_template_dockerfile(
+            name,
+            ctx.dockerfile,
+            tag=tag,
+            build_args=build_args,
+            no_cache=no_cache,
+            network=network,
+            ready_cmd=ready_cmd,
+            ready_timeout=ready_timeout,
+        )
+        return self._follow(call, ctx.chunks(), on_event, "build")
+
+    def import_template_image(
+        self,
+        name: str,
+        image: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tag: str | None = None,
+        on_event: BuildEventCallback | None = None,
+    ) -> TemplateInfo:
+        """Add a version of template ``name`` from a registry image; see
+        ``Template.import_image``."""
+        call = calls.import_template_image(name, image, username, password, tag)
+        return self._follow(call, None, on_event, "import")
+
+    def import_template_archive(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        tag: str | None = None,
+        on_event: BuildEventCallback | None = None,
+    ) -> TemplateInfo:
+        """Add a version of template ``name`` from a ``docker save`` or OCI-layout tarball;
+        see ``Template.import_archive``."""
+        archive = check_file(path, "image archive")
+        call = calls.import_template_archive(name, tag)
+        return self._follow(call, file_chunks(archive), on_event, "import")
+
+    def _follow(
+        self,
+        call: Call,
+        content: Iterator[bytes] | None,
+        on_event: BuildEventCallback | None,
+        what: str,
+    ) -> TemplateInfo:
+        watcher = BuildWatcher(what)
+        lines = self._http.ndjson(call, content)
+        # closing(): a callback that raises (or Ctrl-C) drops the connection, which stops the
+        # build on the server.
+        with closing(lines):
+            for obj in lines:
+                event = watcher.add(obj)
+                if on_event is not None:
+                    on_event(event)
+                watcher.check(event)
+                if watcher.finished:
+                    break
+        return watcher.result()
+
+    def tag_template(self, name: str, tag: str, version: int) -> TemplateInfo:
+        """Point ``name:tag`` at version ``version`` (moving the tag if it exists)."""
+        return TemplateInfo.from_json(self._http.json(calls.tag_template(name, tag, version)))
+
+    def untag_template(self, name: str, tag: str) -> None:
+        """Remove tag ``tag`` from template ``name``; the version it pointed at stays."""
+        self._http.send(calls.untag_template(name, tag))
+
+    def delete_template(self, ref: str) -> None:
+        """Delete every version of ``NAME``, or the one version ``NAME@N`` / ``NAME:TAG``
+        names. Running sandboxes keep their files; unused layers are freed."""
+        self._http.send(calls.delete_template(ref))
+
+    def gc_templates(self) -> TemplateGcResult:
+        """Free the layers no template version, snapshot or sandbox uses (admin key only)."""
+        return TemplateGcResult.from_json(self._http.json(calls.gc_templates()))
 
     def set_pool(
         self,

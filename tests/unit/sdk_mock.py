@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable
+import tarfile
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -14,7 +16,13 @@ from corral.sdk import async_sandbox as async_mod
 from corral.sdk import sandbox as sync_mod
 from corral.sdk._config import ClientConfig
 
-__all__ = ["Recorder", "error_response", "route_sdk_to"]
+__all__ = [
+    "Recorder",
+    "error_response",
+    "ndjson_response",
+    "route_sdk_to",
+    "tar_members",
+]
 
 
 class Recorder:
@@ -56,3 +64,47 @@ def route_sdk_to(
     monkeypatch.setattr(sync_mod, "SyncHttp", sync_http)
     monkeypatch.setattr(async_mod, "AsyncHttp", async_http)
     return rec
+
+
+class _Chunks(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body arriving in the given pieces, for the blocking and the asyncio client."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = list(chunks)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+
+def ndjson_response(events: Iterable[Mapping[str, Any]], chunk_size: int = 0) -> httpx.Response:
+    """A 200 NDJSON stream of ``events``; with ``chunk_size`` cut into pieces of that many bytes,
+    so lines arrive split at arbitrary places as they do over a network."""
+    data = b"".join(json.dumps(dict(e)).encode() + b"\n" for e in events)
+    pieces = (
+        [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+        if chunk_size
+        else [data]
+    )
+    return httpx.Response(
+        200, headers={"Content-Type": "application/x-ndjson"}, stream=_Chunks(pieces)
+    )
+
+
+def tar_members(body: bytes) -> dict[str, bytes | str | None]:
+    """The members of a tar request body, in order: a file's bytes, None for a directory,
+    ``"-> target"`` for a symlink."""
+    out: dict[str, bytes | str | None] = {}
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        for m in tar.getmembers():
+            if m.isdir():
+                out[m.name] = None
+            elif m.issym():
+                out[m.name] = f"-> {m.linkname}"
+            else:
+                f = tar.extractfile(m)
+                out[m.name] = b"" if f is None else f.read()
+    return out
