@@ -152,7 +152,16 @@ class BuildService:
         self._templates = templates
         self._network = network
         self._root = config.data_dir / "builds"
+        self._tasks: set[asyncio.Task[None]] = set()
         self._cache = config.data_dir / "build-cache"
+
+    async def stop(self) -> None:
+        """Cancel builds in progress and wait for them to clean up."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def start(self) -> None:
         """Remove work dirs of builds a crash interrupted."""
@@ -280,18 +289,21 @@ class BuildService:
                 log.exception("build failed")
                 queue.put_nowait({"type": "error", "code": "internal", "message": str(exc)})
             finally:
+                # Here, not in the stream's finally: a client that hangs up cancels the stream
+                # at its next await, but this task always runs to its end.
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(cleanup)
                 queue.put_nowait(None)
 
         task = asyncio.create_task(runner(), name="corral-build")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             while (event := await queue.get()) is not None:
                 yield event
         finally:
             if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await asyncio.to_thread(cleanup)
+                task.cancel()  # the client went away: the build stops, and cleans up
 
     def _build(self, build: PreparedBuild) -> Callable[[Callable[[Event], None]], Awaitable[Event]]:
         async def work(emit: Callable[[Event], None]) -> Event:

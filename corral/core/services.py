@@ -113,6 +113,7 @@ class Services:
         )
 
     async def close(self) -> None:
+        await self.builds.stop()
         await self.pools.stop()
         await self.sandboxes.stop()
         if self.network is not None:

@@ -359,3 +359,22 @@ def test_a_built_template_runs_in_a_microvm_too(vm_api: httpx.Client) -> None:
     finally:
         vm_api.delete(f"/v1/sandboxes/{sid}")
         vm_api.delete("/v1/templates/vmtpl")
+
+
+@pytest.mark.usefixtures("server_no_leaks")
+def test_a_client_that_hangs_up_cancels_its_build_and_nothing_is_left(
+    api: httpx.Client, server: RunningServer
+) -> None:
+    dockerfile = "FROM minimal\nRUN echo started; sleep 60\n"
+    with api.stream(
+        "POST",
+        "/v1/templates/hangup/builds",
+        content=context({"Dockerfile": dockerfile}),
+        headers={"content-type": "application/x-tar"},
+    ) as r:
+        for line in r.iter_lines():
+            if line and json.loads(line).get("data") == "started\n":
+                break  # the RUN is running in its sandbox: hang up now
+    _wait(lambda: not any((server.data_dir / "builds").iterdir()), timeout=30)
+    _wait(lambda: not list((server.data_dir / "sandboxes").glob("build-*")), timeout=30)
+    assert api.get("/v1/templates/hangup").status_code == 404
