@@ -25,6 +25,7 @@ PACKAGES=(
     python3
     python3-venv     # python3 -m venv .venv
     python3-dev
+    docker-registry  # a real OCI registry on loopback for the image-import tests
 )
 
 if [ "$(id -u)" -ne 0 ]; then

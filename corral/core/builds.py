@@ -604,7 +604,8 @@ class BuildService:
             agent,
         ):
             if state.workdir:
-                await agent.mkdir(state.workdir, parents=True)
+                # Missing directories of WORKDIR belong to USER, as BuildKit makes them.
+                await agent.mkdir(state.workdir, parents=True, user=state.user or None)
             _, events = await agent.exec_stream(
                 ExecRequest(
                     argv=list(step.command),
