@@ -130,6 +130,10 @@ class BuildConfig(BaseModel):
 
     # Registries spoken to over plain HTTP (host:port), like Docker's insecure-registries.
     insecure_registries: tuple[str, ...] = ()
+    # Registries (host:port) on private, loopback or link-local addresses that tenants may
+    # import from; any other such registry is for admin keys only (the server must not become
+    # a way into its own network). Insecure ones count as listed.
+    private_registries: tuple[str, ...] = ()
     # Each RUN step's sandbox: the same isolation as any sandbox, a bigger disk.
     cpu: float = 2.0
     memory_mb: int = 2048

@@ -25,11 +25,13 @@ import asyncio
 import contextlib
 import glob
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import posixpath
 import secrets
+import socket
 import stat
 import subprocess
 import tarfile
@@ -44,7 +46,12 @@ from corral.agent import archive as agent_archive
 from corral.config import ServerConfig
 from corral.core.network import NetworkService
 from corral.core.templates import TemplateService, Version
-from corral.errors import CorralError, InvalidRequestError, RuntimeFailure
+from corral.errors import (
+    CorralError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    RuntimeFailure,
+)
 from corral.runtime.base import Runtime, SandboxSpec
 from corral.templates import dockerfile as df
 from corral.templates import registry as builtins_registry
@@ -736,6 +743,7 @@ class BuildService:
         username: str | None = None,
         password: str | None = None,
         archive: AsyncIterable[bytes] | None = None,
+        admin: bool = False,
     ) -> PreparedImport:
         from corral.templates import oci
 
@@ -746,6 +754,8 @@ class BuildService:
         if (image is None) == (archive is None):
             raise InvalidRequestError("give either an image reference or an image tarball")
         if image is not None:
+            if not admin:
+                await asyncio.to_thread(self._check_registry_address, image)
             source: Any = oci.RegistrySource(
                 image,
                 username=username,
@@ -775,6 +785,29 @@ class BuildService:
         except BaseException:
             remove_tree(wd)
             raise
+
+    def _check_registry_address(self, image: str) -> None:
+        """A tenant's import may reach only public registries, or ones the server lists: the
+        import runs on the host, outside every sandbox's network policy."""
+        from corral.templates import oci
+
+        registry, _, _ = oci.parse_reference(image)
+        allowed = {*self._cfg.private_registries, *self._cfg.insecure_registries}
+        if registry in allowed:
+            return
+        host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return  # unresolvable: the import fails as unreachable, reaching nothing
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if not address.is_global:
+                raise PermissionDeniedError(
+                    f"registry {registry} is on a non-public address ({address}); an admin "
+                    "can list it in builds.private_registries"
+                )
 
     async def run_import(self, imp: PreparedImport) -> AsyncIterator[Event]:
         def cleanup() -> None:

@@ -131,6 +131,7 @@ async def import_image(
             image=body.image,
             username=body.username,
             password=body.password,
+            admin=who.admin,
         )
     else:
         raise InvalidRequestError(
