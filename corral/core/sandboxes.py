@@ -700,7 +700,7 @@ class SandboxService:
         if sb is None:
             return None, None
         try:
-            settings = self._templates.resolve(sb.template).version.settings
+            settings = self._templates.settings_of(sb.template)
         except CorralError:
             return None, None
         return settings.workdir or None, settings.user or None
@@ -725,7 +725,7 @@ class SandboxService:
                     self._kill(sandbox_id, reason="died in its warm pool"), f"pool-{sandbox_id}"
                 )
                 raise ConflictError(f"pooled sandbox {sandbox_id} died")
-            template_env = self._templates.resolve(sb.template).version.settings.env
+            template_env = self._templates.settings_of(sb.template).env
             env = _environment(sandbox_id, {**template_env, **cmd.env})
             if cmd.env:
                 agent = AgentClient(lambda: self._runtime.open_agent(sandbox_id))

@@ -32,7 +32,7 @@ from corral.templates.layers import LayerStore
 
 __all__ = ["Resolved", "TemplateService", "Version"]
 
-_BUILTIN_USER = {"base": ""}
+_NO_SETTINGS = Settings()
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class TemplateService:
         # Layers a build or import in progress has made or reuses but not registered yet.
         self._held: collections.Counter[str] = collections.Counter()
         self._gc_lock = asyncio.Lock()
+        self._builtins: dict[str, tuple[int, Resolved]] = {}
 
     def start(self) -> None:
         """Forget half-made layers of a previous run (no build runs yet)."""
@@ -115,12 +116,7 @@ class TemplateService:
         """What a create of ``ref`` (by ``tenant``; None: a pinned reference held by the
         server itself) starts from; ``InvalidRequestError`` when there is no such template."""
         if ref in builders.TEMPLATES:
-            rootfs = builders.rootfs_path(self._data_dir, ref)
-            if not builders.is_built(rootfs):
-                raise InvalidRequestError(
-                    f"template {ref!r} is not built yet; run 'corral template build {ref}'"
-                )
-            return Resolved(self._builtin(ref), (rootfs,))
+            return self._resolve_builtin(ref)
         try:
             v = self.catalog.resolve(ref, tenant=tenant, pinned_ok=tenant is None)
         except NotFoundError as exc:
@@ -133,6 +129,33 @@ class TemplateService:
         if missing:
             raise InvalidRequestError(f"template {ref!r} lost layer {missing[0].name}")
         return Resolved(v, paths)
+
+    def settings_of(self, ref: str) -> Settings:
+        """What processes of a (pinned) template start with; on every exec's path, so without
+        touching the disk."""
+        if ref in builders.TEMPLATES:
+            return _NO_SETTINGS
+        return self.catalog.resolve(ref).settings
+
+    def _resolve_builtin(self, name: str) -> Resolved:
+        """Every create resolves its template: for a built-in, one stat of its meta.json
+        decides whether what was read before still holds (a rebuild rewrites it)."""
+        rootfs = builders.rootfs_path(self._data_dir, name)
+        try:
+            stamp = (rootfs.parent / "meta.json").stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        known = self._builtins.get(name)
+        if known is not None and stamp is not None and known[0] == stamp:
+            return known[1]
+        if not builders.is_built(rootfs):
+            raise InvalidRequestError(
+                f"template {name!r} is not built yet; run 'corral template build {name}'"
+            )
+        resolved = Resolved(self._builtin(name), (rootfs,))
+        if stamp is not None:
+            self._builtins[name] = (stamp, resolved)
+        return resolved
 
     def layers_for(self, ref: str) -> tuple[Path, ...]:
         """The read-only layers a sandbox of this (pinned) template mounts, lowest first."""
