@@ -36,6 +36,8 @@ __all__ = ["Pool", "PoolService"]
 log = logging.getLogger(__name__)
 
 _BACKOFF_MAX = 30.0
+# How long after a hand-out a refill waits while other sandboxes still wait in the pool.
+_SETTLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class PoolService:
         self._sandboxes = sandboxes
         self._rows: dict[str, PoolRow] = {}
         self._kick: dict[str, asyncio.Event] = {}
+        self._settle_until: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()  # pool settings change one at a time
 
@@ -179,6 +182,11 @@ class PoolService:
         return await self._sandboxes.create(who, cmd)
 
     def _refill_soon(self, pool_id: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._settle_until.get(pool_id, 0.0) < now:
+            # From the first hand-out of a burst, not the last: under a steady stream of
+            # creates the refill must still run.
+            self._settle_until[pool_id] = now + _SETTLE_S
         kick = self._kick.get(pool_id)
         if kick is not None:
             kick.set()
@@ -208,6 +216,7 @@ class PoolService:
             )
 
     async def _refill(self, pool_id: str) -> None:
+        loop = asyncio.get_running_loop()
         backoff = 1.0
         while True:
             row = self._rows.get(pool_id)
@@ -227,6 +236,14 @@ class PoolService:
                 kick = self._kick[pool_id]
                 await kick.wait()
                 kick.clear()
+                continue
+            # A sandbox was just handed out and others still wait: let its taker's first
+            # commands run before a refill competes with them for the CPU and the event loop
+            # (on 2 cores a concurrent create doubled a first exec). An empty pool refills
+            # at once.
+            quiet = self._settle_until.get(pool_id, 0.0) - loop.time()
+            if waiting and quiet > 0:
+                await asyncio.sleep(quiet)
                 continue
             owner = Principal(tenant_id=row.tenant_id, admin=False, key_id="pool")
             create = CreateSandbox(

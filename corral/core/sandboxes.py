@@ -752,7 +752,10 @@ class SandboxService:
             stored.update({_RENAMED[k]: changes[k] for k in _RENAMED})
             stored["public_ports"] = int(cmd.public_ports)
             stored["auto_resume"] = int(cmd.auto_resume)
-            await self._store.update_sandbox(sandbox_id, state=sb.state.value, **stored)
+            # Recorded before the caller hears of it (a crash must not hand it out twice),
+            # synchronously when the database is free: this write was half of a hand-over.
+            if not self._store.update_sandbox_now(sandbox_id, state=sb.state.value, **stored):
+                await self._store.update_sandbox(sandbox_id, state=sb.state.value, **stored)
             self.touch(sandbox_id)
             return sb
 

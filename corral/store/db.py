@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class Store:
         self._engine: AsyncEngine = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
         event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         self._session = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._now: sqlite3.Connection | None = None
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent)."""
@@ -59,6 +61,9 @@ class Store:
         await asyncio.to_thread(_upgrade)
 
     async def close(self) -> None:
+        if self._now is not None:
+            self._now.close()
+            self._now = None
         await self._engine.dispose()
 
     # tenants and keys
@@ -115,6 +120,34 @@ class Store:
                 .values(**fields)
                 .execution_options(synchronize_session=False)
             )
+
+    def update_sandbox_now(self, sandbox_id: str, **fields: Any) -> bool:
+        """``update_sandbox`` done synchronously on a connection of its own: ~30 µs instead of
+        1.5-3.5 ms of thread hops through the async engine, for the warm-pool hand-over.
+
+        Never waits for a lock (another writer may be mid-transaction on a thread that needs
+        this event loop to finish it): answers False when the database is busy, and the caller
+        awaits ``update_sandbox`` instead. Values go through the columns' own SQLAlchemy bind
+        processors, so they are stored exactly as the async engine stores them."""
+        columns = SandboxRow.__mapper__.columns  # by attribute name (``meta`` is "metadata")
+        dialect = self._engine.sync_engine.dialect
+        names: list[str] = []
+        values: list[Any] = []
+        for attr, value in fields.items():
+            column = columns[attr]
+            processor = column.type.dialect_impl(dialect).bind_processor(dialect)
+            names.append(f'"{column.name}" = ?')
+            values.append(processor(value) if processor is not None else value)
+        sql = f"UPDATE sandboxes SET {', '.join(names)} WHERE id = ?"
+        try:
+            if self._now is None:
+                conn = sqlite3.connect(self._db_path, timeout=0, isolation_level=None)
+                _sqlite_pragmas(conn, None)
+                self._now = conn
+            self._now.execute(sql, (*values, sandbox_id))
+        except sqlite3.OperationalError:
+            return False  # busy: the async path waits its turn
+        return True
 
     async def delete_sandbox(self, sandbox_id: str) -> None:
         async with self._session.begin() as s:
