@@ -197,6 +197,15 @@ class LeakWatch:
                         snap.processes.add(
                             f"{member} {_read(Path(f'/proc/{member}/cmdline')).replace(chr(0), ' ')}"
                         )
+        # Detached processes too (QEMU leaves the server's session and cgroups): any whose
+        # command line names a watched path.
+        roots = [str(r) for r in self.roots]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            cmdline = _read(entry / "cmdline").replace(chr(0), " ")
+            if any(root in cmdline for root in roots) and not _zombie(int(entry.name)):
+                snap.processes.add(f"{entry.name} {cmdline}")
         new_names: set[str] = set()
         for d in private:
             for dirpath, _, _ in os.walk(d):  # os.walk ignores dirs vanishing meanwhile

@@ -70,6 +70,7 @@ from corral.vm.qemu import (
     QemuConfig,
     Qmp,
     choose_accel,
+    qemus_serving,
     save_state,
     start_incoming,
     start_qemu,
@@ -82,7 +83,7 @@ log = logging.getLogger(__name__)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 # What a hibernated VM keeps in its directory; the rest goes with its QEMU.
-_KEPT = frozenset({"disk.qcow2", "state", "env", "meta.json"})
+_KEPT = frozenset({"disk.qcow2", "state", "env", "meta.json", "restoring"})
 # Each QEMU runs as a uid of its own from here on (one per VM, and one per template being
 # built), above the container tier's ranges (1<<30 + 65536 per sandbox).
 _FIRST_UID = 3 << 30
@@ -110,14 +111,21 @@ async def _qcow2_overlay(
         raise RuntimeFailure(f"qemu-img create failed: {out.decode(errors='replace')}")
 
 
-async def _until_running(qmp: Qmp, timeout: float) -> None:
-    """Wait for an incoming VM state to be loaded, then let it run."""
+async def _until_running(
+    qmp: Qmp, timeout: float, before_run: Callable[[], None] | None = None
+) -> None:
+    """Wait for an incoming VM state to be loaded, then let it run; ``before_run`` is called
+    between the two (a wake spends its saved state there: see ``_launch``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = (await qmp.execute("query-status")).get("status")
         if status == "running":
+            if before_run is not None:
+                before_run()
             return
         if status in ("paused", "postmigrate", "prelaunch"):
+            if before_run is not None:
+                before_run()
             await qmp.execute("cont")
             return
         if status in ("internal-error", "shutdown", "guest-panicked"):
@@ -237,6 +245,27 @@ def _sealed_copy(path: Path) -> int:
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _loading(meta: dict[str, Any]) -> bool:
+    """Whether the VM's QEMU is still loading a saved state. A wake unlinks its state before
+    the guest runs, and the flag goes after: a flag whose file is gone is a finished load (the
+    server died between the two), and that VM runs (reconcile resumes it if still paused)."""
+    path = meta.get("loading")
+    return isinstance(path, str) and Path(path).exists()
+
+
+def _unlink_synced(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -506,25 +535,31 @@ class MicroVMRuntime:
             if state_fd is not None:
                 os.close(state_fd)
         meta.update(pid=pid, start=start_time(pid))
+        if state is not None:
+            # Until its state is loaded this QEMU is no running VM: a server that dies in
+            # between must not adopt it as one (its agent would never answer). See _loading.
+            meta["loading"] = str(state)
         self._write_meta(sid, meta)
         await asyncio.to_thread(_enter_cgroups, pid, cgroups)
         step("qemu")
         if state is not None:
             assert cfg.incoming_fd is not None
             try:
+                # A wake's saved state is spent the moment the guest runs on: it goes before
+                # that (a state file next to a disk is always the pair of it, which a crash at
+                # any point can rely on; a QEMU left paused after this is resumed by reconcile).
+                spend = (lambda: _unlink_synced(state)) if wake else None
                 async with Qmp(self._sock(sid, "qmp")) as qmp:
                     await start_incoming(qmp, cfg.incoming_fd)
-                    await _until_running(qmp, self.ready_timeout)
+                    await _until_running(qmp, self.ready_timeout, before_run=spend)
             except RuntimeFailure as exc:
                 tail = (vdir / "qemu.log").read_text(errors="replace")[-600:].strip()
                 raise SnapshotUnusableError(
                     f"the saved state {state.name} of {state.parent.name} cannot be loaded: "
                     f"{tail or exc.message}"
                 ) from exc
-            if wake:
-                # From here the disk moves on from the saved memory: the state is spent, and a
-                # crash from now on must not load it again (the disk alone is consistent).
-                state.unlink(missing_ok=True)
+            meta.pop("loading", None)
+            self._write_meta(sid, meta)
             step("restore")
         if state is None:
             await self._wait_ready(sid)
@@ -549,7 +584,7 @@ class MicroVMRuntime:
         if known is not None and known[0].exists() and known[1].exists():
             return kernel, known[0], known[1]
         initramfs = await asyncio.to_thread(build_initramfs, self._cache, kernel, self.agent_binary)
-        if len(spec.layers) == 1 and meta.exists():  # a built-in template
+        if len(spec.layers) == 1:  # a built-in template, or a template of one layer
             image = await asyncio.to_thread(
                 root_image, self._cache, rootfs.parent.name, rootfs, spec.disk_mb
             )
@@ -809,6 +844,13 @@ class MicroVMRuntime:
                 await asyncio.sleep(0.005)
             if start_time(pid) == start:
                 raise RuntimeFailure(f"QEMU of {sid} (pid {pid}) did not die")
+        else:
+            # A server that died between starting QEMU and recording its pid left one that
+            # only its command line names.
+            for stray in await asyncio.to_thread(qemus_serving, self._sock(sid, "qmp")):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stray, signal.SIGKILL)
+                await _wait_gone(stray)
         cgroups = [Path(d) for d in meta.get("cgroups", [])] or sandbox_cgroup_dirs(
             f"corral-vm-{sid}"
         )
@@ -895,14 +937,18 @@ class MicroVMRuntime:
             vdir = self._dir(sandbox_id)
             if not (vdir / "disk.qcow2").is_file():
                 raise SandboxNotRunningError(f"sandbox {sandbox_id} has no disk on this host")
-            if self._meta(sandbox_id).get("hibernated"):
+            meta = self._meta(sandbox_id)
+            if meta.get("hibernated"):
                 return
-            if self._pid(sandbox_id) is not None and keep_memory:
+            if self._pid(sandbox_id) is not None and keep_memory and not _loading(meta):
                 self._pool.require_room()
                 await self._stopped(sandbox_id)
                 await self._save(self._sock(sandbox_id, "qmp"), vdir / "state")
-            else:
+            elif not keep_memory:
                 (vdir / "state").unlink(missing_ok=True)
+            # Else (no QEMU, or one that never finished loading): a state file still there is
+            # the unspent pair of the disk (a wake spends it before the guest runs) and goes
+            # with it; without one the disk boots alone.
             await self._teardown(sandbox_id, keep_disk=True)
 
     async def wake(self, spec: SandboxSpec) -> None:
@@ -912,6 +958,7 @@ class MicroVMRuntime:
             meta = self._meta(sid)
             if not meta.get("hibernated"):
                 raise ConflictError(f"sandbox {sid} is not hibernated on this host")
+            await self._finish_restore(sid)
             # Back to hibernated, disk (and saved memory, unless spent) untouched.
             async with undone_on_failure(
                 lambda: self._teardown(sid, keep_disk=True), f"wake of {sid}"
@@ -1000,14 +1047,42 @@ class MicroVMRuntime:
                 raise InvalidRequestError(
                     f"snapshot {snapshot_id} is not a microvm snapshot on this host"
                 )
-            has_state = _state_of(source, meta.get("shape") or {}, f"snapshot {snapshot_id}")
+            _state_of(source, meta.get("shape") or {}, f"snapshot {snapshot_id}")
             vdir = self._dir(sandbox_id)
+            # Disk and memory are two files: an intent written first makes the pair one step.
+            # A crash part way is rolled forward at the next wake (``_finish_restore``), never
+            # left as the snapshot's disk without its memory (which lacks what the guest had
+            # not written out yet).
+            marker = vdir / "restoring"
+            tmp = vdir / ".restoring"
+            tmp.write_text(snapshot_id)
+            await asyncio.to_thread(_fsync_file, tmp)
+            os.replace(tmp, marker)
+            await asyncio.to_thread(_fsync_dir, vdir)
+            await self._finish_restore(sandbox_id)
+
+    async def _finish_restore(self, sandbox_id: str) -> None:
+        """Carry out (again) the restore ``restoring`` names: the snapshot's disk and saved
+        memory replace the VM's, then the intent goes. Idempotent."""
+        vdir = self._dir(sandbox_id)
+        marker = vdir / "restoring"
+        try:
+            snapshot_id = marker.read_text().strip()
+        except FileNotFoundError:
+            return
+        source = self._snapshot_dir(snapshot_id)
+        if (source / "disk.qcow2").is_file():
             (vdir / "state").unlink(missing_ok=True)
-            for name in ("disk.qcow2", "state") if has_state else ("disk.qcow2",):
+            names = ("disk.qcow2", "state") if (source / "state").is_file() else ("disk.qcow2",)
+            for name in names:
                 fresh = vdir / f".{name}.{secrets.token_hex(4)}"
                 await asyncio.to_thread(clone_file, source / name, fresh)
                 os.replace(fresh, vdir / name)
             await asyncio.to_thread(_fsync_dir, vdir)
+        # A snapshot deleted before this roll-forward leaves the VM what was copied of it (a
+        # disk alone boots); nothing better exists any more.
+        marker.unlink(missing_ok=True)
+        await asyncio.to_thread(_fsync_dir, vdir)
 
     # ------------------------------------------------------------------------------ inspect
     async def export_changes(self, sandbox_id: str, dest: Path) -> None:
@@ -1018,7 +1093,7 @@ class MicroVMRuntime:
 
     async def is_running(self, sandbox_id: str) -> bool:
         self._check_id(sandbox_id)
-        return self._pid(sandbox_id) is not None
+        return self._pid(sandbox_id) is not None and not _loading(self._meta(sandbox_id))
 
     async def list_sandboxes(self) -> list[str]:
         if not self._pool.image.exists():

@@ -242,7 +242,7 @@ def root_image(cache: Path, template: str, rootfs: Path, size_mb: int) -> Path:
     backing file of every sandbox disk of that template."""
     meta = rootfs.parent / "meta.json"
     stamp = meta.read_bytes() if meta.exists() else str(rootfs.stat().st_mtime_ns).encode()
-    key = _digest([template.encode(), stamp, str(size_mb).encode()])
+    key = _digest([template.encode(), str(rootfs).encode(), stamp, str(size_mb).encode()])
     path = cache / f"{template}-{key}.ext4"
     if path.exists():
         return path
@@ -268,13 +268,15 @@ def root_image(cache: Path, template: str, rootfs: Path, size_mb: int) -> Path:
 
 
 def layered_root_image(cache: Path, layers: tuple[Path, ...], size_mb: int) -> Path:
-    """An ext4 image of ``size_mb`` holding the merged view of ``layers`` (lowest first; layers
-    of the store, immutable and named by digest, so the names are the cache key).
+    """An ext4 image of ``size_mb`` holding the merged view of ``layers`` (lowest first;
+    layers of the store are immutable, so their paths and mtimes are the cache key).
 
     The merge is overlayfs's own, read-only, mounted in a private mount namespace of the mkfs
     process (``unshare -m``): whiteouts and opaque dirs apply exactly as in a container, and
     the mount can never outlive the process or show on the host."""
-    key = _digest([str(size_mb).encode(), *(p.name.encode() for p in layers)])
+    key = _digest(
+        [str(size_mb).encode(), *(f"{p}:{p.stat().st_mtime_ns}".encode() for p in layers)]
+    )
     path = cache / f"layers-{key}.ext4"
     if path.exists():
         return path
@@ -290,9 +292,7 @@ def layered_root_image(cache: Path, layers: tuple[Path, ...], size_mb: int) -> P
         with open(tmp, "wb") as f:
             f.truncate(size_mb * 1024 * 1024)
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-        argv += [lower, str(tmp)]
-        if len(layers) == 1:  # overlayfs wants two lowers without an upper; none is needed
-            argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-d", str(layers[0]), str(tmp)]
+        argv += [lower, str(tmp)]  # (one layer goes to root_image: overlayfs wants two)
         try:
             subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
         except subprocess.CalledProcessError as exc:

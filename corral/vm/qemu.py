@@ -37,6 +37,7 @@ __all__ = [
     "pinned_socket",
     "probe_boot",
     "qemu_argv",
+    "qemus_serving",
     "save_state",
     "start_incoming",
     "start_qemu",
@@ -332,7 +333,7 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
             break
         await asyncio.sleep(0.002)  # QEMU is up in ~30 ms: a coarse poll would add to a create
     # Never leave a QEMU that came up too slowly behind: nobody would know its pid.
-    strays = set(_qemus_with(f"unix:{cfg.qmp_socket},server=on,wait=off"))
+    strays = set(qemus_serving(cfg.qmp_socket))
     if pid is not None:
         strays.add(pid)
     for stray in strays:
@@ -342,8 +343,10 @@ async def start_qemu(cfg: QemuConfig, log: Path, timeout: float = 20.0) -> int:
     raise RuntimeFailure(f"QEMU did not start: {tail or 'no output'}")
 
 
-def _qemus_with(argument: str) -> list[int]:
-    """Pids of processes whose command line holds ``argument`` (a VM's own QMP socket)."""
+def qemus_serving(qmp_socket: Path) -> list[int]:
+    """Pids of the QEMUs started for this QMP socket (one VM's own): found by command line,
+    for those whose pid nobody recorded (a server that died while starting one)."""
+    argument = f"unix:{qmp_socket},server=on,wait=off"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -155,8 +155,8 @@ async def test_unsupported_requests_are_refused(
     rt = vm_runtime
     with pytest.raises(InvalidRequestError, match="not a microvm snapshot"):
         await rt.create(_spec("vm-snap", minimal_rootfs, snapshot="snap-x"))
-    with pytest.raises(InvalidRequestError, match="one layer"):
-        await rt.create(SandboxSpec("vm-layers", (minimal_rootfs, minimal_rootfs)))
+    with pytest.raises(InvalidRequestError, match="template builds run on the container tier"):
+        await rt.export_changes("vm-none", minimal_rootfs)
     with pytest.raises(SandboxNotRunningError, match="no disk"):
         await rt.snapshot("vm-none", "snap-y")
     with pytest.raises(InvalidRequestError, match="invalid snapshot id"):
