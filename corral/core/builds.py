@@ -112,6 +112,9 @@ class PreparedBuild:
     needed: list[int]
     workdir: Path
     context: Path
+    # Images FROM or COPY --from name that are no template: pulled during the build, as
+    # Docker's FROM pulls (reference → its source and resolved manifest).
+    images: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -198,7 +201,13 @@ class BuildService:
         return wd
 
     async def prepare_build(
-        self, tenant: str, name: str, body: AsyncIterable[bytes], options: BuildOptions
+        self,
+        tenant: str,
+        name: str,
+        body: AsyncIterable[bytes],
+        options: BuildOptions,
+        *,
+        admin: bool = False,
     ) -> PreparedBuild:
         """Receive the context and check everything that can be checked before a step runs;
         any mistake here is a plain 4xx, with nothing left behind."""
@@ -211,6 +220,7 @@ class BuildService:
                 f"unknown network preset {options.network!r}: use none, registries or public"
             )
         wd = self._new_workdir()
+        images: dict[str, tuple[Any, Any]] = {}
         try:
             tar_path = wd / "context.tar"
             await self._spool(body, tar_path)
@@ -224,46 +234,70 @@ class BuildService:
                 remove_tree(context / ".corral")
             stages = df.parse(text, options.build_args)
             needed = _needed_stages(stages)
-            bases = {stages[i].base: self._check_base(stages[i], tenant) for i in needed}
+            bases: dict[str, df.BaseImage] = {}
+            for i in needed:
+                stage = stages[i]
+                if stage.base_stage is None and stage.base != "scratch":
+                    bases[stage.base] = await self._check_image(stage.base, tenant, admin, images)
+                for step in stage.steps:
+                    if isinstance(step, df.Copy) and step.from_stage and step.from_index is None:
+                        await self._check_image(step.from_stage, tenant, admin, images)
             # Again, knowing the bases' ENV and WORKDIR: ``ENV PATH=/x:$PATH`` must see
-            # the base template's PATH, as Docker's does.
-            stages = df.parse(
-                text,
-                options.build_args,
-                bases={k: v for k, v in bases.items() if v is not None},
-            )
-            return PreparedBuild(tenant, name, options, stages, needed, wd, context)
+            # the base's PATH, as Docker's does.
+            stages = df.parse(text, options.build_args, bases=bases)
+            return PreparedBuild(tenant, name, options, stages, needed, wd, context, images)
         except BaseException:
+            for source, _ in images.values():
+                source.close()
             remove_tree(wd)
             raise
 
-    def _check_base(self, stage: df.Stage, tenant: str) -> df.BaseImage | None:
-        """What the template a stage starts FROM gives it (None for an earlier stage or
-        ``scratch``); a clear error when it names no template."""
-        base = stage.base
-        if stage.base_stage is not None or base == "scratch":
-            return None
+    async def _check_image(
+        self, ref: str, tenant: str, admin: bool, images: dict[str, tuple[Any, Any]]
+    ) -> df.BaseImage:
+        """What a template, or else a registry image, that FROM or COPY --from names gives a
+        stage; a registry image's manifest is resolved now (pulled during the build), so that
+        an unknown, unreachable or refused image is a plain error before any step runs."""
         try:
-            settings = self._templates.resolve(base, tenant).version.settings
-            return df.BaseImage(
-                env=tuple({**_BASE_ENV, **settings.env}.items()),
-                workdir=settings.workdir or "/",
-            )
-        except InvalidRequestError:
-            raise InvalidRequestError(
-                f"FROM {base}: no corral template of that name. Build FROM a template "
-                f"(corral template ls), or import the image first: "
-                f"corral template import NAME {base}"
-            ) from None
+            settings = self._templates.resolve(ref, tenant).version.settings
+        except InvalidRequestError as not_template:
+            from corral.templates import oci
+
+            try:
+                oci.parse_reference(ref)
+            except InvalidRequestError:
+                raise not_template from None
+            if ref not in images:
+                if not admin:
+                    await asyncio.to_thread(self._check_registry_address, ref)
+                source = oci.RegistrySource(ref, insecure_registries=self._cfg.insecure_registries)
+                try:
+                    resolved = await asyncio.to_thread(source.resolve)
+                except CorralError as exc:
+                    source.close()
+                    raise type(exc)(
+                        f"FROM {ref}: no corral template of that name, and pulling it as an "
+                        f"image failed: {exc.message}"
+                    ) from None
+                images[ref] = (source, resolved)
+            settings = _image_settings(images[ref][1].config)
+        return df.BaseImage(
+            env=tuple({**_BASE_ENV, **settings.env}.items()), workdir=settings.workdir or "/"
+        )
 
     # ------------------------------------------------------------------------------ running
 
     async def run_build(self, build: PreparedBuild) -> AsyncIterator[Event]:
         """The build's events; the last is ``done`` or ``error``. Closing the iterator early
         cancels the build."""
-        async for event in self._pump(
-            self._build(build), cleanup=lambda: remove_tree(build.workdir)
-        ):
+
+        def cleanup() -> None:
+            for source, _ in build.images.values():
+                with contextlib.suppress(Exception):
+                    source.close()
+            remove_tree(build.workdir)
+
+        async for event in self._pump(self._build(build), cleanup=cleanup):
             yield event
 
     async def _pump(
@@ -388,7 +422,7 @@ class BuildService:
                 event["cached"] = cached
             emit(event)
 
-        state = await self._base(build, stage, states, held)
+        state = await self._base(build, stage, states, held, emit)
         announce(stage.from_step.line, stage.from_step.text)
         for step in stage.steps:
             if isinstance(step, df.Run | df.Copy):
@@ -413,12 +447,35 @@ class BuildService:
             _apply_setting(state, step)
         return state
 
+    async def _pull(
+        self, build: PreparedBuild, ref: str, emit: Callable[[Event], None]
+    ) -> tuple[list[str], Settings]:
+        """The layers of a registry image FROM or COPY --from names (fetching those not
+        stored yet, with progress events) and what it starts with."""
+        from corral.templates import oci
+
+        source, image = build.images[ref]
+        diff_ids = list(image.diff_ids)
+
+        def progress(p: oci.Progress) -> None:
+            emit({"type": "progress", "layer": p.layer, "bytes": p.bytes, "total": p.total})
+
+        for d in diff_ids:
+            self._templates.hold(d)  # from before they exist until the build ends
+        try:
+            await asyncio.to_thread(source.fetch, image, self._templates.layers, progress)
+        finally:
+            for d in diff_ids:
+                self._templates.release(d)
+        return diff_ids, _image_settings(image.config)
+
     async def _base(
         self,
         build: PreparedBuild,
         stage: df.Stage,
         states: dict[int, _State],
         held: list[str],
+        emit: Callable[[Event], None],
     ) -> _State:
         if stage.base_stage is not None:
             prev = states[stage.base_stage]
@@ -426,6 +483,8 @@ class BuildService:
         if stage.base == "scratch":
             layers: list[str] = []
             settings = Settings()
+        elif stage.base in build.images:
+            layers, settings = await self._pull(build, stage.base, emit)
         else:
             resolved = self._templates.resolve(stage.base, build.tenant)
             settings = resolved.version.settings
@@ -530,6 +589,8 @@ class BuildService:
         assert step.from_stage is not None
         if step.from_index is not None:
             return list(states[step.from_index].layers)
+        if step.from_stage in build.images:
+            return list(build.images[step.from_stage][1].diff_ids)
         v = self._templates.resolve(step.from_stage, build.tenant).version
         return [layer.digest for layer in v.layers] if v.source != "builtin" else [v.name]
 
@@ -678,7 +739,9 @@ class BuildService:
                         await agent_archive.upload_tar(agent, parent or "/", body, user=user)
             else:
                 layers = self._from_layers(build, step, states)
-                if layers and not layers[0].startswith("sha256:"):
+                if step.from_stage in build.images:
+                    layers, _ = await self._pull(build, step.from_stage, lambda _e: None)
+                elif layers and not layers[0].startswith("sha256:"):
                     resolved = self._templates.resolve(step.from_stage, build.tenant)
                     layers = await self._layers_of(resolved.version)
                 async with self._sandbox(build.tenant, layers, preset=None) as (_, src_agent):
@@ -832,14 +895,7 @@ class BuildService:
                 await asyncio.to_thread(
                     imp.source.fetch, imp.image, self._templates.layers, progress
                 )
-                config = imp.image.config
-                settings = Settings(
-                    env=_env_pairs(config.env),
-                    workdir=config.workdir or "",
-                    user=config.user or "",
-                    start_cmd=_start_cmd(config.entrypoint, config.cmd),
-                    ready_cmd=_healthcheck(config.healthcheck),
-                )
+                settings = _image_settings(imp.image.config)
                 version = self._templates.register(
                     imp.name,
                     imp.tenant,
@@ -856,6 +912,17 @@ class BuildService:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+def _image_settings(config: Any) -> Settings:
+    """An OCI image config (``oci.ImageConfig``) as template settings."""
+    return Settings(
+        env=_env_pairs(config.env),
+        workdir=config.workdir or "",
+        user=config.user or "",
+        start_cmd=_start_cmd(config.entrypoint, config.cmd),
+        ready_cmd=_healthcheck(config.healthcheck),
+    )
 
 
 def _env_pairs(entries: tuple[str, ...]) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import microvm_skip_reason
+from tests.conftest import container_skip_reason, microvm_skip_reason
 from tests.integration.server_harness import RunningServer
 
 
@@ -35,3 +35,20 @@ def vm_api(server: RunningServer) -> Iterator[httpx.Client]:
         pytest.skip(why)
     with server.client(timeout=180) as c:
         yield c
+
+
+@pytest.fixture
+def template_api(server: RunningServer) -> Iterator[httpx.Client]:
+    """An HTTP client of the session server for template tests; afterwards every sandbox and
+    user template the test made is gone and unused layers are collected."""
+    why = container_skip_reason()
+    if why:
+        pytest.skip(why)
+    with server.client(timeout=300) as c:
+        yield c
+        for sb in c.get("/v1/sandboxes").json():
+            c.delete(f"/v1/sandboxes/{sb['id']}")
+        for t in c.get("/v1/templates").json():
+            if not t["builtin"]:
+                c.delete(f"/v1/templates/{t['name']}")
+        c.post("/v1/templates/gc")

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urljoin, urlparse
 
 import httpx
@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+
+from corral.templates.layers import LayerStore
 
 __all__ = [
     "REGISTRY_BINARY",
@@ -69,6 +71,19 @@ LAYER_TYPES = {
     "none": "application/vnd.oci.image.layer.v1.tar",
 }
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+class RecordingLayerStore(LayerStore):
+    """The server's own layer store, remembering the layers it was given (to tell what an
+    import fetched from what it skipped)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.added: list[str] = []
+
+    def add(self, diff_id: str, tar: BinaryIO) -> None:
+        super().add(diff_id, tar)
+        self.added.append(diff_id)
 
 
 def registry_skip_reason() -> str | None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
@@ -21,10 +20,10 @@ from corral.errors import (
     UpstreamError,
 )
 from corral.templates.oci import Progress, RegistrySource, ResolvedImage, is_loopback
-from corral.templates.unpack import unpack_layer
 from tests.conftest import LeakWatch
 from tests.integration.registry_harness import (
     Image,
+    RecordingLayerStore,
     Registry,
     build_image,
     layer_tar,
@@ -70,31 +69,6 @@ CONFIG = {
 }
 
 
-class DirSink:
-    """A LayerSink that unpacks each layer into ``root/<hex>``, keeping nothing on error."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.added: list[str] = []
-
-    def path(self, diff_id: str) -> Path:
-        return self.root / diff_id.partition(":")[2]
-
-    def has(self, diff_id: str) -> bool:
-        return self.path(diff_id).is_dir()
-
-    def add(self, diff_id: str, tar: BinaryIO) -> None:
-        tmp = self.root / f".tmp-{diff_id.partition(':')[2]}"
-        tmp.mkdir()
-        try:
-            unpack_layer(tar, tmp)
-        except BaseException:
-            shutil.rmtree(tmp)
-            raise
-        tmp.rename(self.path(diff_id))
-        self.added.append(diff_id)
-
-
 @pytest.fixture(scope="module")
 def registry() -> Iterator[Registry]:
     with running_registry() as r:
@@ -108,24 +82,26 @@ def auth_registry() -> Iterator[Registry]:
 
 
 @pytest.fixture
-def sink(tmp_path: Path) -> DirSink:
+def sink(tmp_path: Path) -> RecordingLayerStore:
     root = tmp_path / "layers"
     root.mkdir()
-    return DirSink(root)
+    return RecordingLayerStore(root)
 
 
 def source(registry: Registry, ref: str, **kwargs: Any) -> RegistrySource:
     return RegistrySource(ref, insecure_registries=[registry.host], timeout=10, **kwargs)
 
 
-def pull(registry: Registry, ref: str, sink: DirSink, **kwargs: object) -> ResolvedImage:
+def pull(
+    registry: Registry, ref: str, sink: RecordingLayerStore, **kwargs: object
+) -> ResolvedImage:
     with source(registry, ref, **kwargs) as src:
         image = src.resolve()
         src.fetch(image, sink)
     return image
 
 
-def check_app_image(image: ResolvedImage, built: Image, sink: DirSink) -> None:
+def check_app_image(image: ResolvedImage, built: Image, sink: RecordingLayerStore) -> None:
     assert image.diff_ids == built.diff_ids
     assert image.total_bytes == sum(len(b.data) for b in built.layers)
     base, top = (sink.path(d) for d in image.diff_ids)
@@ -138,7 +114,7 @@ def check_app_image(image: ResolvedImage, built: Image, sink: DirSink) -> None:
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", ["gzip", "zstd"], "none"])
-def test_resolve_and_fetch(registry: Registry, sink: DirSink, compression: str) -> None:
+def test_resolve_and_fetch(registry: Registry, sink: RecordingLayerStore, compression: str) -> None:
     built = build_image([BASE, TOP], compression, config=CONFIG)
     ref = registry.push("team/app", f"c{abs(hash(str(compression)))}", built)
     progress: list[Progress] = []
@@ -162,7 +138,9 @@ def test_resolve_and_fetch(registry: Registry, sink: DirSink, compression: str) 
     }
 
 
-def test_pull_by_digest_and_docker_media_types(registry: Registry, sink: DirSink) -> None:
+def test_pull_by_digest_and_docker_media_types(
+    registry: Registry, sink: RecordingLayerStore
+) -> None:
     built = build_image([BASE, TOP], "gzip", config=CONFIG, docker=True)
     registry.push("team/docker", "v2", built)
     image = pull(registry, f"{registry.host}/team/docker@{built.manifest.digest}", sink)
@@ -171,7 +149,9 @@ def test_pull_by_digest_and_docker_media_types(registry: Registry, sink: DirSink
 
 
 @pytest.mark.parametrize("docker", [False, True], ids=["oci-index", "docker-manifest-list"])
-def test_manifest_list_picks_linux_amd64(registry: Registry, sink: DirSink, docker: bool) -> None:
+def test_manifest_list_picks_linux_amd64(
+    registry: Registry, sink: RecordingLayerStore, docker: bool
+) -> None:
     arm = build_image([layer_tar({"arch": "arm64"})], platform="linux/arm64/v8")
     amd = build_image([BASE, TOP], "zstd", config=CONFIG, platform="linux/amd64")
     ref = registry.push_index("team/multi", f"d{int(docker)}", [arm, amd], docker=docker)
@@ -181,7 +161,7 @@ def test_manifest_list_picks_linux_amd64(registry: Registry, sink: DirSink, dock
     assert len(sink.added) == 2
 
 
-def test_arm64_only_is_a_clear_error(registry: Registry, sink: DirSink) -> None:
+def test_arm64_only_is_a_clear_error(registry: Registry, sink: RecordingLayerStore) -> None:
     arm = build_image([layer_tar({"arch": "arm64"})], platform="linux/arm64")
     armv7 = build_image([layer_tar({"arch": "arm"})], platform="linux/arm/v7")
     ref = registry.push_index("team/arm", "1", [arm, armv7])
@@ -207,7 +187,9 @@ def blob_gets_since(registry: Registry, before: int, *, expect: str | None) -> l
         time.sleep(0.05)
 
 
-def test_layers_in_the_sink_are_not_downloaded_again(registry: Registry, sink: DirSink) -> None:
+def test_layers_in_the_sink_are_not_downloaded_again(
+    registry: Registry, sink: RecordingLayerStore
+) -> None:
     shared = layer_tar({"shared": "base layer of both"})
     first = build_image([shared, layer_tar({"one": "1"})], "gzip")
     second = build_image([shared, layer_tar({"two": "2"})], "gzip")
@@ -226,7 +208,9 @@ def test_layers_in_the_sink_are_not_downloaded_again(registry: Registry, sink: D
     assert blob_gets_since(registry, before, expect=None) == []
 
 
-def test_bearer_auth_with_good_credentials(auth_registry: Registry, sink: DirSink) -> None:
+def test_bearer_auth_with_good_credentials(
+    auth_registry: Registry, sink: RecordingLayerStore
+) -> None:
     built = build_image([BASE, TOP], "gzip", config=CONFIG)
     ref = auth_registry.push("private/app", "1", built)
     assert auth_registry.token_server is not None
@@ -242,7 +226,7 @@ def test_bearer_auth_with_good_credentials(auth_registry: Registry, sink: DirSin
     ("username", "password"), [(USER, "wrong"), ("mallory", PASSWORD), (None, None)]
 )
 def test_bearer_auth_refuses_bad_credentials(
-    auth_registry: Registry, sink: DirSink, username: str | None, password: str | None
+    auth_registry: Registry, sink: RecordingLayerStore, username: str | None, password: str | None
 ) -> None:
     ref = auth_registry.push("private/app", "2", build_image([BASE], "gzip"))
     with (

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import container_skip_reason
 from tests.integration.registry_harness import (
     Image,
     Registry,
@@ -34,18 +33,11 @@ USER, PASSWORD = "puller", "s3cret"
 
 
 @pytest.fixture
-def api(server: RunningServer) -> Iterator[httpx.Client]:
-    why = container_skip_reason() or registry_skip_reason()
+def api(template_api: httpx.Client) -> httpx.Client:
+    why = registry_skip_reason()
     if why:
         pytest.skip(why)
-    with server.client(timeout=300) as c:
-        yield c
-        for sb in c.get("/v1/sandboxes").json():
-            c.delete(f"/v1/sandboxes/{sb['id']}")
-        for t in c.get("/v1/templates").json():
-            if not t["builtin"]:
-                c.delete(f"/v1/templates/{t['name']}")
-        c.post("/v1/templates/gc")
+    return template_api
 
 
 @pytest.fixture
@@ -247,3 +239,37 @@ def test_a_tenant_cannot_point_the_server_at_a_private_address(
             status, events = import_image(other, "mine", ref)
             assert status == 403, (ref, events)
             assert "non-public address" in events[0]["error"]["message"]
+
+
+def test_a_dockerfile_can_start_from_a_registry_image(
+    api: httpx.Client, server: RunningServer, tmp_path: Path
+) -> None:
+    """FROM an image that is no template pulls it, as Docker's FROM does (layers stored once,
+    its ENV and WORKDIR apply); COPY --from an image too."""
+    with Registry(tmp_path) as open_registry:
+        open_registry.push("team/base", "1", app_image(server))
+        ref = f"{open_registry.host}/team/base:1"
+        dockerfile = (
+            f'FROM {ref}\nRUN echo "$APP in $(pwd)" > /from-image\n'
+            f"COPY --from={ref} /srv/app/hello.txt /copied.txt\n"
+        )
+        status, events = stream(
+            api,
+            "/v1/templates/fromimage/builds",
+            content=_tarball({"Dockerfile": dockerfile.encode()}),
+            headers={"content-type": "application/x-tar"},
+        )
+        assert status == 200 and events[-1]["type"] == "done", events[-1]
+        assert any(e["type"] == "progress" for e in events)
+        t = events[-1]["template"]
+        assert t["env"]["APP"] == "imported" and t["workdir"] == "/srv/app"
+        sid = api.post("/v1/sandboxes", json={"template": "fromimage"}).json()["id"]
+        out = exec_stdout(api, sid, "cat /from-image /copied.txt")
+        assert out == "imported in /srv/app\nhello from an image\n"
+        bad = stream(
+            api,
+            "/v1/templates/fromimage/builds",
+            content=_tarball({"Dockerfile": f"FROM {open_registry.host}/team/none:1\n".encode()}),
+            headers={"content-type": "application/x-tar"},
+        )
+        assert bad[0] == 404 and "no corral template" in bad[1][0]["error"]["message"]

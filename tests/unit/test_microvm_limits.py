@@ -18,6 +18,7 @@ from corral.core.tenants import Principal
 from corral.errors import InvalidRequestError
 from corral.runtime.base import SandboxSpec
 from corral.store import Store, TenantRow
+from tests.unit.template_service import builtin_templates
 
 
 class RecordingRuntime:
@@ -38,11 +39,6 @@ class RecordingRuntime:
 
     async def list_sandboxes(self) -> list[str]:
         return list(self.created)
-
-
-class FakeTemplates:
-    def layers_for(self, name: str) -> tuple[Path, ...]:
-        return (Path("/"),)
 
 
 def _mem_total_mb() -> int:
@@ -79,7 +75,7 @@ async def test_a_vm_bigger_than_the_host_is_refused_naming_the_limit(
         network=NetworkConfig(enabled=False),
         limits=Limits(max_cpu=1000.0, max_memory_mb=1000 * TOTAL_MB),
     )
-    svc = SandboxService(config, store, runtime, FakeTemplates(), None)  # type: ignore[arg-type]
+    svc = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)  # type: ignore[arg-type]
     who = Principal("t", True, "k")
     try:
         with pytest.raises(InvalidRequestError, match=re.escape(words)) as caught:
@@ -95,6 +91,6 @@ async def test_a_vm_bigger_than_the_host_is_refused_naming_the_limit(
 
 async def test_a_vm_the_host_can_hold_passes_the_check(tmp_path: Path) -> None:
     config = ServerConfig(data_dir=tmp_path, network=NetworkConfig(enabled=False))
-    svc = SandboxService(config, None, RecordingRuntime(), FakeTemplates(), None)  # type: ignore[arg-type]
+    svc = SandboxService(config, None, RecordingRuntime(), builtin_templates(tmp_path), None)  # type: ignore[arg-type]
     svc._check_microvm(CreateSandbox(isolation="microvm", vcpus=CORES, memory_mb=TOTAL_MB))
     svc._check_microvm(CreateSandbox(isolation="microvm"))  # the server's defaults

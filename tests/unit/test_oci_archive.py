@@ -6,21 +6,20 @@ import gzip
 import io
 import json
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
 from corral.errors import InvalidRequestError
 from corral.templates.oci import ArchiveSource, Progress, ResolvedImage
-from corral.templates.unpack import unpack_layer
 from tests.integration.registry_harness import (
     Blob,
     Image,
+    RecordingLayerStore,
     build_image,
     build_index,
     layer_tar,
@@ -33,36 +32,11 @@ TOP = layer_tar({"etc/.wh.motd": b"", "app": None, "app/.wh..wh..opq": b"", "app
 CONFIG = {"Env": ["A=1"], "Cmd": ["/app/run"], "WorkingDir": "/app", "User": "app"}
 
 
-class DirSink:
-    """Unpacks each layer into ``root/<hex>``; keeps nothing of a layer whose read failed."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.added: list[str] = []
-
-    def path(self, diff_id: str) -> Path:
-        return self.root / diff_id.partition(":")[2]
-
-    def has(self, diff_id: str) -> bool:
-        return self.path(diff_id).is_dir()
-
-    def add(self, diff_id: str, tar: BinaryIO) -> None:
-        tmp = self.root / ".partial"
-        tmp.mkdir()
-        try:
-            unpack_layer(tar, tmp)
-        except BaseException:
-            shutil.rmtree(tmp)
-            raise
-        tmp.rename(self.path(diff_id))
-        self.added.append(diff_id)
-
-
 @pytest.fixture
-def sink(tmp_path: Path) -> DirSink:
+def sink(tmp_path: Path) -> RecordingLayerStore:
     root = tmp_path / "layers"
     root.mkdir()
-    return DirSink(root)
+    return RecordingLayerStore(root)
 
 
 Member = bytes | tuple[str, str]  # file content, or ("symlink" | "hardlink", target)
@@ -114,14 +88,14 @@ def named(image: Image, name: str = "example.org/team/app:1") -> dict[str, objec
     return image.manifest.descriptor(annotations={"io.containerd.image.name": name})
 
 
-def import_archive(path: Path, sink: DirSink, **kwargs: Any) -> ResolvedImage:
+def import_archive(path: Path, sink: RecordingLayerStore, **kwargs: Any) -> ResolvedImage:
     with ArchiveSource(path, **kwargs) as src:
         image = src.resolve()
         src.fetch(image, sink)
     return image
 
 
-def check_layers(image: ResolvedImage, built: Image, sink: DirSink) -> None:
+def check_layers(image: ResolvedImage, built: Image, sink: RecordingLayerStore) -> None:
     assert image.diff_ids == built.diff_ids
     base, top = (sink.path(d) for d in image.diff_ids)
     assert (base / "etc/hostname").read_text() == "box\n"
@@ -139,7 +113,7 @@ def check_layers(image: ResolvedImage, built: Image, sink: DirSink) -> None:
     [("none", False), ("gzip", False), ("none", True)],
     ids=["plain", "gzip-layers", "gzip-tarball"],
 )
-def test_docker_save(tmp_path: Path, sink: DirSink, layers: str, whole: bool) -> None:
+def test_docker_save(tmp_path: Path, sink: RecordingLayerStore, layers: str, whole: bool) -> None:
     built = build_image([BASE, TOP], layers, config=CONFIG, docker=True)
     path = write_tar(tmp_path / "img.tar", docker_save_members(built), compress=whole)
     progress: list[Progress] = []
@@ -155,7 +129,7 @@ def test_docker_save(tmp_path: Path, sink: DirSink, layers: str, whole: bool) ->
     assert progress[-1].bytes == progress[-1].total == len(built.layers[-1].data)
 
 
-def test_docker_save_shared_layer_symlink(tmp_path: Path, sink: DirSink) -> None:
+def test_docker_save_shared_layer_symlink(tmp_path: Path, sink: RecordingLayerStore) -> None:
     # docker save stores a layer once and symlinks its other occurrences ("../<id>/layer.tar").
     built = build_image([BASE, TOP, BASE], "none", docker=True)
     members = docker_save_members(built)
@@ -170,7 +144,9 @@ def test_docker_save_shared_layer_symlink(tmp_path: Path, sink: DirSink) -> None
     assert sink.added == list(built.diff_ids[:2])  # the repeated layer is stored once
 
 
-def test_docker_save_diff_id_mismatch_stores_nothing(tmp_path: Path, sink: DirSink) -> None:
+def test_docker_save_diff_id_mismatch_stores_nothing(
+    tmp_path: Path, sink: RecordingLayerStore
+) -> None:
     built = build_image([BASE, TOP], "gzip", docker=True)
     members = docker_save_members(built)
     layer_name = json.loads(members["manifest.json"])[0]["Layers"][1]  # type: ignore[arg-type]
@@ -181,14 +157,14 @@ def test_docker_save_diff_id_mismatch_stores_nothing(tmp_path: Path, sink: DirSi
     assert sorted(p.name for p in sink.root.iterdir()) == [built.diff_ids[0].partition(":")[2]]
 
 
-def test_docker_save_of_another_platform(tmp_path: Path, sink: DirSink) -> None:
+def test_docker_save_of_another_platform(tmp_path: Path, sink: RecordingLayerStore) -> None:
     built = build_image([BASE], "none", platform="linux/arm64", docker=True)
     path = write_tar(tmp_path / "img.tar", docker_save_members(built))
     with pytest.raises(InvalidRequestError, match="linux/arm64"):
         import_archive(path, sink)
 
 
-def test_docker_save_of_several_images_refused(tmp_path: Path, sink: DirSink) -> None:
+def test_docker_save_of_several_images_refused(tmp_path: Path, sink: RecordingLayerStore) -> None:
     built = build_image([BASE], "none", docker=True)
     members = docker_save_members(built)
     entry = json.loads(members["manifest.json"])[0]  # type: ignore[arg-type]
@@ -201,7 +177,7 @@ def test_docker_save_of_several_images_refused(tmp_path: Path, sink: DirSink) ->
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
-def test_oci_layout(tmp_path: Path, sink: DirSink, compression: str) -> None:
+def test_oci_layout(tmp_path: Path, sink: RecordingLayerStore, compression: str) -> None:
     built = build_image([BASE, TOP], compression, config=CONFIG)
     members = oci_layout_members([named(built)], [built.manifest, *built.blobs])
     image = import_archive(write_tar(tmp_path / "img.tar", members), sink)
@@ -213,7 +189,9 @@ def test_oci_layout(tmp_path: Path, sink: DirSink, compression: str) -> None:
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["flat-index", "nested-index"])
-def test_oci_layout_picks_linux_amd64(tmp_path: Path, sink: DirSink, nested: bool) -> None:
+def test_oci_layout_picks_linux_amd64(
+    tmp_path: Path, sink: RecordingLayerStore, nested: bool
+) -> None:
     arm = build_image([layer_tar({"arch": "arm64"})], "gzip", platform="linux/arm64/v8")
     amd = build_image([BASE, TOP], "zstd", config=CONFIG)
     blobs = [arm.manifest, *arm.blobs, amd.manifest, *amd.blobs]
@@ -233,7 +211,9 @@ def test_oci_layout_picks_linux_amd64(tmp_path: Path, sink: DirSink, nested: boo
     check_layers(image, amd, sink)
 
 
-def test_oci_layout_without_amd64_names_what_it_has(tmp_path: Path, sink: DirSink) -> None:
+def test_oci_layout_without_amd64_names_what_it_has(
+    tmp_path: Path, sink: RecordingLayerStore
+) -> None:
     arm = build_image([layer_tar({"arch": "arm64"})], "gzip", platform="linux/arm64")
     entries = [arm.manifest.descriptor(platform={"os": "linux", "architecture": "arm64"})]
     path = write_tar(tmp_path / "img.tar", oci_layout_members(entries, [arm.manifest, *arm.blobs]))
@@ -241,7 +221,7 @@ def test_oci_layout_without_amd64_names_what_it_has(tmp_path: Path, sink: DirSin
         import_archive(path, sink)
 
 
-def test_oci_layout_platform_can_be_chosen(tmp_path: Path, sink: DirSink) -> None:
+def test_oci_layout_platform_can_be_chosen(tmp_path: Path, sink: RecordingLayerStore) -> None:
     arm = build_image([BASE, TOP], "gzip", platform="linux/arm64")
     path = write_tar(
         tmp_path / "img.tar", oci_layout_members([named(arm)], [arm.manifest, *arm.blobs])
@@ -250,7 +230,7 @@ def test_oci_layout_platform_can_be_chosen(tmp_path: Path, sink: DirSink) -> Non
     check_layers(image, arm, sink)
 
 
-def test_oci_layout_blob_digest_mismatch(tmp_path: Path, sink: DirSink) -> None:
+def test_oci_layout_blob_digest_mismatch(tmp_path: Path, sink: RecordingLayerStore) -> None:
     built = build_image([BASE, TOP], "gzip")
     members = oci_layout_members([named(built)], [built.manifest, *built.blobs])
     name = f"blobs/sha256/{built.layers[1].digest.partition(':')[2]}"
@@ -263,7 +243,9 @@ def test_oci_layout_blob_digest_mismatch(tmp_path: Path, sink: DirSink) -> None:
     assert sink.added == [built.diff_ids[0]]
 
 
-def test_oci_layout_valid_blob_under_a_wrong_name(tmp_path: Path, sink: DirSink) -> None:
+def test_oci_layout_valid_blob_under_a_wrong_name(
+    tmp_path: Path, sink: RecordingLayerStore
+) -> None:
     built = build_image([BASE, TOP], "gzip")
     evil = build_image([BASE, layer_tar({"app/run": "not what the manifest says"})], "gzip")
     members = oci_layout_members([named(built)], [built.manifest, *built.blobs])
@@ -273,7 +255,7 @@ def test_oci_layout_valid_blob_under_a_wrong_name(tmp_path: Path, sink: DirSink)
     assert built.diff_ids[1] not in sink.added
 
 
-def test_oci_layout_tampered_manifest(tmp_path: Path, sink: DirSink) -> None:
+def test_oci_layout_tampered_manifest(tmp_path: Path, sink: RecordingLayerStore) -> None:
     built = build_image([BASE], "gzip")
     members = oci_layout_members([named(built)], [built.manifest, *built.blobs])
     name = f"blobs/sha256/{built.manifest.digest.partition(':')[2]}"
@@ -291,7 +273,7 @@ def test_oci_layout_tampered_manifest(tmp_path: Path, sink: DirSink) -> None:
     ],
 )
 def test_non_filesystem_layers_refused(
-    tmp_path: Path, sink: DirSink, media_type: str, match: str
+    tmp_path: Path, sink: RecordingLayerStore, media_type: str, match: str
 ) -> None:
     built = build_image([BASE], "gzip")
     doc = json.loads(built.manifest.data)
@@ -305,7 +287,7 @@ def test_non_filesystem_layers_refused(
         import_archive(write_tar(tmp_path / "img.tar", members), sink)
 
 
-def test_schema1_manifest_refused(tmp_path: Path, sink: DirSink) -> None:
+def test_schema1_manifest_refused(tmp_path: Path, sink: RecordingLayerStore) -> None:
     manifest = Blob(
         json.dumps({"schemaVersion": 1, "name": "x", "tag": "1", "fsLayers": []}).encode(),
         "application/vnd.oci.image.manifest.v1+json",
@@ -319,7 +301,7 @@ def test_schema1_manifest_refused(tmp_path: Path, sink: DirSink) -> None:
 
 
 @pytest.mark.parametrize("evil", ["../escape", "/etc/passwd", "blobs/../../escape"])
-def test_evil_member_names_refused(tmp_path: Path, sink: DirSink, evil: str) -> None:
+def test_evil_member_names_refused(tmp_path: Path, sink: RecordingLayerStore, evil: str) -> None:
     built = build_image([BASE], "none", docker=True)
     members = docker_save_members(built)
     members[evil] = b"evil"
@@ -331,7 +313,9 @@ def test_evil_member_names_refused(tmp_path: Path, sink: DirSink, evil: str) -> 
 
 
 @pytest.mark.parametrize("layer_name", ["../../etc/passwd", "/etc/passwd"])
-def test_manifest_pointing_outside_refused(tmp_path: Path, sink: DirSink, layer_name: str) -> None:
+def test_manifest_pointing_outside_refused(
+    tmp_path: Path, sink: RecordingLayerStore, layer_name: str
+) -> None:
     built = build_image([BASE], "none", docker=True)
     members = docker_save_members(built)
     manifest = json.loads(members["manifest.json"])  # type: ignore[arg-type]
@@ -344,7 +328,7 @@ def test_manifest_pointing_outside_refused(tmp_path: Path, sink: DirSink, layer_
 @pytest.mark.parametrize("target", ["/etc/passwd", "../../../etc/passwd", "../" * 2])
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])
 def test_layer_links_leaving_the_archive_refused(
-    tmp_path: Path, sink: DirSink, target: str, kind: str
+    tmp_path: Path, sink: RecordingLayerStore, target: str, kind: str
 ) -> None:
     built = build_image([BASE], "none", docker=True)
     members = docker_save_members(built)
@@ -354,7 +338,7 @@ def test_layer_links_leaving_the_archive_refused(
         import_archive(write_tar(tmp_path / "img.tar", members), sink)
 
 
-def test_not_an_image_archive(tmp_path: Path, sink: DirSink) -> None:
+def test_not_an_image_archive(tmp_path: Path, sink: RecordingLayerStore) -> None:
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"definitely not a tarball" * 100)
     with pytest.raises(InvalidRequestError, match="not a \\(compressed\\) tar archive"):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import httpx
 import pytest
@@ -23,8 +22,13 @@ from corral.errors import (
     UpstreamError,
 )
 from corral.templates.oci import DOCKER_HUB, Progress, RegistrySource, parse_reference
-from corral.templates.unpack import unpack_layer
-from tests.integration.registry_harness import Image, build_image, build_index, layer_tar
+from tests.integration.registry_harness import (
+    Image,
+    RecordingLayerStore,
+    build_image,
+    build_index,
+    layer_tar,
+)
 
 HOST = "registry.test:5000"
 DIGEST = "sha256:" + "a" * 64
@@ -169,31 +173,11 @@ class Fake:
         return httpx.Response(404)
 
 
-class DirSink:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.added: list[str] = []
-
-    def has(self, diff_id: str) -> bool:
-        return (self.root / diff_id).is_dir()
-
-    def add(self, diff_id: str, tar: BinaryIO) -> None:
-        tmp = self.root / ".partial"
-        tmp.mkdir()
-        try:
-            unpack_layer(tar, tmp)
-        except BaseException:
-            shutil.rmtree(tmp)
-            raise
-        tmp.rename(self.root / diff_id)
-        self.added.append(diff_id)
-
-
 @pytest.fixture
-def sink(tmp_path: Path) -> DirSink:
+def sink(tmp_path: Path) -> RecordingLayerStore:
     if os.geteuid() != 0:
         pytest.skip("unpacking layers needs root")
-    return DirSink(tmp_path)
+    return RecordingLayerStore(tmp_path)
 
 
 def src(fake: Fake, ref: str = f"{HOST}/team/app:1", **kwargs: Any) -> RegistrySource:
@@ -221,7 +205,7 @@ def test_https_by_default_http_only_for_insecure_registries() -> None:
     assert image.config.healthcheck is None  # NONE disables it
 
 
-def test_bearer_flow_and_progress(sink: DirSink) -> None:
+def test_bearer_flow_and_progress(sink: RecordingLayerStore) -> None:
     big = build_image([layer_tar({"big": os.urandom(3 << 20)})], "gzip")
     fake = Fake(auth="bearer")
     fake.add(big, "1")
@@ -253,7 +237,7 @@ def test_bad_or_missing_credentials(auth: str) -> None:
         assert s.resolve().digest == APP.manifest.digest
 
 
-def test_blob_redirects_are_followed_without_our_token(sink: DirSink) -> None:
+def test_blob_redirects_are_followed_without_our_token(sink: RecordingLayerStore) -> None:
     fake = Fake(auth="bearer")
     fake.add(APP, "1")
 
@@ -335,7 +319,7 @@ def test_credentials_never_go_to_a_plain_http_token_server() -> None:
         s.resolve()
 
 
-def test_layer_digest_mismatch_keeps_nothing(sink: DirSink) -> None:
+def test_layer_digest_mismatch_keeps_nothing(sink: RecordingLayerStore) -> None:
     fake = Fake()
     fake.add(APP, "1")
     other = build_image([layer_tar({"app/run": "evil\n"})], "zstd")
@@ -345,10 +329,10 @@ def test_layer_digest_mismatch_keeps_nothing(sink: DirSink) -> None:
         with pytest.raises(InvalidRequestError, match=r"digest|bytes"):
             s.fetch(image, sink)
     assert sink.added == [APP.diff_ids[0]]
-    assert sorted(p.name for p in sink.root.iterdir()) == [APP.diff_ids[0]]
+    assert sorted(p.name for p in sink.root.iterdir()) == [APP.diff_ids[0].partition(":")[2]]
 
 
-def test_oversized_blob_refused(sink: DirSink) -> None:
+def test_oversized_blob_refused(sink: RecordingLayerStore) -> None:
     fake = Fake()
     fake.add(APP, "1")
     fake.blobs[APP.layers[0].digest] += b"\0" * 100
@@ -357,7 +341,7 @@ def test_oversized_blob_refused(sink: DirSink) -> None:
     assert sink.added == []
 
 
-def test_connection_lost_mid_layer_keeps_nothing(sink: DirSink) -> None:
+def test_connection_lost_mid_layer_keeps_nothing(sink: RecordingLayerStore) -> None:
     fake = Fake()
     fake.add(APP, "1")
 

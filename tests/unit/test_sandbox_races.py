@@ -16,6 +16,7 @@ from corral.core.tenants import Principal
 from corral.errors import SandboxNotRunningError
 from corral.runtime.base import SandboxSpec
 from corral.store import Store, TenantRow
+from tests.unit.template_service import builtin_templates
 
 
 class FakeRuntime:
@@ -50,11 +51,6 @@ class FakeRuntime:
         return sorted(self.alive)
 
 
-class FakeTemplates:
-    def layers_for(self, name: str) -> tuple[Path, ...]:
-        return (Path("/"),)
-
-
 @pytest.mark.parametrize("op", ["set_timeout", "hibernate", "pause", "resume"])
 async def test_an_operation_queued_behind_kill_finds_it_stopped(tmp_path: Path, op: str) -> None:
     store = Store(tmp_path / "db.sqlite")
@@ -62,7 +58,7 @@ async def test_an_operation_queued_behind_kill_finds_it_stopped(tmp_path: Path, 
     await store.add_tenant(TenantRow(id="t", name="t", created_at=dt.datetime.now(dt.UTC)))
     runtime = FakeRuntime()
     config = ServerConfig(data_dir=tmp_path, network={"enabled": False})
-    svc = SandboxService(config, store, runtime, FakeTemplates(), None)  # type: ignore[arg-type]
+    svc = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)  # type: ignore[arg-type]
     who = Principal("t", True, "k")
     try:
         sb = await svc.create(who, CreateSandbox())

@@ -21,6 +21,7 @@ from corral.core.tenants import Principal
 from corral.errors import ConflictError, QuotaExceededError, RuntimeFailure
 from corral.runtime.base import SandboxSpec
 from corral.store import Store, TenantRow
+from tests.unit.template_service import builtin_templates
 
 
 class FakeRuntime:
@@ -60,11 +61,6 @@ class FakeRuntime:
         return sorted(self.snaps)
 
 
-class FakeTemplates:
-    def layers_for(self, name: str) -> tuple[Path, ...]:
-        return (Path("/"),)
-
-
 @dataclass
 class World:
     store: Store
@@ -85,7 +81,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         network={"enabled": False},
         limits={"max_sandboxes_per_tenant": 3, "max_snapshots_per_tenant": 2},
     )
-    sandboxes = SandboxService(config, store, runtime, FakeTemplates(), None)  # type: ignore[arg-type]
+    sandboxes = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)  # type: ignore[arg-type]
     snapshots = SnapshotService(config, store, runtime, sandboxes)  # type: ignore[arg-type]
     try:
         yield World(store, runtime, sandboxes, snapshots, Principal("t", False, "k"))

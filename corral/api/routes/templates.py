@@ -100,7 +100,9 @@ async def build(
         ready_cmd=ready_cmd,
         ready_timeout=ready_timeout,
     )
-    prepared = await svc.builds.prepare_build(who.tenant_id, name, request.stream(), options)
+    prepared = await svc.builds.prepare_build(
+        who.tenant_id, name, request.stream(), options, admin=who.admin
+    )
     return _stream(svc.builds.run_build(prepared))
 
 
