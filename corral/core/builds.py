@@ -287,9 +287,10 @@ class BuildService:
 
     # ------------------------------------------------------------------------------ running
 
-    async def run_build(self, build: PreparedBuild) -> AsyncIterator[Event]:
-        """The build's events; the last is ``done`` or ``error``. Closing the iterator early
-        cancels the build."""
+    def run_build(self, build: PreparedBuild) -> AsyncIterator[Event]:
+        """Start the build; its events, the last ``done`` or ``error``. Closing the iterator
+        early cancels the build; one never iterated (a client gone before the response began)
+        still lets it finish and clean up."""
 
         def cleanup() -> None:
             for source, _ in build.images.values():
@@ -297,10 +298,9 @@ class BuildService:
                     source.close()
             remove_tree(build.workdir)
 
-        async for event in self._pump(self._build(build), cleanup=cleanup):
-            yield event
+        return self._pump(self._build(build), cleanup=cleanup)
 
-    async def _pump(
+    def _pump(
         self,
         work: Callable[[Callable[[Event], None]], Awaitable[Event]],
         cleanup: Callable[[], None],
@@ -331,20 +331,27 @@ class BuildService:
                 queue.put_nowait({"type": "error", "code": "internal", "message": str(exc)})
             finally:
                 # Here, not in the stream's finally: a client that hangs up cancels the stream
-                # at its next await, but this task always runs to its end.
+                # at its next await. Shielded: a cancel arriving before the executor picked the
+                # job up would otherwise drop it, and the work dir with it (seen in CI).
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(cleanup)
+                    await asyncio.shield(asyncio.to_thread(cleanup))
                 queue.put_nowait(None)
 
+        # Started now, not when the response first asks for an event: the work and its
+        # cleanup run whatever becomes of the response.
         task = asyncio.create_task(runner(), name="corral-build")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            if not task.done():
-                task.cancel()  # the client went away: the build stops, and cleans up
+
+        async def events() -> AsyncIterator[Event]:
+            try:
+                while (event := await queue.get()) is not None:
+                    yield event
+            finally:
+                if not task.done():
+                    task.cancel()  # the client went away: the build stops, and cleans up
+
+        return events()
 
     def _build(self, build: PreparedBuild) -> Callable[[Callable[[Event], None]], Awaitable[Event]]:
         async def work(emit: Callable[[Event], None]) -> Event:
@@ -872,15 +879,14 @@ class BuildService:
                     "can list it in builds.private_registries"
                 )
 
-    async def run_import(self, imp: PreparedImport) -> AsyncIterator[Event]:
+    def run_import(self, imp: PreparedImport) -> AsyncIterator[Event]:
         def cleanup() -> None:
             with contextlib.suppress(Exception):
                 imp.source.close()
             if imp.workdir is not None:
                 remove_tree(imp.workdir)
 
-        async for event in self._pump(self._import(imp), cleanup=cleanup):
-            yield event
+        return self._pump(self._import(imp), cleanup=cleanup)
 
     def _import(self, imp: PreparedImport) -> Callable[[Callable[[Event], None]], Awaitable[Event]]:
         from corral.templates import oci
