@@ -433,7 +433,7 @@ class BuildService:
         announce(stage.from_step.line, stage.from_step.text)
         for step in stage.steps:
             if isinstance(step, df.Run | df.Copy):
-                key = _hash(state.key, self._step_key(build, step, state, states))
+                key = _hash(state.key, await self._step_key(build, step, state, states))
                 cached = None if build.options.no_cache else self._cached(key)
                 announce(step.line, step.text, cached is not None)
                 if cached is not None:
@@ -569,7 +569,7 @@ class BuildService:
         tmp.write_text(layer or "")
         os.replace(tmp, self._cache / key)
 
-    def _step_key(
+    async def _step_key(
         self, build: PreparedBuild, step: df.Run | df.Copy, state: _State, states: dict[int, _State]
     ) -> list[Any]:
         if isinstance(step, df.Run):
@@ -587,19 +587,21 @@ class BuildService:
             for rel in _matches(build.context, step):
                 sources.append([rel, _content_hash(build.context / rel)])
         else:
-            sources = [step.sources, self._from_layers(build, step, states)]
+            sources = [step.sources, await self._from_layers(build, step, states)]
         return ["COPY", step.add, step.dest, step.chown, step.chmod, state.workdir, sources]
 
-    def _from_layers(
+    async def _from_layers(
         self, build: PreparedBuild, step: df.Copy, states: dict[int, _State]
     ) -> list[str]:
+        """The layers COPY --from reads (a registry image's by digest, fetched only when the
+        step runs; a built-in adopted as a layer, so a rebuild of it changes the key)."""
         assert step.from_stage is not None
         if step.from_index is not None:
             return list(states[step.from_index].layers)
         if step.from_stage in build.images:
             return list(build.images[step.from_stage][1].diff_ids)
-        v = self._templates.resolve(step.from_stage, build.tenant).version
-        return [layer.digest for layer in v.layers] if v.source != "builtin" else [v.name]
+        version = self._templates.resolve(step.from_stage, build.tenant).version
+        return await self._layers_of(version)
 
     # ------------------------------------------------------------------------- sandboxes
 
@@ -745,12 +747,10 @@ class BuildService:
                         body = _tar_stream(_tar_file(src, base, mode))
                         await agent_archive.upload_tar(agent, parent or "/", body, user=user)
             else:
-                layers = self._from_layers(build, step, states)
                 if step.from_stage in build.images:
                     layers, _ = await self._pull(build, step.from_stage, lambda _e: None)
-                elif layers and not layers[0].startswith("sha256:"):
-                    resolved = self._templates.resolve(step.from_stage, build.tenant)
-                    layers = await self._layers_of(resolved.version)
+                else:
+                    layers = await self._from_layers(build, step, states)
                 async with self._sandbox(build.tenant, layers, preset=None) as (_, src_agent):
                     into_dir = step.dest.endswith("/") or len(step.sources) > 1
                     for source in step.sources:

@@ -157,10 +157,6 @@ class TemplateService:
             self._builtins[name] = (stamp, resolved)
         return resolved
 
-    def layers_for(self, ref: str) -> tuple[Path, ...]:
-        """The read-only layers a sandbox of this (pinned) template mounts, lowest first."""
-        return self.resolve(ref).layers
-
     # ---------------------------------------------------------------------------- built-ins
 
     async def build(self, name: str, *, force: bool = False) -> Version:

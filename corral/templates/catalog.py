@@ -219,9 +219,6 @@ class Catalog:
     def _tagged(self, v: Version, tags: Mapping[str, int]) -> Version:
         return replace(v, tags=tuple(sorted(t for t, n in tags.items() if n == v.version)))
 
-    def exists(self, name: str) -> bool:
-        return name in self._load()
-
     def owner(self, name: str) -> str | None:
         entry = self._load().get(name)
         return entry[0] if entry is not None else None

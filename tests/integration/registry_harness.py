@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -197,6 +197,17 @@ def build_image(
     }
     manifest = Blob(json.dumps(manifest_doc).encode(), DOCKER_MANIFEST if docker else OCI_MANIFEST)
     return Image(manifest, config_blob, blobs, diff_ids, platform)
+
+
+def docker_save_members(image: Image, tags: Iterable[str] = ("app:1",)) -> dict[str, bytes]:
+    """The members of a ``docker save`` tarball of ``image``."""
+    config_name = f"{image.config.digest.partition(':')[2]}.json"
+    layer_names = [f"{layer.digest.partition(':')[2][:16]}/layer.tar" for layer in image.layers]
+    manifest = [{"Config": config_name, "RepoTags": list(tags), "Layers": layer_names}]
+    members = {"manifest.json": json.dumps(manifest).encode(), config_name: image.config.data}
+    for name, layer in zip(layer_names, image.layers, strict=True):
+        members[name] = layer.data
+    return members
 
 
 def build_index(images: Sequence[Image], *, docker: bool = False) -> Blob:

@@ -21,9 +21,9 @@ from tests.integration.registry_harness import (
     Image,
     Registry,
     build_image,
+    docker_save_members,
     layer_tar,
     registry_skip_reason,
-    sha256,
 )
 from tests.integration.server_harness import RunningServer, exec_stdout
 
@@ -172,21 +172,12 @@ def _tarball(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _docker_save(image: Image) -> dict[str, bytes]:
-    config = f"{image.config.digest.partition(':')[2]}.json"
-    layers = [f"{sha256(x.data)[7:23]}/layer.tar" for x in image.layers]
-    manifest = [{"Config": config, "RepoTags": ["app:1"], "Layers": layers}]
-    members = {"manifest.json": json.dumps(manifest).encode(), config: image.config.data}
-    members.update({name: x.data for name, x in zip(layers, image.layers, strict=True)})
-    return members
-
-
 def test_a_docker_save_tarball_becomes_a_template(api: httpx.Client, server: RunningServer) -> None:
     image = app_image(server, "none")
     status, events = stream(
         api,
         "/v1/templates/saved/imports",
-        content=_tarball(_docker_save(image)),
+        content=_tarball(docker_save_members(image)),
         headers={"content-type": "application/x-tar"},
     )
     assert status == 200 and events[-1]["type"] == "done", events
@@ -218,7 +209,7 @@ def test_a_layer_that_writes_through_a_symlink_stores_nothing(
     status, events = stream(
         api,
         "/v1/templates/evil/imports",
-        content=_tarball(_docker_save(image)),
+        content=_tarball(docker_save_members(image)),
         headers={"content-type": "application/x-tar"},
     )
     message = events[-1]["message"] if status == 200 else events[0]["error"]["message"]

@@ -22,6 +22,7 @@ from tests.integration.registry_harness import (
     RecordingLayerStore,
     build_image,
     build_index,
+    docker_save_members,
     layer_tar,
 )
 
@@ -57,19 +58,6 @@ def write_tar(path: Path, members: Mapping[str, Member], *, compress: bool = Fal
     data = buf.getvalue()
     path.write_bytes(gzip.compress(data) if compress else data)
     return path
-
-
-def docker_save_members(image: Image, tags: Iterable[str] = ("app:1",)) -> dict[str, Member]:
-    config_name = f"{image.config.digest.partition(':')[2]}.json"
-    layer_names = [f"{layer.digest.partition(':')[2][:16]}/layer.tar" for layer in image.layers]
-    manifest = [{"Config": config_name, "RepoTags": list(tags), "Layers": layer_names}]
-    members: dict[str, Member] = {
-        "manifest.json": json.dumps(manifest).encode(),
-        config_name: image.config.data,
-    }
-    for name, layer in zip(layer_names, image.layers, strict=True):
-        members[name] = layer.data
-    return members
 
 
 def oci_layout_members(

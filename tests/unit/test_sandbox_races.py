@@ -58,7 +58,7 @@ async def test_an_operation_queued_behind_kill_finds_it_stopped(tmp_path: Path, 
     await store.add_tenant(TenantRow(id="t", name="t", created_at=dt.datetime.now(dt.UTC)))
     runtime = FakeRuntime()
     config = ServerConfig(data_dir=tmp_path, network={"enabled": False})
-    svc = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)  # type: ignore[arg-type]
+    svc = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)
     who = Principal("t", True, "k")
     try:
         sb = await svc.create(who, CreateSandbox())

@@ -81,7 +81,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         network={"enabled": False},
         limits={"max_sandboxes_per_tenant": 3, "max_snapshots_per_tenant": 2},
     )
-    sandboxes = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)  # type: ignore[arg-type]
+    sandboxes = SandboxService(config, store, runtime, builtin_templates(tmp_path), None)
     snapshots = SnapshotService(config, store, runtime, sandboxes)  # type: ignore[arg-type]
     try:
         yield World(store, runtime, sandboxes, snapshots, Principal("t", False, "k"))
