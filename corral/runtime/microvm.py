@@ -1076,8 +1076,13 @@ class MicroVMRuntime:
             names = ("disk.qcow2", "state") if (source / "state").is_file() else ("disk.qcow2",)
             for name in names:
                 fresh = vdir / f".{name}.{secrets.token_hex(4)}"
-                await asyncio.to_thread(clone_file, source / name, fresh)
-                os.replace(fresh, vdir / name)
+                try:
+                    await asyncio.to_thread(clone_file, source / name, fresh)
+                    os.replace(fresh, vdir / name)
+                except OSError as exc:
+                    # The intent stays: the next wake tries again; no half copy is left.
+                    fresh.unlink(missing_ok=True)
+                    raise RuntimeFailure(f"restore of {sandbox_id}: {exc}") from exc
             await asyncio.to_thread(_fsync_dir, vdir)
         # A snapshot deleted before this roll-forward leaves the VM what was copied of it (a
         # disk alone boots); nothing better exists any more.
