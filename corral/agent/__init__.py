@@ -11,6 +11,7 @@ from .client import (
     Opener,
     OutputEvent,
     ProcessInfo,
+    WatchEvent,
 )
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Opener",
     "OutputEvent",
     "ProcessInfo",
+    "WatchEvent",
     "agent_binary_path",
     "download_tar",
     "upload_tar",

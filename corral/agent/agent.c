@@ -14,6 +14,8 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <malloc.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -21,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -58,6 +61,11 @@
 #define MAX_GROUPS 256
 #define ID_FILE_MAX (8u << 20)
 #define MAX_TAG 1024
+#define MAX_WATCHES 8192            /* directories one recursive WATCH may watch */
+#define WATCH_SLOTS 16384           /* wd table slots: a power of two above twice MAX_WATCHES */
+#define MAX_WATCH_DEPTH 256
+#define MOVE_PAIR_MS 20             /* how long a directory's MOVED_FROM waits for its MOVED_TO */
+#define ROOT_CHECK_MS 250           /* how often a watch looks whether its directory was removed */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* Frame types. */
@@ -65,9 +73,10 @@ enum {
     T_PING = 1, T_SPAWN = 2, T_ATTACH = 3, T_WAIT = 4, T_LIST = 5, T_STDIN = 6,
     T_CLOSE_STDIN = 7, T_SIGNAL = 8, T_RESIZE = 9, T_SETENV = 10,
     T_STAT = 16, T_LISTDIR = 17, T_READ = 18, T_WRITE = 19, T_MKDIR = 20, T_REMOVE = 21,
-    T_RENAME = 22, T_SYMLINK = 23,
+    T_RENAME = 22, T_SYMLINK = 23, T_WATCH = 24,
     T_DATA = 32, T_END = 33,
     T_OK = 128, T_ERROR = 129, T_STDOUT = 130, T_STDERR = 131, T_EXIT = 132, T_ENTRY = 133,
+    T_EVENT = 134,
 };
 
 /* Field keys inside a TLV payload. */
@@ -77,7 +86,7 @@ enum {
     F_DEPTH = 15, F_MODE = 16, F_PARENTS = 17, F_RECURSIVE = 18, F_DST = 19, F_TARGET = 20,
     F_DATA = 21, F_EXIT = 22, F_CODE = 23, F_MSG = 24, F_NAME = 25, F_TYPE = 26, F_SIZE = 27,
     F_MTIME = 28, F_UID = 29, F_GID = 30, F_LINK = 31, F_RUNNING = 32, F_PTY = 33,
-    F_STARTED = 34, F_VERSION = 35, F_PROTOCOL = 36,
+    F_STARTED = 34, F_VERSION = 35, F_PROTOCOL = 36, F_KIND = 37,
 };
 
 #ifndef TIOCGPTPEER
@@ -1755,6 +1764,377 @@ static void op_symlink(struct fields *f, struct target *t) {
     frame_end(&h_out, at);
 }
 
+/* ------------------------------------------------------------------ watch (helper) */
+
+/* WATCH streams inotify events of a directory (and with RECURSIVE of every directory below it)
+ * until the host hangs up. The directory is opened as LISTDIR opens it; every one below it from
+ * its parent's fd (or step by step from the watched directory's fd) with O_NOFOLLOW. A watch is
+ * added with fchdir() to that fd and inotify_add_watch("."), so no path is resolved twice.
+ * A reference to a removed directory (an fd, a cwd) holds back its IN_DELETE_SELF, so we leave
+ * every directory after watching it, and the fd of the watched one is closed as soon as a
+ * periodic fstat sees it unlinked. Memory is bounded: at most MAX_WATCHES table entries and one
+ * read buffer; a host that does not read blocks us in send() while the kernel queue fills and
+ * overflows ("too many events"). */
+
+#define WATCH_EVENTS (IN_CREATE | IN_MODIFY | IN_DELETE | IN_DELETE_SELF | IN_MOVED_FROM | \
+                      IN_MOVED_TO | IN_MOVE_SELF | IN_ATTRIB)
+
+struct wslot {
+    int wd;      /* 0: free (the kernel numbers watches from 1) */
+    char *path;  /* relative to the watched directory, "" for itself */
+};
+
+static struct wslot *w_tab;
+static int w_count, w_ifd = -1, w_root_fd = -1, w_root_wd = -1, w_recursive;
+static const char *w_shown;  /* the watched path as asked, for messages */
+static uint32_t w_pend_cookie;
+static int64_t w_pend_deadline;
+static char *w_pend_path;    /* a directory moved away whose MOVED_TO may still come */
+
+static size_t w_hash(int wd) {
+    return (size_t)(((uint32_t)wd * 2654435761u) & (WATCH_SLOTS - 1));
+}
+
+static struct wslot *w_find(int wd) {
+    if (wd <= 0) return NULL;
+    for (size_t i = w_hash(wd);; i = (i + 1) & (WATCH_SLOTS - 1)) {
+        if (w_tab[i].wd == wd) return &w_tab[i];
+        if (!w_tab[i].wd) return NULL;  /* the table is never full, so this ends */
+    }
+}
+
+/* Linear probing with backward-shift deletion: no tombstones, probe chains stay short. */
+static void w_del(struct wslot *s) {
+    free(s->path);
+    size_t i = (size_t)(s - w_tab);
+    for (size_t j = i;;) {
+        j = (j + 1) & (WATCH_SLOTS - 1);
+        if (!w_tab[j].wd) break;
+        size_t h = w_hash(w_tab[j].wd);
+        int stays = j > i ? (h > i && h <= j) : (h > i || h <= j);
+        if (!stays) {
+            w_tab[i] = w_tab[j];
+            i = j;
+        }
+    }
+    w_tab[i].wd = 0;
+    w_tab[i].path = NULL;
+    w_count--;
+}
+
+static int w_under(const char *path, const char *dir, size_t n) {
+    return strncmp(path, dir, n) == 0 && (path[n] == 0 || path[n] == '/');
+}
+
+static void w_emit(const char *name, const char *kind) {
+    size_t at = frame_begin(&h_out, T_EVENT);
+    field_str(&h_out, F_NAME, name);
+    field_str(&h_out, F_KIND, kind);
+    frame_end(&h_out, at);
+    if (h_out.len >= FILE_CHUNK) h_flush();
+}
+
+/* Watches the directory open as dfd (not consumed) under rel; its wd, or -1 if it is gone. */
+static int w_add(int dfd, const char *rel) {
+    int wd = -1, e = errno;
+    if (fchdir(dfd) == 0) {
+        wd = inotify_add_watch(w_ifd, ".", WATCH_EVENTS | IN_ONLYDIR);
+        e = errno;
+        if (chdir("/") < 0) { /* staying would only delay that directory's IN_IGNORED */ }
+    } else {
+        e = errno;
+    }
+    errno = e;
+    if (wd < 0) {
+        if (errno == ENOSPC)
+            h_fail("no_space", "cannot watch %.1024s: the inotify watch limit is reached", w_shown);
+        if (errno == ENOMEM) h_fail("no_space", "cannot watch %.1024s: out of memory", w_shown);
+        return -1;
+    }
+    struct wslot *s = w_find(wd);
+    if (s && wd == w_root_wd) return -1;  /* the root again (a bind mount of it): not below it */
+    if (s) {  /* the same directory again (found twice while things moved): keep the newest */
+        free(s->path);
+        s->path = xstrndup(rel, strlen(rel));
+        return wd;
+    }
+    if (w_count >= MAX_WATCHES) {
+        inotify_rm_watch(w_ifd, wd);
+        h_fail("no_space", "cannot watch %.1024s: more than %d directories", w_shown, MAX_WATCHES);
+    }
+    size_t i = w_hash(wd);
+    while (w_tab[i].wd) i = (i + 1) & (WATCH_SLOTS - 1);
+    w_tab[i].wd = wd;
+    w_tab[i].path = xstrndup(rel, strlen(rel));
+    w_count++;
+    return wd;
+}
+
+static void w_walk(int dfd, char *path, size_t len, int report, int level);
+
+/* Goes through the directory dfd (consumed) whose relative path is path[0..len): watches every
+ * subdirectory and, with report, sends a create event for every entry (they appeared after the
+ * watch started, before the kernel could tell us). path is a PATH_MAX buffer, restored after. */
+static void w_scan(int dfd, char *path, size_t len, int report, int level) {
+    DIR *d = fdopendir(dfd);
+    if (!d) {
+        close(dfd);
+        return;
+    }
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        size_t nl = strlen(e->d_name), sub = len ? len + 1 + nl : nl;
+        if (sub >= PATH_MAX) continue;  /* a name we could not report */
+        if (len) path[len] = '/';
+        memcpy(path + (len ? len + 1 : 0), e->d_name, nl + 1);
+        if (report) w_emit(path, "create");
+        int isdir = e->d_type == DT_DIR;
+        if (e->d_type == DT_UNKNOWN) {
+            struct stat st;
+            isdir = fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
+        }
+        if (isdir) {
+            int sfd = openat(dirfd(d), e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sfd >= 0) w_walk(sfd, path, sub, report, level + 1);
+        }
+        path[len] = 0;
+    }
+    closedir(d);
+}
+
+/* Watches the directory dfd (consumed) at path[0..len), `level` components deep, and everything
+ * below it. The watch is added before the directory is read, so an entry made meanwhile is seen
+ * by one or the other (or both: a create racing the scan may be reported twice). */
+static void w_walk(int dfd, char *path, size_t len, int report, int level) {
+    if (level > MAX_WATCH_DEPTH)
+        h_fail("invalid", "cannot watch %.1024s: directories nest deeper than %d levels", w_shown,
+               MAX_WATCH_DEPTH);
+    if (w_add(dfd, path) < 0) {
+        close(dfd);
+        return;
+    }
+    w_scan(dfd, path, len, report, level);
+}
+
+/* Opens a directory below the root by its relative path, never following a symlink. */
+static int w_open_rel(const char *rel) {
+    int cur = w_root_fd;
+    if (cur < 0) return -1;  /* the watched directory is removed: nothing new comes into it */
+    char comp[NAME_MAX + 1];
+    for (const char *s = rel; *s;) {
+        const char *e = strchrnul(s, '/');
+        size_t n = (size_t)(e - s);
+        int fd = -1;
+        if (n && n <= NAME_MAX) {
+            memcpy(comp, s, n);
+            comp[n] = 0;
+            fd = openat(cur, comp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        }
+        if (cur != w_root_fd) close(cur);
+        if (fd < 0) return -1;
+        cur = fd;
+        s = *e ? e + 1 : e;
+    }
+    return cur == w_root_fd ? -1 : cur;
+}
+
+/* Drops (from) or renames (to != NULL) the table entries of the subtree at from. */
+static void w_retree(const char *from, const char *to) {
+    size_t fl = strlen(from), tl = to ? strlen(to) : 0;
+    int *drop = xrealloc(NULL, sizeof(int) * (size_t)(w_count + 1));
+    int nd = 0;
+    for (size_t i = 0; i < WATCH_SLOTS; i++) {
+        struct wslot *s = &w_tab[i];
+        if (!s->wd || s->wd == w_root_wd || !w_under(s->path, from, fl)) continue;
+        size_t rest = strlen(s->path) - fl;
+        if (!to || tl + rest >= PATH_MAX) {
+            drop[nd++] = s->wd;
+            continue;
+        }
+        char *np = xrealloc(NULL, tl + rest + 1);
+        memcpy(np, to, tl);
+        memcpy(np + tl, s->path + fl, rest + 1);
+        free(s->path);
+        s->path = np;
+    }
+    /* Their queued events and IN_IGNORED find no entry and are skipped. */
+    for (int k = 0; k < nd; k++) {
+        inotify_rm_watch(w_ifd, drop[k]);
+        struct wslot *s = w_find(drop[k]);
+        if (s) w_del(s);
+    }
+    free(drop);
+}
+
+/* A directory's MOVED_FROM without its MOVED_TO: it left the tree, stop watching it. */
+static void w_pend_drop(void) {
+    if (!w_pend_path) return;
+    w_retree(w_pend_path, NULL);
+    free(w_pend_path);
+    w_pend_path = NULL;
+}
+
+static __attribute__((noreturn)) void w_end(void) {
+    size_t at = frame_begin(&h_out, T_END);
+    frame_end(&h_out, at);
+    h_flush();
+    _exit(0);
+}
+
+/* fsnotify's mapping (Go, inotify backend): what E2B's envd reports. */
+static const char *w_kind(uint32_t m) {
+    if (m & (IN_CREATE | IN_MOVED_TO)) return "create";
+    if (m & IN_MODIFY) return "write";
+    if (m & (IN_DELETE | IN_DELETE_SELF)) return "remove";
+    if (m & (IN_MOVED_FROM | IN_MOVE_SELF)) return "rename";
+    if (m & IN_ATTRIB) return "chmod";
+    return NULL;
+}
+
+static void w_event(const struct inotify_event *ev) {
+    if (ev->mask & IN_Q_OVERFLOW) h_fail("io", "too many events");
+    int paired = w_pend_path && (ev->mask & IN_MOVED_TO) && ev->cookie == w_pend_cookie;
+    if (w_pend_path && !paired) w_pend_drop();
+    struct wslot *s = w_find(ev->wd);
+    if (!s) return;  /* a watch we dropped: what it still had queued */
+    int root = ev->wd == w_root_wd;
+    if (ev->mask & IN_IGNORED) {
+        if (root) w_end();  /* the directory is gone (removed, or its filesystem unmounted) */
+        w_del(s);
+        return;
+    }
+    const char *kind = w_kind(ev->mask);
+    if (!kind) return;
+    if (!ev->len || !ev->name[0]) {
+        /* A subdirectory's own change is reported by its parent's watch, under its name. */
+        if (root) w_emit(".", kind);
+        return;
+    }
+    char path[PATH_MAX];
+    size_t pl = strlen(s->path), nl = strlen(ev->name), len = pl ? pl + 1 + nl : nl;
+    if (len >= PATH_MAX) return;
+    if (pl) {
+        memcpy(path, s->path, pl);
+        path[pl] = '/';
+    }
+    memcpy(path + (pl ? pl + 1 : 0), ev->name, nl + 1);
+    w_emit(path, kind);
+    if (!w_recursive || !(ev->mask & IN_ISDIR)) return;
+    if (ev->mask & IN_MOVED_FROM) {
+        w_pend_cookie = ev->cookie;
+        w_pend_path = xstrndup(path, len);
+        w_pend_deadline = mono_ms() + MOVE_PAIR_MS;
+    } else if (paired) {
+        /* Renamed inside the tree: its watches stay, under the new names. */
+        w_retree(w_pend_path, path);
+        free(w_pend_path);
+        w_pend_path = NULL;
+    } else if (ev->mask & (IN_CREATE | IN_MOVED_TO)) {
+        int fd = w_open_rel(path);
+        int level = 1;
+        for (const char *c = path; *c; c++) level += *c == '/';
+        if (fd >= 0) w_walk(fd, path, len, 1, level);
+    }
+}
+
+/* A watch helper may live for hours, and fork left it sharing every page of the agent's heap:
+ * each one the agent rewrites later (output rings above all) would stay here as a private copy.
+ * Let go of them. */
+static void w_shed_agent_memory(void) {
+    for (struct proc *p = g_procs; p; p = p->next) {
+        for (int s = 0; s < 2; s++) {
+            free(p->out[s].buf);
+            p->out[s].buf = NULL;
+        }
+        for (struct conn *c = p->subs; c; c = c->sub_next) {
+            free(c->out.d);
+            c->out.d = NULL;
+        }
+        for (struct conn *c = p->q_head; c; c = c->q_next) {
+            free(c->q_data);
+            c->q_data = NULL;
+        }
+    }
+#ifdef __GLIBC__
+    malloc_trim(0);  /* also returns free pages inside the heap, not only at its top */
+#endif
+}
+
+static void op_watch(struct fields *f, struct target *t) {
+    int bad = 0;
+    w_recursive = field_i64_or(f, F_RECURSIVE, 0, &bad) != 0;
+    if (bad) h_fail("invalid", "malformed watch request");
+    w_shown = t->path;
+    w_root_fd = (int)h_openat2(t->root, t->rel, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0, t->resolve);
+    if (w_root_fd < 0) h_resolve_fail(t, errno, "cannot watch");
+    close(t->root);  /* it may be the watched directory itself: see above */
+    t->root = -1;
+    w_ifd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (w_ifd < 0) {
+        int e = errno;
+        if (e == EMFILE) h_fail("no_space", "cannot watch %.1024s: too many inotify instances", t->path);
+        h_fail_errno(e, "cannot watch", t->path);
+    }
+    w_shed_agent_memory();
+    w_tab = xrealloc(NULL, sizeof *w_tab * WATCH_SLOTS);
+    memset(w_tab, 0, sizeof *w_tab * WATCH_SLOTS);
+    w_root_wd = w_add(w_root_fd, "");
+    if (w_root_wd < 0) h_fail_errno(errno, "cannot watch", t->path);
+    if (w_recursive) {
+        static char path[PATH_MAX];
+        int dfd = fcntl(w_root_fd, F_DUPFD_CLOEXEC, 3);
+        if (dfd < 0) h_fail_errno(errno, "cannot watch", t->path);
+        w_scan(dfd, path, 0, 0, 0);
+    }
+    /* Armed: whatever happens from here on is in the kernel's queue. */
+    size_t at = frame_begin(&h_out, T_OK);
+    frame_end(&h_out, at);
+    h_flush();
+    static char buf[64 * 1024] __attribute__((aligned(__alignof__(struct inotify_event))));
+    int64_t next_check = mono_ms() + ROOT_CHECK_MS;
+    for (;;) {
+        int64_t now = mono_ms(), wake = w_root_fd >= 0 ? next_check : -1;
+        if (w_pend_path && (wake < 0 || w_pend_deadline < wake)) wake = w_pend_deadline;
+        int timeout = wake < 0 ? -1 : wake <= now ? 0 : (int)(wake - now);
+        struct pollfd p[2] = {{.fd = h_fd, .events = POLLIN | POLLRDHUP}, {.fd = w_ifd, .events = POLLIN}};
+        int r = poll(p, 2, timeout);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) _exit(1);
+        /* The host sends nothing more; end of stream (or an error) means it is gone. */
+        if (p[0].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)) _exit(0);
+        if (p[0].revents & POLLIN) {
+            uint8_t junk[4096];
+            ssize_t n = recv(h_fd, junk, sizeof junk, MSG_DONTWAIT);
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) _exit(0);
+        }
+        now = mono_ms();
+        if (w_root_fd >= 0 && now >= next_check) {
+            /* Removed: let go, so that the kernel sends IN_DELETE_SELF and IN_IGNORED. */
+            struct stat st;
+            next_check = now + ROOT_CHECK_MS;
+            if (fstat(w_root_fd, &st) == 0 && st.st_nlink == 0) {
+                close(w_root_fd);
+                w_root_fd = -1;
+            }
+        }
+        if (!(p[1].revents & POLLIN)) {
+            if (w_pend_path && now >= w_pend_deadline) w_pend_drop();
+            continue;
+        }
+        ssize_t n = read(w_ifd, buf, sizeof buf);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (n <= 0) h_fail_errno(n < 0 ? errno : EIO, "cannot read the events of", t->path);
+        for (size_t off = 0; off + sizeof(struct inotify_event) <= (size_t)n;) {
+            const struct inotify_event *ev = (const struct inotify_event *)(buf + off);
+            off += sizeof *ev + ev->len;
+            if (off > (size_t)n) break;
+            w_event(ev);
+        }
+        h_flush();
+    }
+}
+
 static __attribute__((noreturn)) void helper_main(int fd, int type, const uint8_t *payload,
                                                   size_t len) {
     /* Drop every fd of the agent: an inherited stdin pipe end would keep a process from ever
@@ -1785,6 +2165,7 @@ static __attribute__((noreturn)) void helper_main(int fd, int type, const uint8_
     case T_REMOVE: op_remove(&f, &t); break;
     case T_RENAME: op_rename(&f, &t); break;
     case T_SYMLINK: op_symlink(&f, &t); break;
+    case T_WATCH: op_watch(&f, &t); break;
     }
     h_flush();
     _exit(0);
@@ -1967,7 +2348,7 @@ static void dispatch(struct conn *c, int type, const uint8_t *payload, size_t le
         return;
     }
     case T_STAT: case T_LISTDIR: case T_READ: case T_WRITE: case T_MKDIR: case T_REMOVE:
-    case T_RENAME: case T_SYMLINK: {
+    case T_RENAME: case T_SYMLINK: case T_WATCH: {
         pid_t pid = fork();
         if (pid == 0) helper_main(c->fd, type, payload, len);
         if (pid < 0) {

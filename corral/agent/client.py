@@ -44,6 +44,7 @@ __all__ = [
     "Opener",
     "OutputEvent",
     "ProcessInfo",
+    "WatchEvent",
 ]
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
@@ -72,6 +73,8 @@ _ERRORS: dict[str, type[CorralError]] = {
 
 _FILE_TYPES = ("file", "dir", "symlink", "other")
 FileType = Literal["file", "dir", "symlink", "other"]
+_WATCH_KINDS = ("create", "write", "remove", "rename", "chmod")
+WatchKind = Literal["create", "write", "remove", "rename", "chmod"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,19 @@ class FileInfo:
     uid: int
     gid: int
     link_target: str | None
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change in a watched directory, as Go's fsnotify names them.
+
+    ``name`` is relative to the watched directory ("file.txt", "sub/file.txt" when recursive),
+    "." for the directory itself. A rename is ``rename`` of the old name then ``create`` of the
+    new one (when both are in the watched tree).
+    """
+
+    name: str
+    kind: WatchKind
 
 
 # ----------------------------------------------------------------------------- connection
@@ -229,6 +245,27 @@ def _output_event(frame: Frame) -> OutputEvent:
     raise RuntimeFailure(f"agent sent frame type {frame.type} in an output stream")
 
 
+def _watch_event(frame: Frame) -> WatchEvent | None:
+    """The event in ``frame``; None for the END that closes the stream."""
+    if frame.type == FrameType.END:
+        return None
+    if frame.type == FrameType.ERROR:
+        raise _error_from(frame.fields())
+    if frame.type != FrameType.EVENT:
+        raise RuntimeFailure(f"agent sent frame type {frame.type} in a watch stream")
+    fields = frame.fields()
+    kind = fields.text(Field.KIND)
+    if kind not in _WATCH_KINDS:
+        raise RuntimeFailure(f"agent sent an unknown watch event kind {kind[:40]!r}")
+    name = fields.text(Field.NAME)
+    if name != "." and (
+        len(name.encode("utf-8", "surrogateescape")) > _MAX_PATH
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise RuntimeFailure(f"agent sent an invalid watch event name {name[:200]!r}")
+    return WatchEvent(name, cast(WatchKind, kind))
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -339,6 +376,49 @@ class _OutputStream(AsyncGenerator[OutputEvent, None]):
         self._done = True
         if self._conn is not None:
             await self._conn.close()
+
+
+class _WatchStream(AsyncGenerator[WatchEvent, None]):
+    """Events of one watch; ends when the watched directory itself is gone.
+
+    ``aclose`` (or cancelling a pending ``__anext__``, or any error) closes the connection,
+    which ends the agent's helper at once.
+    """
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+        self._done = False
+
+    async def __anext__(self) -> WatchEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = _watch_event(await self._conn.recv())
+        except BaseException:
+            await self.aclose()
+            raise
+        if event is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        return event
+
+    async def asend(self, value: None) -> WatchEvent:
+        return await self.__anext__()
+
+    async def athrow(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = None,
+        tb: TracebackType | None = None,
+    ) -> WatchEvent:
+        await self.aclose()
+        if isinstance(typ, BaseException):
+            raise typ
+        raise typ()
+
+    async def aclose(self) -> None:
+        self._done = True
+        await self._conn.close()
 
 
 # ----------------------------------------------------------------------------- the client
@@ -509,6 +589,29 @@ class AgentClient:
                 yield frame.payload
         finally:
             await conn.close()
+
+    async def watch(
+        self, path: str, *, recursive: bool, beneath: str | None = None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Changes in the directory ``path`` (and with ``recursive`` in every directory below
+        it, including ones made later) from now until the returned stream is closed.
+
+        Returns once the watch is armed: every change after that is reported, in order.
+        A missing path raises NotFoundError, a file InvalidRequestError, as ``stat`` and
+        ``list_dir`` do. The stream raises RuntimeFailure("too many events") if the agent's
+        queue overflowed because it was not read, and ends when the directory is removed.
+        """
+        if not isinstance(recursive, bool):
+            raise InvalidRequestError("recursive must be a boolean")
+        items = [*_path_items(path, beneath), (Field.RECURSIVE, recursive)]
+        conn = await self._open()
+        try:
+            await conn.send(FrameType.WATCH, encode_fields(items))
+            await conn.expect_ok()
+        except BaseException:
+            await conn.close()
+            raise
+        return _WatchStream(conn)
 
     async def write_file(
         self,

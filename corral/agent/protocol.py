@@ -59,6 +59,7 @@ class FrameType(IntEnum):
     REMOVE = 21
     RENAME = 22
     SYMLINK = 23
+    WATCH = 24
     # either direction: raw data and its end
     DATA = 32
     END = 33
@@ -69,6 +70,7 @@ class FrameType(IntEnum):
     STDERR = 131
     EXIT = 132
     ENTRY = 133
+    EVENT = 134
 
 
 class Field(IntEnum):
@@ -108,6 +110,7 @@ class Field(IntEnum):
     STARTED = 34
     VERSION = 35
     PROTOCOL = 36
+    KIND = 37
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)

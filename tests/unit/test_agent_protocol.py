@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
+import corral.agent
 from corral.agent.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -38,6 +41,16 @@ def test_frame_round_trip() -> None:
     assert fields.texts(Field.ARG) == ["echo", "hé"]
     assert fields.opt_bytes(Field.DATA) == b"\x00\xff"
     assert fields.opt_text(Field.CWD) is None and not fields.has(Field.CWD)
+
+
+def test_numbering_is_that_of_agent_c() -> None:
+    """FrameType and Field hold exactly the T_ and F_ enums of agent.c, name for name."""
+    src = (Path(corral.agent.__file__).parent / "agent.c").read_text()
+    frames = {m[1]: int(m[2]) for m in re.finditer(r"\bT_([A-Z_]+) = (\d+)", src)}
+    fields = {m[1]: int(m[2]) for m in re.finditer(r"\bF_([A-Z_]+) = (\d+)", src)}
+    assert frames == {t.name: t.value for t in FrameType}
+    assert fields == {f.name: f.value for f in Field}
+    assert (FrameType.WATCH, FrameType.EVENT, Field.KIND) == (24, 134, 37)
 
 
 def test_field_encoding_details() -> None:
