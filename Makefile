@@ -18,7 +18,9 @@ STAMP := $(VENV)/.corral-installed
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install deps venv agent templates run test pytest lint bench
+E2B_NODE := tests/integration/e2b_node
+
+.PHONY: help install deps venv agent templates run test pytest lint bench e2b-node
 
 help:
 	@echo "make install    apt packages, .venv with corral, the in-sandbox agent"
@@ -51,8 +53,14 @@ templates: venv
 run: install templates
 	exec $(VENV)/bin/corral server --listen $(LISTEN) --data-dir $(DATA_DIR)
 
+# The e2b npm package at the version its lock file pins, for the JS compatibility test.
+$(E2B_NODE)/node_modules/.package-lock.json: $(E2B_NODE)/package-lock.json | deps
+	cd $(E2B_NODE) && npm ci --no-audit --no-fund --loglevel=error
+
+e2b-node: $(E2B_NODE)/node_modules/.package-lock.json
+
 # Tests reuse the templates built above instead of building their own.
-pytest: install templates
+pytest: install templates e2b-node
 	rc=0; CORRAL_TEST_DATA_DIR=$(DATA_DIR) timeout --signal=INT --kill-after=60 $(PYTEST_TIMEOUT) \
 		$(VENV)/bin/pytest -q || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc

@@ -8,6 +8,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +16,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_LISTEN",
     "BuildConfig",
+    "E2BConfig",
     "Limits",
     "NetworkConfig",
     "ServerConfig",
@@ -144,6 +146,15 @@ class BuildConfig(BaseModel):
     max_context_mb: int = 2048
 
 
+class E2BConfig(BaseModel):
+    """The E2B-compatible API (docs/e2b.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The tier of sandboxes created through it: E2B's API has no way to ask for one.
+    isolation: Literal["container", "microvm"] = "container"
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -160,6 +171,7 @@ class ServerConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     builds: BuildConfig = Field(default_factory=BuildConfig)
+    e2b: E2BConfig = Field(default_factory=E2BConfig)
 
     @classmethod
     def load(cls, path: Path | None, **overrides: object) -> ServerConfig:

@@ -41,6 +41,12 @@ for pkg in "${PACKAGES[@]}"; do
     fi
 done
 
+# Node.js runs the E2B JS SDK's compatibility test. A node already on PATH (a newer one than
+# Debian's, say) is kept; only a host without one gets Debian's.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    missing+=(nodejs npm)
+fi
+
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "install-deps.sh: all ${#PACKAGES[@]} packages present"
     exit 0

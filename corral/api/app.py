@@ -13,7 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
+from corral.api import e2b
 from corral.api.deps import Caller, Svc
+from corral.api.errors import validation_message
 from corral.api.routes import (
     files,
     pools,
@@ -49,17 +51,6 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request"
-
-
 def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
     """Build the app; services start with the app's lifespan and stop with it."""
 
@@ -84,7 +75,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "invalid_request", _validation_message(exc))
+        return _error(400, "invalid_request", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -112,6 +103,8 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
         templates.router,
         tenants.router,
         ports.router,
+        e2b.control_router,
+        e2b.envd_router,
     ):
         app.include_router(r)
     if config.network.ingress_domain:

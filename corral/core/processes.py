@@ -126,16 +126,23 @@ class ProcessService:
         self._sandboxes = sandboxes
 
     def _request(
-        self, sandbox_id: str, cmd: ExecCommand, *, pty: tuple[int, int] | None = None
+        self,
+        sandbox_id: str,
+        cmd: ExecCommand,
+        *,
+        pty: tuple[int, int] | None = None,
+        stdin: bool | None = None,
     ) -> ExecRequest:
         cwd, user = self._sandboxes.exec_defaults(sandbox_id)
+        if stdin is None:
+            stdin = cmd.background or cmd.stdin is not None or pty is not None
         return ExecRequest(
             argv=cmd.argv(),
             cwd=cmd.cwd if cmd.cwd is not None else cwd,
             env=dict(cmd.env),
             user=cmd.user if cmd.user is not None else user,
             pty=pty,
-            stdin=cmd.background or cmd.stdin is not None or pty is not None,
+            stdin=stdin,
             tag=cmd.tag,
         )
 
@@ -155,9 +162,21 @@ class ProcessService:
             pid, _guard(agent, pid, events, cmd.timeout, self._sandboxes.busy(sandbox_id))
         )
 
-    async def start_background(self, who: Principal, sandbox_id: str, cmd: ExecCommand) -> int:
+    async def start_background(
+        self,
+        who: Principal,
+        sandbox_id: str,
+        cmd: ExecCommand,
+        *,
+        pty: tuple[int, int] | None = None,
+        stdin: bool = True,
+    ) -> int:
+        """Start a process that runs on whether or not anyone follows it; ``stdin=False``
+        gives it a stdin at end-of-file (it cannot be written to)."""
+        if pty is not None:
+            _check_size(*pty)
         agent = await self._sandboxes.agent(who, sandbox_id)
-        pid = await agent.spawn(self._request(sandbox_id, cmd))
+        pid = await agent.spawn(self._request(sandbox_id, cmd, pty=pty, stdin=stdin))
         if cmd.stdin is not None:
             try:
                 await _feed(agent, pid, cmd.stdin.encode(), eof=True)
@@ -182,10 +201,7 @@ class ProcessService:
     async def start_pty(
         self, who: Principal, sandbox_id: str, cmd: ExecCommand, rows: int, cols: int
     ) -> tuple[AgentClient, RunningExec]:
-        if not (1 <= rows <= 1000 and 1 <= cols <= 1000):
-            raise InvalidRequestError(
-                f"pty size must be 1..1000 rows and columns, got {rows}x{cols}"
-            )
+        _check_size(rows, cols)
         agent = await self._sandboxes.agent(who, sandbox_id)
         env = {"TERM": "xterm-256color", **cmd.env}
         req = self._request(sandbox_id, cmd.model_copy(update={"env": env}), pty=(rows, cols))
@@ -220,6 +236,15 @@ class ProcessService:
 
     async def signal(self, who: Principal, sandbox_id: str, pid: int, signo: int) -> None:
         await (await self._sandboxes.agent(who, sandbox_id)).signal(pid, signo)
+
+    async def resize(self, who: Principal, sandbox_id: str, pid: int, rows: int, cols: int) -> None:
+        _check_size(rows, cols)
+        await (await self._sandboxes.agent(who, sandbox_id)).resize(pid, rows, cols)
+
+
+def _check_size(rows: int, cols: int) -> None:
+    if not (1 <= rows <= 1000 and 1 <= cols <= 1000):
+        raise InvalidRequestError(f"pty size must be 1..1000 rows and columns, got {rows}x{cols}")
 
 
 async def _feed(agent: AgentClient, pid: int, data: bytes, *, eof: bool) -> None:

@@ -1077,6 +1077,10 @@ class SandboxService:
     def live_sandbox(self, sandbox_id: str) -> Sandbox | None:
         return self._live.get(sandbox_id)
 
+    def live_sandboxes(self) -> builtins.list[Sandbox]:
+        """Every sandbox that may exist on the host now, warm pools' own excluded."""
+        return [sb for sb in self._live.values() if not _in_pool(sb)]
+
     async def kill(self, who: Principal, sandbox_id: str) -> None:
         sb = await self.get(who, sandbox_id)
         await self._kill(sb.id, reason=None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from corral.config import ServerConfig
 from corral.core.builds import BuildService
+from corral.core.envd import EnvdService
 from corral.core.files import FileService
 from corral.core.lifecycle import LIVE_STATES
 from corral.core.network import NetworkService
@@ -61,6 +62,7 @@ class Services:
     builds: BuildService
     processes: ProcessService
     files: FileService
+    envd: EnvdService
     network: NetworkService | None
 
     @classmethod
@@ -97,6 +99,8 @@ class Services:
         await pools.start()
         builds = BuildService(config, rt, templates, network)
         builds.start()
+        envd = EnvdService(config.data_dir, sandboxes)
+        envd.start()
         return cls(
             config=config,
             store=store,
@@ -109,10 +113,12 @@ class Services:
             builds=builds,
             processes=ProcessService(sandboxes),
             files=FileService(sandboxes),
+            envd=envd,
             network=network,
         )
 
     async def close(self) -> None:
+        await self.envd.stop()
         await self.builds.stop()
         await self.pools.stop()
         await self.sandboxes.stop()
