@@ -10,6 +10,7 @@ from corral.core.builds import BuildService
 from corral.core.envd import EnvdService
 from corral.core.files import FileService
 from corral.core.lifecycle import LIVE_STATES
+from corral.core.metrics import MetricsService
 from corral.core.network import NetworkService
 from corral.core.pools import PoolService
 from corral.core.processes import ProcessService
@@ -63,6 +64,7 @@ class Services:
     processes: ProcessService
     files: FileService
     envd: EnvdService
+    metrics: MetricsService
     network: NetworkService | None
 
     @classmethod
@@ -101,6 +103,8 @@ class Services:
         builds.start()
         envd = EnvdService(config.data_dir, sandboxes)
         envd.start()
+        metrics = MetricsService(rt, sandboxes.live_sandboxes)
+        metrics.start()
         return cls(
             config=config,
             store=store,
@@ -114,10 +118,12 @@ class Services:
             processes=ProcessService(sandboxes),
             files=FileService(sandboxes),
             envd=envd,
+            metrics=metrics,
             network=network,
         )
 
     async def close(self) -> None:
+        await self.metrics.stop()
         await self.envd.stop()
         await self.builds.stop()
         await self.pools.stop()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Runtime", "SandboxSpec"]
+__all__ = ["Runtime", "SandboxSpec", "Usage"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,19 @@ class SandboxSpec:
     netns: Path | None = None
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What one sandbox uses right now, as its tier can best tell (each tier's ``usage`` says
+    where every figure comes from). Memory and disk in bytes."""
+
+    cpu_seconds: float  # CPU time used so far, cumulative (as ``Runtime.cpu_seconds``)
+    memory_used: int  # what its processes (and the kernel for them) use, page cache excluded
+    memory_cache: int  # page cache charged to it (tmpfs and shared memory included)
+    memory_total: int  # the most it may use: its memory limit
+    disk_used: int  # of its writable disk, what ``df`` inside would call used
+    disk_total: int  # and what ``df`` inside would call its size
+
+
 @runtime_checkable
 class Runtime(Protocol):
     """One isolation tier. Every method is safe to call concurrently for different sandboxes."""
@@ -75,6 +88,10 @@ class Runtime(Protocol):
 
     async def cpu_seconds(self, sandbox_id: str) -> float:
         """CPU time every process of the sandbox has used so far (for idle detection)."""
+        ...
+
+    async def usage(self, sandbox_id: str) -> Usage:
+        """CPU, memory and disk it uses now (running or paused; else SandboxNotRunningError)."""
         ...
 
     async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:

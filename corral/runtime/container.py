@@ -60,7 +60,7 @@ from corral.host.process import start_time
 from corral.host.runc import Runc
 from corral.host.uidrange import SlotAllocator
 from corral.host.userns import open_userns, open_userns_with_netns
-from corral.runtime.base import SandboxSpec
+from corral.runtime.base import SandboxSpec, Usage
 from corral.runtime.oci import AGENT_PATH, IsolationProfile, build_config
 from corral.runtime.undo import undone_on_failure
 
@@ -781,6 +781,58 @@ class ContainerRuntime:
                 except (OSError, ValueError) as exc:
                     raise RuntimeFailure(f"cpu usage of {sandbox_id}: {exc}") from exc
         raise SandboxNotRunningError(f"sandbox {sandbox_id} has no cpuacct cgroup on this host")
+
+    async def usage(self, sandbox_id: str) -> Usage:
+        """From the sandbox's cgroups and its disk, all kernel counters (a few small reads, no
+        process; a frozen sandbox answers the same):
+
+        - ``cpu_seconds``: ``cpuacct.usage``;
+        - ``memory_used``: ``memory.usage_in_bytes`` less the file-backed page cache
+          (``total_active_file`` + ``total_inactive_file`` of ``memory.stat``), i.e. its
+          processes' anonymous memory, tmpfs/shared memory (it cannot be dropped: there is no
+          swap) and the kernel memory charged for them: what counts against the limit and the
+          kernel cannot reclaim;
+        - ``memory_cache``: ``total_cache`` (page cache, tmpfs included);
+        - ``memory_total``: ``memory.limit_in_bytes`` (the spec's ``memory_mb``);
+        - ``disk_used``/``disk_total``: ``statvfs`` of its disk (the ext4 image holding its
+          overlay's upper layer, the hard ``disk_mb`` limit), which is exactly what ``df /``
+          says inside: overlayfs reports its upper filesystem. The total is ``disk_mb`` less
+          ext4's own metadata (journal, inode tables).
+        """
+        self._check_id(sandbox_id)
+        meta = self._read_meta(sandbox_id)
+        cgroups = [Path(d) for d in meta.get("cgroups", [])]
+        cpuacct = next((d for d in cgroups if (d / "cpuacct.usage").exists()), None)
+        memory = next((d for d in cgroups if (d / "memory.stat").exists()), None)
+        if meta.get("hibernated") or cpuacct is None or memory is None:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running on this host")
+        disk = self._dir(sandbox_id) / "disk"
+        try:
+            cpu = int((cpuacct / "cpuacct.usage").read_text()) / 1e9
+            charged = int((memory / "memory.usage_in_bytes").read_text())
+            limit = int((memory / "memory.limit_in_bytes").read_text())
+            stat: dict[str, int] = {}
+            for line in (memory / "memory.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                stat[name] = int(value)
+            fs = os.statvfs(disk)
+        except FileNotFoundError as exc:  # destroyed or hibernated meanwhile
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running") from exc
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"usage of {sandbox_id}: {exc}") from exc
+        # Checked after the statvfs: a disk unmounted before it was the data dir's filesystem.
+        if not os.path.ismount(disk) or not await self.is_running(sandbox_id):
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
+        file_cache = stat.get("total_active_file", 0) + stat.get("total_inactive_file", 0)
+        return Usage(
+            cpu_seconds=cpu,
+            # usage_in_bytes lags memory.stat by a few per-CPU charge batches: never below 0.
+            memory_used=max(0, charged - file_cache),
+            memory_cache=stat.get("total_cache", 0),
+            memory_total=limit,
+            disk_used=(fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+            disk_total=fs.f_blocks * fs.f_frsize,
+        )
 
     async def is_running(self, sandbox_id: str) -> bool:
         self._check_id(sandbox_id)

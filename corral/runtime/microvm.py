@@ -34,6 +34,7 @@ import re
 import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -53,7 +54,7 @@ from corral.host.cgroups import remove_cgroup_tree, sandbox_cgroup_dirs
 from corral.host.pool import Pool, clone_file
 from corral.host.process import cpu_seconds, start_time
 from corral.host.uidrange import SlotAllocator
-from corral.runtime.base import SandboxSpec
+from corral.runtime.base import SandboxSpec, Usage
 from corral.runtime.undo import undone_on_failure
 from corral.vm.guest import (
     GuestKernel,
@@ -272,6 +273,92 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+# The guest's root filesystem: the ext4 on its disk, which corral's init mounts from /dev/vda.
+_GUEST_DISK = "vda"
+# How long ``usage`` waits for QEMU's status and then for the guest's agent before it falls
+# back to what it knew (a snapshot or hibernation holds QMP for as long as its save lasts).
+_USAGE_TIMEOUT_S = 2.0
+_EXT4_MAGIC = 0xEF53
+_EXT4_64BIT = 0x80
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ext4Geometry:
+    """What ``statfs`` of an ext4 reports as its size: ``blocks`` less ``overhead`` (journal,
+    inode tables, bitmaps, superblock copies), in ``block_size`` units."""
+
+    block_size: int
+    blocks: int
+    overhead: int
+
+    @property
+    def size(self) -> int:
+        return (self.blocks - self.overhead) * self.block_size
+
+
+def _ext4_geometry(image: Path) -> _Ext4Geometry | None:
+    """The geometry in the superblock of the raw ext4 image ``image`` (None when it is none).
+
+    mke2fs since 1.46.5 records the overhead; an older image's is taken as 0 (its figures
+    then count the metadata as used, and in the size), as the kernel computes it at mount.
+    """
+    try:
+        with open(image, "rb") as f:
+            f.seek(1024)
+            sb = f.read(1024)
+    except OSError:
+        return None
+    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != _EXT4_MAGIC:
+        return None
+    log_block, log_cluster = struct.unpack_from("<II", sb, 0x18)
+    if log_cluster != log_block:
+        return None  # bigalloc: counts in clusters, which mb_groups does not say
+    blocks = struct.unpack_from("<I", sb, 0x04)[0]
+    if struct.unpack_from("<I", sb, 0x60)[0] & _EXT4_64BIT:
+        blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+    overhead = struct.unpack_from("<I", sb, 0x248)[0]
+    return _Ext4Geometry(1024 << log_block, blocks, overhead)
+
+
+def _meminfo(text: str) -> dict[str, int]:
+    """``/proc/meminfo`` as bytes per name."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            out[name.strip()] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return out
+
+
+def _free_blocks(mb_groups: str) -> int:
+    """Free blocks of an ext4, the sum over its block groups in ``/proc/fs/ext4/<dev>/mb_groups``
+    (``#<group> : <free> <frags> <first> [ ... ]``; the first line is a header)."""
+    free = 0
+    groups = 0
+    for line in mb_groups.splitlines()[1:]:
+        found = re.match(r"#\s*\d+\s*:\s*(\d+)\s", line)
+        if found is None:
+            raise ValueError(f"unexpected mb_groups line {line[:80]!r}")
+        free += int(found.group(1))
+        groups += 1
+    if not groups:
+        raise ValueError("mb_groups lists no block group")
+    return free
+
+
+def _rss(pid: int) -> int | None:
+    """Resident memory of ``pid`` (VmRSS), in bytes."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _enter_cgroups(pid: int, cgroups: list[Path]) -> None:
     for d in cgroups:
         (d / "cgroup.procs").write_text(str(pid))  # v1 moves every thread of the process
@@ -316,6 +403,9 @@ class MicroVMRuntime:
         self._locks: dict[str, asyncio.Lock] = {}
         self._warm_locks: dict[str, asyncio.Lock] = {}
         self._images_seen: dict[tuple[object, ...], tuple[Path, Path]] = {}
+        # Per sandbox, the last usage its guest reported, and for which QEMU (pid, start time).
+        self._last_usage: dict[str, tuple[tuple[int, object], Usage]] = {}
+        self._geometries: dict[Path, _Ext4Geometry | None] = {}
         self.warm = warm
         self.last_create_timings: dict[str, float] = {}
 
@@ -830,6 +920,7 @@ class MicroVMRuntime:
     async def _teardown(self, sid: str, *, keep_disk: bool = False) -> None:
         """Kill QEMU and remove every trace of ``sid``; ``keep_disk``: all but its disk, saved
         memory and settings (hibernation)."""
+        self._last_usage.pop(sid, None)
         mux = self._muxes.pop(sid, None)
         if mux is not None:
             await mux.close()
@@ -893,6 +984,166 @@ class MicroVMRuntime:
         if used is None:
             raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
         return used
+
+    async def usage(self, sandbox_id: str) -> Usage:
+        """What the VM uses. ``cpu_seconds`` is always QEMU's own CPU time (as ``cpu_seconds``:
+        the vCPUs, device emulation and, under TCG, translation). The rest is the guest's own
+        view, read through its agent (three small file reads, no process started):
+
+        - memory, from the guest's ``/proc/meminfo``: ``memory_total`` is ``MemTotal`` (the
+          VM's RAM less what its kernel reserved for itself: a few % under ``memory_mb``),
+          ``memory_used`` is ``MemTotal - MemAvailable`` (what ``free`` calls used: processes,
+          tmpfs and the kernel's unreclaimable memory), ``memory_cache`` is ``Cached``;
+        - disk, what ``df /`` inside says: the root ext4's free blocks summed over its block
+          groups (``/proc/fs/ext4/vda/mb_groups``) less the blocks promised to writes not yet
+          allocated (``/sys/fs/ext4/vda/delayed_allocation_blocks``), against its size (blocks
+          less metadata overhead) from the superblock of the template image it was made from.
+          Space freed inside shows once the guest's journal commits (within ~5 s).
+
+        When the guest cannot answer (paused, or QEMU busy saving it for a snapshot) the last
+        values it gave for this QEMU are returned, which a stopped guest cannot have changed. With none yet (paused since before this server started): host-side figures,
+        ``memory_used`` the QEMU process's RSS, ``memory_cache`` 0, ``memory_total`` the VM's
+        RAM, ``disk_used`` what the VM's own disk overlay holds on the host (what it wrote
+        since it was cloned from its template, not the template's files), ``disk_total`` as
+        above. A disk whose figures cannot be read in the guest (another kernel, no ext4
+        root) gets the same host-side disk figures.
+        """
+        self._check_id(sandbox_id)
+        meta = self._meta(sandbox_id)
+        pid, start = meta.get("pid"), meta.get("start")
+        if not isinstance(pid, int) or not isinstance(start, int) or start_time(pid) != start:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
+        if _loading(meta):  # not a running VM yet (see ``is_running``)
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is still loading its state")
+        cpu = cpu_seconds(pid, os.sysconf("SC_CLK_TCK"))
+        if cpu is None:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
+        qemu = (pid, start)
+        fresh: Usage | None = None
+        if await self._vcpus_running(sandbox_id):
+            fresh = await self._guest_usage(sandbox_id, meta)
+        if fresh is not None:
+            self._last_usage[sandbox_id] = (qemu, fresh)
+        else:
+            last = self._last_usage.get(sandbox_id)
+            if last is not None and last[0] == qemu:
+                fresh = last[1]
+            else:
+                fresh = await asyncio.to_thread(self._host_usage, sandbox_id, meta, pid)
+        return replace(fresh, cpu_seconds=cpu)
+
+    def _root_image(self, meta: dict[str, Any]) -> Path | None:
+        """The VM's lowest backing image: the template's raw ext4, which the guest's disk (the
+        overlays above it) only changes within."""
+        backing = meta.get("backing") or []
+        return Path(backing[-1]) if backing and isinstance(backing[-1], str) else None
+
+    def _geometry(self, meta: dict[str, Any]) -> _Ext4Geometry | None:
+        """The geometry of the VM's root filesystem (read once per template image)."""
+        image = self._root_image(meta)
+        if image is None:
+            return None
+        if image not in self._geometries:
+            self._geometries[image] = _ext4_geometry(image)
+        return self._geometries[image]
+
+    async def _vcpus_running(self, sid: str) -> bool:
+        """Whether the guest runs (and so can answer), per QEMU; False when QEMU does not tell
+        in time (a save holds its monitor)."""
+        try:
+            status = await asyncio.wait_for(
+                Qmp(self._sock(sid, "qmp")).execute("query-status"), _USAGE_TIMEOUT_S
+            )
+        except (CorralError, OSError, TimeoutError):
+            return False
+        return isinstance(status, dict) and status.get("status") == "running"
+
+    async def _guest_usage(self, sid: str, meta: dict[str, Any]) -> Usage | None:
+        """Memory and disk as the guest sees them (``cpu_seconds`` left 0); None when its agent
+        does not answer in time. A disk it cannot describe gets the host-side figures."""
+        from corral.agent import AgentClient
+
+        client = AgentClient(lambda: self.open_agent(sid))
+
+        async def read(path: str) -> str:
+            chunks = client.read_file(path)
+            try:
+                return b"".join([c async for c in chunks]).decode(errors="replace")
+            finally:
+                await chunks.aclose()
+
+        try:
+            meminfo, groups, delayed = await asyncio.wait_for(
+                asyncio.gather(
+                    read("/proc/meminfo"),
+                    read(f"/proc/fs/ext4/{_GUEST_DISK}/mb_groups"),
+                    read(f"/sys/fs/ext4/{_GUEST_DISK}/delayed_allocation_blocks"),
+                    return_exceptions=True,
+                ),
+                _USAGE_TIMEOUT_S,
+            )
+        except TimeoutError:
+            return None
+        if isinstance(meminfo, BaseException):
+            if isinstance(meminfo, (CorralError, OSError, asyncio.IncompleteReadError)):
+                return None
+            raise meminfo
+        memory = _meminfo(meminfo)
+        if "MemTotal" not in memory or "MemAvailable" not in memory:
+            return None
+        disk: tuple[int, int] | None = None
+        geometry = await asyncio.to_thread(self._geometry, meta)
+        if geometry is not None and isinstance(groups, str) and isinstance(delayed, str):
+            try:
+                free = _free_blocks(groups) - int(delayed.strip())
+            except ValueError:
+                pass
+            else:
+                total = geometry.size
+                disk = (max(0, min(total, total - free * geometry.block_size)), total)
+        if disk is None:
+            disk = await asyncio.to_thread(self._host_disk, sid, meta)
+        return Usage(
+            cpu_seconds=0.0,
+            memory_used=max(0, memory["MemTotal"] - memory["MemAvailable"]),
+            memory_cache=memory.get("Cached", 0),
+            memory_total=memory["MemTotal"],
+            disk_used=disk[0],
+            disk_total=disk[1],
+        )
+
+    def _host_disk(self, sid: str, meta: dict[str, Any]) -> tuple[int, int]:
+        """(bytes the VM's own disk overlay holds on the host, the disk's size as ``df`` inside
+        says, or the template image's size when its filesystem cannot be read)."""
+        try:
+            used = (self._dir(sid) / "disk.qcow2").stat().st_blocks * 512
+        except FileNotFoundError as exc:
+            raise SandboxNotRunningError(f"sandbox {sid} has no disk on this host") from exc
+        geometry = self._geometry(meta)
+        if geometry is not None:
+            return used, geometry.size
+        image = self._root_image(meta)
+        try:
+            return used, image.stat().st_size if image is not None else 0
+        except OSError:
+            return used, 0
+
+    def _host_usage(self, sid: str, meta: dict[str, Any], pid: int) -> Usage:
+        """Memory and disk as the host sees them (``cpu_seconds`` left 0)."""
+        rss = _rss(pid)
+        if rss is None:
+            raise SandboxNotRunningError(f"sandbox {sid} is not running")
+        shape = meta.get("shape") or {}
+        memory_mb = shape.get("memory_mb") if isinstance(shape, dict) else None
+        used, total = self._host_disk(sid, meta)
+        return Usage(
+            cpu_seconds=0.0,
+            memory_used=rss,
+            memory_cache=0,
+            memory_total=memory_mb * 1024 * 1024 if isinstance(memory_mb, int) else rss,
+            disk_used=used,
+            disk_total=total,
+        )
 
     # ------------------------------------------------------------------ saved VM states
     async def _save(self, qmp_socket: Path, target: Path) -> None:

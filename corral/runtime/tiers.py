@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from corral.errors import InvalidRequestError, SandboxNotRunningError
-from corral.runtime.base import Runtime, SandboxSpec
+from corral.runtime.base import Runtime, SandboxSpec, Usage
 
 __all__ = ["TieredRuntime"]
 
@@ -78,6 +78,9 @@ class TieredRuntime:
 
     async def cpu_seconds(self, sandbox_id: str) -> float:
         return await (await self._for(sandbox_id)).cpu_seconds(sandbox_id)
+
+    async def usage(self, sandbox_id: str) -> Usage:
+        return await (await self._for(sandbox_id)).usage(sandbox_id)
 
     async def hibernate(self, sandbox_id: str, *, keep_memory: bool = True) -> None:
         await (await self._for(sandbox_id)).hibernate(sandbox_id, keep_memory=keep_memory)

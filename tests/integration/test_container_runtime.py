@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -225,3 +226,85 @@ async def test_concurrent_creates_get_distinct_ranges(
         assert maps == {str(h) for h in hosts}
     finally:
         await asyncio.gather(*(rt.destroy(i) for i in ids))
+
+
+async def _df(runtime: object, sid: str) -> tuple[int, int]:
+    """(used, size) bytes of / as ``df`` inside the sandbox says."""
+    res = await sandbox_run(runtime, sid, ["/bin/df", "-k", "/"])
+    assert res.exit_code == 0, res
+    fields = res.out.splitlines()[-1].split()
+    return int(fields[2]) * 1024, int(fields[1]) * 1024
+
+
+async def test_usage_follows_memory_and_disk(
+    container_runtime: ContainerRuntime, minimal_rootfs: Path
+) -> None:
+    from corral.agent import AgentClient, ExecRequest
+
+    rt, sid, mib = container_runtime, "it-usage", 1024 * 1024
+    await rt.create(SandboxSpec(sid, (minimal_rootfs,), memory_mb=256, disk_mb=256))
+    try:
+        before = await rt.usage(sid)
+        assert before.memory_total == 256 * mib
+        assert 0.85 * 256 * mib < before.disk_total <= 256 * mib
+        assert 0 < before.memory_used < 32 * mib and before.cpu_seconds > 0
+        # The disk as df inside sees it (overlayfs reports its upper filesystem).
+        df_used, df_size = await _df(rt, sid)
+        assert df_size == before.disk_total
+        assert abs(df_used - (await rt.usage(sid)).disk_used) < mib
+
+        # 64 MiB held by a process (dd's buffer, stuck writing into a pipe nobody reads).
+        client = AgentClient(lambda: rt.open_agent(sid))
+        await client.spawn(
+            ExecRequest(argv=["/bin/sh", "-c", "dd if=/dev/zero bs=64M count=1 | sleep 600"])
+        )
+        for _ in range(200):
+            held = await rt.usage(sid)
+            if held.memory_used >= before.memory_used + 60 * mib:
+                break
+            await asyncio.sleep(0.05)
+        assert before.memory_used + 60 * mib <= held.memory_used < before.memory_used + 80 * mib
+        assert held.cpu_seconds > before.cpu_seconds
+
+        # A 20 MiB file: on the disk, and in the page cache charged to the sandbox (not "used").
+        res = await sandbox_run(
+            rt, sid, ["/bin/sh", "-c", "dd if=/dev/urandom of=/root/blob bs=1M count=20 && sync"]
+        )
+        assert res.exit_code == 0, res
+        wrote = await rt.usage(sid)
+        assert 20 * mib <= wrote.disk_used - before.disk_used < 24 * mib
+        assert wrote.disk_total == before.disk_total
+        assert wrote.memory_cache >= before.memory_cache + 18 * mib
+        assert wrote.memory_used < held.memory_used + 8 * mib
+        df_used, _ = await _df(rt, sid)
+        assert abs(df_used - wrote.disk_used) < mib
+
+        # A paused sandbox answers the same; nothing moves while frozen (but the kernel's
+        # per-CPU charge batches, a few hundred KiB).
+        await rt.pause(sid)
+        try:
+            paused = await rt.usage(sid)
+            await asyncio.sleep(0.3)
+            later = await rt.usage(sid)
+            assert dataclasses.replace(later, memory_used=0) == dataclasses.replace(
+                paused, memory_used=0
+            )
+            assert abs(later.memory_used - paused.memory_used) < mib
+            assert paused.memory_used >= before.memory_used + 60 * mib
+        finally:
+            await rt.resume(sid)
+
+        # Memory freed and a file removed show at once.
+        res = await sandbox_run(rt, sid, ["/bin/sh", "-c", "killall dd; rm /root/blob; sync"])
+        assert res.exit_code == 0, res
+        for _ in range(100):
+            after = await rt.usage(sid)
+            if after.memory_used < before.memory_used + 16 * mib:
+                break
+            await asyncio.sleep(0.05)
+        assert after.memory_used < before.memory_used + 16 * mib
+        assert after.disk_used < before.disk_used + 2 * mib
+    finally:
+        await rt.destroy(sid)
+    with pytest.raises(SandboxNotRunningError):
+        await rt.usage(sid)

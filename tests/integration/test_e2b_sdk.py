@@ -276,6 +276,24 @@ def test_watch_dir(sbx: Sandbox) -> None:
         handle.stop()
 
 
+def test_metrics(sbx: Sandbox) -> None:
+    first = sbx.get_metrics()
+    assert len(first) >= 1
+    m = first[-1]
+    assert m.mem_total == 512 << 20 and 0 < m.mem_used < m.mem_total
+    assert 0 < m.disk_used < m.disk_total <= 2048 << 20
+    assert m.cpu_count == 1
+    # Sampled every 5 s from then on: a busy loop shows up as CPU use.
+    sbx.commands.run("timeout 7 sh -c 'while :; do :; done' >/dev/null 2>&1 &", user="root")
+    deadline = time.monotonic() + 20
+    series = first
+    while time.monotonic() < deadline and not any(x.cpu_used_pct > 20 for x in series):
+        time.sleep(1)
+        series = sbx.get_metrics()
+    assert any(x.cpu_used_pct > 20 for x in series), series
+    assert [x.timestamp for x in series] == sorted(x.timestamp for x in series)
+
+
 def test_set_timeout_and_expiry(e2b_env: str) -> None:
     s = Sandbox.create(timeout=600)
     try:
@@ -286,6 +304,23 @@ def test_set_timeout_and_expiry(e2b_env: str) -> None:
         assert not s.is_running()
         with pytest.raises(SandboxNotRunningException):
             s.commands.run("true")
+    finally:
+        s.kill()
+
+
+def test_timeout_pauses_and_traffic_resumes_with_lifecycle(e2b_env: str) -> None:
+    s = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        s.files.write("/tmp/kept.txt", "kept")
+        deadline = time.monotonic() + 30
+        while Sandbox.get_info(s.sandbox_id).state.value != "paused":
+            assert time.monotonic() < deadline, "the timeout did not pause the sandbox"
+            time.sleep(0.3)
+        lifecycle = Sandbox.get_info(s.sandbox_id).lifecycle
+        assert lifecycle == {"auto_resume": True, "on_timeout": "pause"}
+        # auto_resume: the next request wakes it, files intact.
+        assert s.files.read("/tmp/kept.txt") == "kept"
+        assert Sandbox.get_info(s.sandbox_id).state.value == "running"
     finally:
         s.kill()
 

@@ -369,3 +369,74 @@ def test_the_accelerator_probe_times_a_real_boot(vm_data_dir: Path) -> None:
         assert (accel, "PVM" in reason) == ("tcg", True)
     rt = MicroVMRuntime(vm_data_dir, Path("/nonexistent"))
     assert rt.describe() == {"accelerator": rt.accel, "accelerator_reason": rt.accel_reason}
+
+
+async def _df(rt: MicroVMRuntime, sid: str) -> tuple[int, int]:
+    """(used, size) bytes of / as ``df`` inside the guest says."""
+    res = await sandbox_run(rt, sid, ["/bin/df", "-k", "/"])
+    assert res.exit_code == 0, res
+    fields = res.out.splitlines()[-1].split()
+    return int(fields[2]) * 1024, int(fields[1]) * 1024
+
+
+async def test_usage_is_the_guests_own_view(
+    vm_runtime: MicroVMRuntime, minimal_rootfs: Path, agent_binary: Path
+) -> None:
+    from corral.agent import AgentClient, ExecRequest
+
+    rt, sid, mib = vm_runtime, "vm-usage", 1024 * 1024
+    await rt.create(_spec(sid, minimal_rootfs))
+    try:
+        before = await rt.usage(sid)
+        # The guest's MemTotal: the VM's 512 MiB less what its kernel keeps for itself.
+        assert 0.85 * 512 * mib < before.memory_total <= 512 * mib
+        assert 0 < before.memory_used < 128 * mib and before.cpu_seconds > 0
+        assert 0.9 * 1024 * mib < before.disk_total <= 1024 * mib
+        df_used, df_size = await _df(rt, sid)
+        assert df_size == before.disk_total
+        assert abs(df_used - (await rt.usage(sid)).disk_used) < mib
+
+        client = AgentClient(lambda: rt.open_agent(sid))
+        await client.spawn(
+            ExecRequest(argv=["/bin/sh", "-c", "dd if=/dev/zero bs=64M count=1 | sleep 600"])
+        )
+        for _ in range(300):
+            held = await rt.usage(sid)
+            if held.memory_used >= before.memory_used + 60 * mib:
+                break
+            await asyncio.sleep(0.1)
+        assert before.memory_used + 60 * mib <= held.memory_used < before.memory_used + 90 * mib
+
+        res = await sandbox_run(
+            rt, sid, ["/bin/sh", "-c", "dd if=/dev/urandom of=/root/blob bs=1M count=20 && sync"]
+        )
+        assert res.exit_code == 0, res
+        wrote = await rt.usage(sid)
+        assert 20 * mib <= wrote.disk_used - before.disk_used < 24 * mib
+        assert wrote.memory_cache >= before.memory_cache + 18 * mib
+        df_used, _ = await _df(rt, sid)
+        assert abs(df_used - wrote.disk_used) < mib
+
+        # Paused, the guest cannot answer: the last figures it gave (a stopped guest cannot have
+        # changed them); a server that never asked it before gets the host's (QEMU's RSS).
+        last = await rt.usage(sid)
+        await rt.pause(sid)
+        try:
+            paused = await rt.usage(sid)
+            assert replace(paused, cpu_seconds=0) == replace(last, cpu_seconds=0)
+            other = MicroVMRuntime(rt.data_dir, agent_binary)
+            try:
+                host = await other.usage(sid)
+            finally:
+                await other.close()
+            assert host.memory_total == 512 * mib and host.memory_cache == 0
+            assert host.memory_used >= held.memory_used  # guest RAM it touched, and QEMU's own
+            assert host.disk_total == before.disk_total
+            assert host.disk_used >= 20 * mib  # the clone's own overlay holds what it wrote
+        finally:
+            await rt.resume(sid)
+        assert (await rt.usage(sid)).cpu_seconds >= paused.cpu_seconds
+    finally:
+        await rt.destroy(sid)
+    with pytest.raises(SandboxNotRunningError):
+        await rt.usage(sid)

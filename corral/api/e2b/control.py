@@ -455,6 +455,37 @@ async def update_network(sandbox_id: str, body: _Network, who: Caller, svc: Svc)
     return Response(status_code=204)
 
 
+@router.get("/sandboxes/{sandbox_id}/metrics")
+async def metrics(
+    sandbox_id: str,
+    who: Caller,
+    svc: Svc,
+    start: Annotated[int | None, Query(ge=0)] = None,
+    end: Annotated[int | None, Query(ge=0)] = None,
+) -> Response:
+    """CPU, memory and disk samples, every 5 s from the first time they are asked for."""
+    sb = await svc.sandboxes.get(who, sandbox_id)
+    if sb.state in (SandboxState.STOPPED, SandboxState.STOPPING, SandboxState.ERROR):
+        raise NotFoundError(f"sandbox {sandbox_id} is {sb.state.value}")
+    samples = await svc.metrics.series(sb, start, end)
+    return JSONResponse(
+        [
+            {
+                "timestamp": _iso(datetime.fromtimestamp(m.at, UTC)),
+                "timestampUnix": int(m.at),
+                "cpuCount": m.cpu_count,
+                "cpuUsedPct": m.cpu_used_pct,
+                "memUsed": m.memory_used,
+                "memTotal": m.memory_total,
+                "memCache": m.memory_cache,
+                "diskUsed": m.disk_used,
+                "diskTotal": m.disk_total,
+            }
+            for m in samples
+        ]
+    )
+
+
 # ----------------------------------------------------------------------------- snapshots
 
 

@@ -720,12 +720,20 @@ async def download(request: Request) -> Response:
     full = EnvdService.resolve(path, await call.user(agent, username))
     chunks = await call.svc.files.read(call.who, call.sandbox_id, full)
     headers = {"Content-Disposition": f'attachment; filename="{posixpath.basename(full)}"'}
-    if "gzip" in request.headers.get("accept-encoding", ""):
+    if _asks_for_gzip(request.headers.get("accept-encoding", "")):
         headers["Content-Encoding"] = "gzip"
         return StreamingResponse(
             _gzipped(chunks), media_type="application/octet-stream", headers=headers
         )
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
+
+
+def _asks_for_gzip(accept: str) -> bool:
+    """Whether the client asked for gzip itself (``files.read(gzip=True)`` sends exactly
+    ``gzip``), not merely allows it as every HTTP library does by default: compressing a file
+    nobody asked to have compressed made a 1 MiB read 4x slower here."""
+    codings = {c.split(";")[0].strip().lower() for c in accept.split(",")} - {"", "identity"}
+    return codings == {"gzip"}
 
 
 async def _gzipped(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
