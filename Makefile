@@ -79,3 +79,4 @@ bench: install templates
 	$(PY) -m bench.bench_pause --templates-from $(DATA_DIR)
 	$(PY) -m bench.bench_snapshot --templates-from $(DATA_DIR)
 	$(PY) -m bench.bench_microvm --templates-from $(DATA_DIR)
+	$(PY) -m bench.bench_e2b --templates-from $(DATA_DIR)
