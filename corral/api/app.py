@@ -78,7 +78,11 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
         return _error(400, "invalid_request", validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if not req.url.path.startswith("/v1/") and req.url.path != "/healthz":
+            # Outside corral's own API an unknown route is one of E2B's that corral lacks; its
+            # SDKs can only read an error in E2B's shape.
+            return e2b.e2b_error(exc.status_code, f"{req.method} {req.url.path}: {exc.detail}")
         return _error(
             exc.status_code, _STATUS_CODES.get(exc.status_code, "internal"), str(exc.detail)
         )

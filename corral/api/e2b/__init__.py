@@ -8,5 +8,6 @@ by the ``E2b-Sandbox-Id`` header. See docs/e2b.md.
 from corral.api.e2b.control import router as control_router
 from corral.api.e2b.envd import ENVD_VERSION
 from corral.api.e2b.envd import router as envd_router
+from corral.api.e2b.errors import e2b_error
 
-__all__ = ["ENVD_VERSION", "control_router", "envd_router"]
+__all__ = ["ENVD_VERSION", "control_router", "e2b_error", "envd_router"]
