@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, cast
+from typing import Literal, TypeVar, cast
 
 from corral.errors import (
     ConflictError,
@@ -331,34 +331,45 @@ def _spawn_payload(req: ExecRequest, attach: bool) -> bytes:
 # ----------------------------------------------------------------------------- output streams
 
 
-class _OutputStream(AsyncGenerator[OutputEvent, None]):
-    """Output events of one process; ends after the exit event.
+_T = TypeVar("_T")
 
-    ``aclose`` drops the stream, which for an exec_stream also makes the agent kill the process
-    group. So does cancelling a pending ``__anext__`` (a frame may be half read): wrap the whole
-    iteration, not single steps, in a timeout if the process should survive it.
-    """
+
+async def _no_start() -> _Conn:
+    """The opener of a stream made on a connection already open."""
+    raise AssertionError("unreachable")
+
+
+class _FrameStream(AsyncGenerator[_T, None]):
+    """Items decoded from the frames of one operation's connection, until ``_item`` says the
+    last one came. ``aclose``, an error, or cancelling a pending ``__anext__`` (a frame may be
+    half read) closes the connection, which is how the host tells the agent it has gone."""
 
     def __init__(self, start: Callable[[], Awaitable[_Conn]], conn: _Conn | None = None) -> None:
         self._start = start
         self._conn = conn
         self._done = False
 
-    async def __anext__(self) -> OutputEvent:
+    def _item(self, frame: Frame) -> tuple[_T | None, bool]:
+        """The frame's item (None: there is none, the stream ends) and whether it is the last."""
+        raise NotImplementedError
+
+    async def __anext__(self) -> _T:
         if self._done:
             raise StopAsyncIteration
         try:
             if self._conn is None:
                 self._conn = await self._start()
-            event = _output_event(await self._conn.recv())
+            item, last = self._item(await self._conn.recv())
         except BaseException:
             await self.aclose()
             raise
-        if event.kind == "exit":
+        if last:
             await self.aclose()
-        return event
+        if item is None:
+            raise StopAsyncIteration
+        return item
 
-    async def asend(self, value: None) -> OutputEvent:
+    async def asend(self, value: None) -> _T:
         return await self.__anext__()
 
     async def athrow(
@@ -366,7 +377,7 @@ class _OutputStream(AsyncGenerator[OutputEvent, None]):
         typ: type[BaseException] | BaseException,
         val: object = None,
         tb: TracebackType | None = None,
-    ) -> OutputEvent:
+    ) -> _T:
         await self.aclose()
         if isinstance(typ, BaseException):
             raise typ
@@ -378,47 +389,25 @@ class _OutputStream(AsyncGenerator[OutputEvent, None]):
             await self._conn.close()
 
 
-class _WatchStream(AsyncGenerator[WatchEvent, None]):
-    """Events of one watch; ends when the watched directory itself is gone.
+class _OutputStream(_FrameStream[OutputEvent]):
+    """Output events of one process; ends after the exit event.
 
-    ``aclose`` (or cancelling a pending ``__anext__``, or any error) closes the connection,
-    which ends the agent's helper at once.
+    Dropping the stream of an exec_stream makes the agent kill the process group: wrap the
+    whole iteration, not single steps, in a timeout if the process should survive it.
     """
 
-    def __init__(self, conn: _Conn) -> None:
-        self._conn = conn
-        self._done = False
+    def _item(self, frame: Frame) -> tuple[OutputEvent | None, bool]:
+        event = _output_event(frame)
+        return event, event.kind == "exit"
 
-    async def __anext__(self) -> WatchEvent:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            event = _watch_event(await self._conn.recv())
-        except BaseException:
-            await self.aclose()
-            raise
-        if event is None:
-            await self.aclose()
-            raise StopAsyncIteration
-        return event
 
-    async def asend(self, value: None) -> WatchEvent:
-        return await self.__anext__()
+class _WatchStream(_FrameStream[WatchEvent]):
+    """Events of one watch; ends when the watched directory itself is gone (closing it ends
+    the agent's helper at once)."""
 
-    async def athrow(
-        self,
-        typ: type[BaseException] | BaseException,
-        val: object = None,
-        tb: TracebackType | None = None,
-    ) -> WatchEvent:
-        await self.aclose()
-        if isinstance(typ, BaseException):
-            raise typ
-        raise typ()
-
-    async def aclose(self) -> None:
-        self._done = True
-        await self._conn.close()
+    def _item(self, frame: Frame) -> tuple[WatchEvent | None, bool]:
+        event = _watch_event(frame)
+        return event, event is None
 
 
 # ----------------------------------------------------------------------------- the client
@@ -516,10 +505,7 @@ class AgentClient:
             await conn.close()
             raise
 
-        async def never() -> _Conn:
-            raise AssertionError("unreachable")
-
-        return pid, _OutputStream(never, conn)
+        return pid, _OutputStream(_no_start, conn)
 
     async def wait(self, pid: int) -> int:
         conn = await self._open()
@@ -611,7 +597,7 @@ class AgentClient:
         except BaseException:
             await conn.close()
             raise
-        return _WatchStream(conn)
+        return _WatchStream(_no_start, conn)
 
     async def write_file(
         self,

@@ -52,3 +52,18 @@ def template_api(server: RunningServer) -> Iterator[httpx.Client]:
             if not t["builtin"]:
                 c.delete(f"/v1/templates/{t['name']}")
         c.post("/v1/templates/gc")
+
+
+def point_e2b_at(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The three variables an E2B user sets to move to corral; nothing else changes."""
+    monkeypatch.setenv("E2B_API_KEY", server.admin_key)
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
+    return server.url
+
+
+@pytest.fixture
+def e2b_env(server: RunningServer, base_template: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """E2B's SDKs (and the `e2b` npm package run from here) pointed at the session server, whose
+    `base` template is E2B's default."""
+    return point_e2b_at(server, monkeypatch)

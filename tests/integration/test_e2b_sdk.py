@@ -27,6 +27,7 @@ from e2b.exceptions import (  # noqa: E402
 )
 from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
 
+from tests.integration.conftest import point_e2b_at  # noqa: E402
 from tests.integration.server_harness import (  # noqa: E402
     RunningServer,
     network_config_for_tests,
@@ -36,15 +37,6 @@ from tests.integration.server_harness import (  # noqa: E402
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 E2B_VERSION = "2.63.0"  # the release this compatibility is tested against (pyproject pins it)
-
-
-@pytest.fixture
-def e2b_env(server: RunningServer, base_template: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The three variables an E2B user sets to move to corral; nothing else changes."""
-    monkeypatch.setenv("E2B_API_KEY", server.admin_key)
-    monkeypatch.setenv("E2B_API_URL", server.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
-    return server.url
 
 
 @pytest.fixture
@@ -450,9 +442,7 @@ def microvm_server(
 def test_microvm_pause_connect_and_fork_keep_processes(
     microvm_server: RunningServer, base_template: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("E2B_API_KEY", microvm_server.admin_key)
-    monkeypatch.setenv("E2B_API_URL", microvm_server.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", microvm_server.url)
+    point_e2b_at(microvm_server, monkeypatch)
     s = Sandbox.create(timeout=600)
     forks: list[Any] = []
     try:

@@ -13,17 +13,7 @@ from e2b import AsyncSandbox, CommandExitException, FilesystemEvent  # noqa: E40
 from e2b.exceptions import SandboxNotRunningException  # noqa: E402
 from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
 
-from tests.integration.server_harness import RunningServer  # noqa: E402
-
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
-
-
-@pytest.fixture
-def e2b_env(server: RunningServer, base_template: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_KEY", server.admin_key)
-    monkeypatch.setenv("E2B_API_URL", server.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
-    return server.url
 
 
 async def test_commands_files_and_kill(e2b_env: str) -> None:
