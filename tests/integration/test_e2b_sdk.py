@@ -390,10 +390,11 @@ def test_internet_access_and_allow_deny_lists(e2b_env: str) -> None:
         made.append(listed)
         assert _curl(listed, "http://allowed.test/") == "0"
         assert _curl(listed, "http://blocked.test/") != "0"
-        denied = Sandbox.create(network={"deny_out": ["198.51.100.11"]}, timeout=120)
+        # other.test: blocked.test is the name the security tests keep from the fake DNS.
+        denied = Sandbox.create(network={"deny_out": ["198.51.100.12"]}, timeout=120)
         made.append(denied)
         assert _curl(denied, "http://allowed.test/") == "0"
-        assert _curl(denied, "http://blocked.test/") != "0"
+        assert _curl(denied, "http://other.test/") != "0"
         # Updates while running.
         denied.update_network({"deny_out": ["0.0.0.0/0"]})
         assert _curl(denied, "http://allowed.test/") != "0"

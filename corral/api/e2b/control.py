@@ -261,13 +261,17 @@ def _unsupported(body: NewSandbox) -> None:
 async def _create(svc: Services, who: Principal, body: NewSandbox, timeout: int) -> Response:
     _unsupported(body)
     network = body.network
+    policy: dict[str, Any] | None = network_policy(body.allow_internet_access, network)
+    if not svc.config.network.enabled and network is None and body.allow_internet_access is None:
+        # A server without networking: asked for nothing, the sandbox gets what there is (none).
+        policy = None
     cmd = CreateSandbox(
         template=body.template_id,
         isolation=svc.config.e2b.isolation,
         timeout=body.timeout or timeout,
         env=body.env_vars or {},
         metadata=body.metadata or {},
-        network=network_policy(body.allow_internet_access, network),
+        network=policy,
         public_ports=bool(network and network.allow_public_traffic),
         # E2B's auto-pause on timeout keeps memory unless told otherwise.
         on_timeout=(

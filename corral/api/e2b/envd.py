@@ -17,7 +17,7 @@ import posixpath
 import signal
 import stat as stat_mod
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -594,7 +594,7 @@ async def _remove(call: _Call, agent: AgentClient, user: User, m: dict[str, Any]
 
 async def _armed_watch(
     call: _Call, agent: AgentClient, user: User, m: dict[str, Any]
-) -> AsyncIterator[WatchEvent]:
+) -> AsyncGenerator[WatchEvent, None]:
     path = EnvdService.resolve(_path_field(m), user)
     info = await agent.stat(path)
     if info.type != "dir":
@@ -653,17 +653,24 @@ async def filesystem_watch_dir(request: Request) -> Response:
     try:
         message = await connect.first_message(request)
         agent = await call.agent()
-        watch = await _armed_watch(call, agent, await call.user(agent), message)
+        user = await call.user(agent)
     except (ConnectError, CorralError) as e:
         if isinstance(e, SandboxNotRunningError):
             raise
         return connect.stream_response(_failing(e))
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        async for ev in watch:
-            yield {"filesystem": _fs_event(ev)}
-
     async def messages() -> AsyncIterator[dict[str, Any]]:
+        # Armed here, not before the response: a client gone before the body is read must not
+        # leave an agent connection (and its helper) open with nobody to close it.
+        watch = await _armed_watch(call, agent, user, message)
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for ev in watch:
+                    yield {"filesystem": _fs_event(ev)}
+            finally:
+                await watch.aclose()
+
         yield {"start": {}}
         async for m in _ticking(
             events(),
