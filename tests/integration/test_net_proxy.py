@@ -834,7 +834,10 @@ async def test_no_fd_leaks(world: World) -> None:
         writer.close()
         reader, writer = await world.open(None)
         writer.write(f"CONNECT blocked.test:{world.tls_port} HTTP/1.1\r\n\r\n".encode())
-        await reader.read()
+        # The sandbox's connections were just aborted above: this one may meet the tail of that
+        # (a reset) instead of a 403 (seen once in CI). Either way its descriptors must go.
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
         writer.close()
 
     await round_trip()  # warm up lazily created loop/ssl state
