@@ -10,13 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_LISTEN",
     "BuildConfig",
     "E2BConfig",
+    "IdentityConfig",
     "Limits",
     "NetworkConfig",
     "ServerConfig",
@@ -82,6 +83,11 @@ class NetworkConfig(BaseModel):
     dns_upstreams: list[str] = Field(default_factory=list)
     dns_port: int = 53
     proxy_port: int = 3128
+    # The metadata endpoint (identity token, sandbox id, labels) that sandboxes reach at
+    # 169.254.169.254:80 is served on the service address at this port (OpenStack's metadata
+    # port); None: no metadata endpoint, and 169.254.169.254 stays unreachable like the rest of
+    # link-local space.
+    metadata_port: int | None = Field(default=8775, ge=1, le=65535)
     # Per-sandbox egress rate limit when the policy sets none; 0 = unlimited.
     default_egress_mbit: float = 1000.0
     max_egress_mbit: float = 100000.0
@@ -155,6 +161,60 @@ class E2BConfig(BaseModel):
     isolation: Literal["container", "microvm"] = "container"
 
 
+# A sandbox identity token lives at most this long (issue 8): whatever config says.
+MAX_IDENTITY_TOKEN_TTL_S = 3600
+
+
+class IdentityConfig(BaseModel):
+    """Sandbox identity tokens: signed JWTs external services verify with the JWKS
+    (docs/identity.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The tokens' ``iss`` and the base of the JWKS and discovery URLs, as verifiers reach this
+    # server (e.g. "https://corral.example.com"); None: "http://<listen>".
+    issuer: str | None = None
+    # Lifetime of a token when the request names none.
+    token_ttl_s: int = Field(default=900, ge=1)
+    # The longest lifetime a request may ask for (at most one hour).
+    max_token_ttl_s: int = Field(default=MAX_IDENTITY_TOKEN_TTL_S, ge=1)
+    # The current signing key signs this long, then a new one takes over (the old one stays
+    # published until every token it signed has expired).
+    rotate_after_s: int = Field(default=24 * 3600, ge=1)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v):
+            raise ValueError(
+                "issuer must be an http(s) URL without query or fragment, "
+                f"e.g. https://corral.example.com; got {v!r}"
+            )
+        return v.rstrip("/")
+
+    @field_validator("max_token_ttl_s")
+    @classmethod
+    def _max_ttl(cls, v: int) -> int:
+        if v > MAX_IDENTITY_TOKEN_TTL_S:
+            raise ValueError(f"max_token_ttl_s must be at most {MAX_IDENTITY_TOKEN_TTL_S}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> IdentityConfig:
+        if self.token_ttl_s > self.max_token_ttl_s:
+            raise ValueError(
+                f"token_ttl_s ({self.token_ttl_s}) must not exceed max_token_ttl_s "
+                f"({self.max_token_ttl_s})"
+            )
+        return self
+
+    def issuer_for(self, listen: str) -> str:
+        """The issuer in force for a server listening on ``listen``."""
+        return self.issuer if self.issuer is not None else f"http://{listen}"
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -172,6 +232,7 @@ class ServerConfig(BaseModel):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     builds: BuildConfig = Field(default_factory=BuildConfig)
     e2b: E2BConfig = Field(default_factory=E2BConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
 
     @classmethod
     def load(cls, path: Path | None, **overrides: object) -> ServerConfig:

@@ -18,6 +18,7 @@ from corral.api.deps import Caller, Svc
 from corral.api.errors import validation_message
 from corral.api.routes import (
     files,
+    identity,
     pools,
     ports,
     processes,
@@ -107,6 +108,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
         templates.router,
         tenants.router,
         ports.router,
+        identity.router,
         e2b.control_router,
         e2b.envd_router,
     ):

@@ -22,6 +22,7 @@ from corral.net.conntrack import forget_flows
 from corral.net.dns import DnsResolver, Upstream, upstreams_from_resolv_conf
 from corral.net.firewall import Firewall, FirewallSandbox
 from corral.net.hostinfo import overlapping_routes
+from corral.net.metadata import Labels, MetadataServer, Mint
 from corral.net.nflog import NflogListener
 from corral.net.plumbing import Plumbing
 from corral.net.policy import (
@@ -116,6 +117,7 @@ class NetworkService:
             dns_port=config.dns_port,
             proxy_port=config.proxy_port,
             guard=self._guard,
+            metadata_port=config.metadata_port,
             nflog_group=config.nflog_group,
             flow_limit=config.max_flows_per_sandbox,
         )
@@ -123,9 +125,16 @@ class NetworkService:
         self._upstream: Upstream | None = None
         self._resolver: DnsResolver | None = None
         self._proxy: EgressProxy | None = None
+        self._metadata_source: tuple[Mint, Labels] | None = None
+        self._metadata: MetadataServer | None = None
         self._pending: list[EgressEvent] = []
         self._dropped_events = 0
         self._flusher: asyncio.Task[None] | None = None
+
+    def serve_metadata(self, mint: Mint, labels: Labels) -> None:
+        """Answer sandboxes at 169.254.169.254 (from ``start`` on): identity tokens from
+        ``mint``, labels from ``labels`` (both by sandbox id)."""
+        self._metadata_source = (mint, labels)
 
     # --- policies -----------------------------------------------------------------------------
     def parse(self, data: Any) -> NetworkPolicy:
@@ -239,11 +248,21 @@ class NetworkService:
         )
         await self._resolver.start()
         await self._proxy.start()
+        if self._cfg.metadata_port is not None and self._metadata_source is not None:
+            self._metadata = MetadataServer(
+                self.registry,
+                *self._metadata_source,
+                host=str(self._service_ip),
+                port=self._cfg.metadata_port,
+            )
+            await self._metadata.start()
         self._flusher = asyncio.create_task(self._flush_forever(), name="corral-egress-log")
 
     async def stop(self) -> None:
         """Stop the host services. Sandboxes, their namespaces and the firewall stay: while no
         server runs, their TCP meets a closed proxy port and their DNS no answer (fail closed)."""
+        if self._metadata is not None:
+            await self._metadata.stop()
         if self._proxy is not None:
             await self._proxy.stop()
         if self._resolver is not None:
@@ -300,6 +319,8 @@ class NetworkService:
         """Remove everything of the sandbox's network; idempotent. Raises ``RuntimeFailure``
         (after trying every step) when something could not be removed."""
         self.registry.remove(sandbox_id)
+        if self._metadata is not None:
+            self._metadata.forget(sandbox_id)
         if self._proxy is not None:
             self._proxy.close_sandbox(sandbox_id)
         errors: list[str] = []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from corral.config import ServerConfig
 from corral.core.builds import BuildService
 from corral.core.envd import EnvdService
 from corral.core.files import FileService
+from corral.core.identity import IdentityService
 from corral.core.lifecycle import LIVE_STATES
 from corral.core.metrics import MetricsService
 from corral.core.network import NetworkService
@@ -18,7 +20,8 @@ from corral.core.sandboxes import SandboxService
 from corral.core.snapshots import SnapshotService
 from corral.core.templates import TemplateService
 from corral.core.tenants import TenantService
-from corral.errors import InvalidRequestError
+from corral.errors import InvalidRequestError, SandboxNotRunningError
+from corral.net.metadata import Labels, Mint
 from corral.runtime.base import Runtime
 from corral.store import Store
 
@@ -50,6 +53,24 @@ def build_runtime(config: ServerConfig) -> Runtime:
     return TieredRuntime(tiers, config.runtime)
 
 
+def _metadata_source(
+    sandboxes: SandboxService, identity: IdentityService
+) -> tuple[Mint, Labels]:
+    """What the metadata endpoint answers a sandbox with: its identity tokens and labels."""
+
+    async def mint(sandbox_id: str, audience: str) -> str:
+        sb = sandboxes.live_sandbox(sandbox_id)
+        if sb is None:
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} is not running")
+        return identity.mint(sb, audience).jwt
+
+    def labels(sandbox_id: str) -> Mapping[str, str]:
+        sb = sandboxes.live_sandbox(sandbox_id)
+        return sb.metadata if sb is not None else {}
+
+    return mint, labels
+
+
 @dataclass
 class Services:
     config: ServerConfig
@@ -66,6 +87,7 @@ class Services:
     envd: EnvdService
     metrics: MetricsService
     network: NetworkService | None
+    identity: IdentityService
 
     @classmethod
     async def open(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
@@ -94,6 +116,12 @@ class Services:
         templates.start()
         network = NetworkService(config.network, store) if config.network.enabled else None
         sandboxes = SandboxService(config, store, rt, templates, network)
+        identity = IdentityService(
+            config.identity, config.data_dir, sandboxes, listen=config.listen
+        )
+        identity.start()
+        if network is not None:
+            network.serve_metadata(*_metadata_source(sandboxes, identity))
         await sandboxes.start()
         snapshots = SnapshotService(config, store, rt, sandboxes)
         await snapshots.reconcile()
@@ -120,9 +148,11 @@ class Services:
             envd=envd,
             metrics=metrics,
             network=network,
+            identity=identity,
         )
 
     async def close(self) -> None:
+        await self.identity.stop()
         await self.metrics.stop()
         await self.envd.stop()
         await self.builds.stop()

@@ -9,8 +9,10 @@ Shape of the table::
     sets   sandbox_ifaces (ifname)          sandbox_addrs (ifname . ipv4_addr)
            never_v4/v6, private_v4/v6 (intervals)
     map    sandbox_chains (ifname : verdict)  -> jump sbx_<hash of sandbox id>
-    prerouting (nat, dstnat)     from a sandbox: port 53 -> resolver, every other TCP -> proxy
-    input      (filter, 0)       from a sandbox: only resolver, proxy and ping on the service IP
+    prerouting (nat, dstnat)     from a sandbox: port 53 -> resolver, 169.254.169.254:80 ->
+                                 metadata endpoint, every other TCP -> proxy
+    input      (filter, 0)       from a sandbox: only resolver, proxy, metadata endpoint and
+                                 ping on the service IP
     forward    (filter, 0)       from a sandbox: non-TCP only, never-networks refused, then the
                                  sandbox's own chain (denies, then allows); to a sandbox:
                                  replies only
@@ -58,12 +60,15 @@ __all__ = [
     "LOG_ALLOW",
     "LOG_DENY",
     "LOG_NEVER",
+    "METADATA_IP",
     "Firewall",
     "FirewallSandbox",
     "NetworkLists",
 ]
 
 DEFAULT_NFLOG_GROUP = 7301
+# Where every cloud (and so every SDK) looks for instance metadata; corral answers there.
+METADATA_IP = "169.254.169.254"
 # NFLOG prefixes: what the forward chain decided about a sandbox's non-TCP packet.
 LOG_ALLOW = "corral:a"  # the first packet of a flow a CIDR rule let through
 LOG_DENY = "corral:d"  # refused: no CIDR rule allows it
@@ -119,6 +124,7 @@ class Firewall:
         dns_port: int,
         proxy_port: int,
         guard: NetworkLists,
+        metadata_port: int | None = None,
         nflog_group: int = DEFAULT_NFLOG_GROUP,
         flow_limit: int = DEFAULT_FLOW_LIMIT,
         nft: str = "nft",
@@ -132,6 +138,7 @@ class Firewall:
         self.subnet = subnet
         self.dns_port = dns_port
         self.proxy_port = proxy_port
+        self.metadata_port = metadata_port
         self.nflog_group = nflog_group
         # New flows one sandbox may have tracked at once, so it cannot fill the host's conntrack
         # table (every other sandbox and the host would lose new connections).
@@ -275,6 +282,20 @@ class Firewall:
                      *self._log(LOG_ALLOW)),
             ]  # fmt: skip
 
+        metadata_dnat: list[dict[str, Any]] = []
+        metadata_in: list[dict[str, Any]] = []
+        if self.metadata_port is not None:
+            # Only this address and port of link-local space, and only to corral's endpoint:
+            # the cloud's own metadata service behind the host stays out of reach.
+            metadata_dnat = [
+                rule("prerouting", sandbox_if, ipv4,
+                     _match("==", _field("ip", "daddr"), METADATA_IP),
+                     _match("==", _field("tcp", "dport"), 80), dnat(self.metadata_port)),
+            ]  # fmt: skip
+            metadata_in = [
+                rule("from_sandbox_in", to_service,
+                     _match("==", _field("tcp", "dport"), self.metadata_port), _ACCEPT),
+            ]  # fmt: skip
         return [
             {"add": {"set": o(name="sandbox_ifaces", type="ifname")}},
             flow_cap_set(self.table),
@@ -292,6 +313,7 @@ class Firewall:
                  dnat(self.dns_port)),
             rule("prerouting", sandbox_if, ipv4, _match("==", _field("tcp", "dport"), 53),
                  dnat(self.dns_port)),
+            *metadata_dnat,
             rule("prerouting", sandbox_if, ipv4, _l4("tcp"), dnat(self.proxy_port)),
             # --- to the host itself: the resolver, the proxy and ping on the service address.
             {"add": {"chain": o(name="from_sandbox_in")}},
@@ -306,6 +328,7 @@ class Firewall:
                  _match("==", _field("tcp", "dport"), self.dns_port), _ACCEPT),
             rule("from_sandbox_in", to_service,
                  _match("==", _field("tcp", "dport"), self.proxy_port), _ACCEPT),
+            *metadata_in,
             rule("from_sandbox_in", to_service,
                  _match("==", _field("icmp", "type"), "echo-request"), _ACCEPT),
             rule("from_sandbox_in", _l4("tcp"), _TCP_RESET),

@@ -240,7 +240,10 @@ def test_host_api_metadata_and_other_sandboxes_are_unreachable(
     api_port = server.url.rsplit(":", 1)[1]
     svc = service_ip(sbx)
     targets = [
-        "http://169.254.169.254/latest/meta-data/",
+        # corral's own metadata endpoint answers on 169.254.169.254:80 (test below); every
+        # other port there, and the rest of link-local space (ECS's credentials address), not.
+        "http://169.254.169.254:81/latest/meta-data/",
+        "http://169.254.170.2/v2/credentials",
         f"http://{svc}:{api_port}/healthz",
         f"http://{svc}:22/",
         f"http://192.0.2.2:{api_port}/healthz",  # the host's uplink address (this machine's)
@@ -374,3 +377,62 @@ def test_kill_leaves_no_network_state(
     ).stdout
     iface = config["prefix"] + hashlib.sha256(sbx.id.encode()).hexdigest()[:10]
     assert iface not in table and sbx.id not in table
+
+
+# ------------------------------------------------------------- the metadata endpoint
+
+
+def _imds(sbx: Sandbox, path: str, *, token: str | None = None, extra: str = "") -> tuple[int, str]:
+    """GET http://169.254.169.254{path} from inside; (HTTP status, body)."""
+    header = f"-H 'X-aws-ec2-metadata-token: {token}'" if token else ""
+    code, out = sh(
+        sbx,
+        f"curl -sS --max-time 15 -w '\\n%{{http_code}}' {header} {extra} "
+        f"'http://169.254.169.254{path}'",
+    )
+    assert code == 0, out
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def _imds_token(sbx: Sandbox, extra: str = "") -> tuple[int, str]:
+    code, out = sh(
+        sbx,
+        "curl -sS --max-time 15 -w '\\n%{http_code}' -X PUT "
+        f"-H 'X-aws-ec2-metadata-token-ttl-seconds: 60' {extra} "
+        "http://169.254.169.254/latest/api/token",
+    )
+    assert code == 0, out
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def test_metadata_endpoint_knows_the_caller_by_its_namespace(
+    make: Any, server: RunningServer
+) -> None:
+    import jwt  # the external verifier: nothing but the server's published keys
+
+    a = make(None)  # no egress at all: the metadata endpoint is not egress
+    b = make(None)
+    assert _imds(a, "/latest/meta-data/sandbox-id")[0] == 401  # no session token, no answer
+    status, _ = _imds_token(a, "-H 'X-Forwarded-For: 203.0.113.7'")
+    assert status == 403  # relayed: refused
+    status, token_a = _imds_token(a)
+    assert status == 200 and token_a
+    assert _imds(a, "/latest/meta-data/sandbox-id", token=token_a) == (200, a.id)
+    # B presenting A's session token learns nothing of A; its own token gives its own identity.
+    assert _imds(b, "/latest/meta-data/sandbox-id", token=token_a)[0] == 401
+    _, token_b = _imds_token(b)
+    assert _imds(b, "/latest/meta-data/sandbox-id", token=token_b) == (200, b.id)
+    status, signed = _imds(b, "/latest/identity/token?audience=api.test", token=token_b)
+    assert status == 200, signed
+    keys = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
+    claims = jwt.decode(
+        signed,
+        keys.get_signing_key_from_jwt(signed).key,
+        algorithms=["EdDSA"],
+        audience="api.test",
+    )
+    assert claims["sub"] == b.id and claims["exp"] - claims["iat"] <= 3600
+    assert _imds(b, "/latest/identity/token", token=token_b)[0] == 400  # no audience
+    assert _imds(b, "/latest/user-data", token=token_b)[0] == 404
