@@ -53,9 +53,7 @@ def build_runtime(config: ServerConfig) -> Runtime:
     return TieredRuntime(tiers, config.runtime)
 
 
-def _metadata_source(
-    sandboxes: SandboxService, identity: IdentityService
-) -> tuple[Mint, Labels]:
+def _metadata_source(sandboxes: SandboxService, identity: IdentityService) -> tuple[Mint, Labels]:
     """What the metadata endpoint answers a sandbox with: its identity tokens and labels."""
 
     async def mint(sandbox_id: str, audience: str) -> str:
