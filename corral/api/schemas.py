@@ -74,6 +74,7 @@ class SandboxOut(BaseModel):
     on_idle: str = "pause"
     auto_resume: bool = True
     pool: str | None = None  # the name of the warm pool it came from
+    scopes: list[str] = Field(default_factory=list)  # in its identity tokens
 
     @classmethod
     def of(
@@ -113,6 +114,7 @@ class SandboxOut(BaseModel):
             on_idle=sb.on_idle,
             auto_resume=sb.auto_resume,
             pool=pool,
+            scopes=list(sb.scopes),
         )
 
 

@@ -42,6 +42,10 @@ class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# OAuth's scope-token characters (RFC 6749 3.3): printable ASCII but space, '"' and '\\'.
+_Scope = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!#-\[\]-~]+$")]
+
+
 class CreateSandbox(_Command):
     template: str | None = Field(default=None, max_length=128)
     # "container" (namespaces, the default) or "microvm" (a QEMU guest with its own kernel).
@@ -71,6 +75,9 @@ class CreateSandbox(_Command):
     # Start from this snapshot's filesystem (a fork); unset fields default to the settings of
     # the snapshot's source sandbox, and template and disk size are the snapshot's.
     snapshot: str | None = Field(default=None, max_length=128)
+    # Put in the sandbox's identity tokens (their ``scopes`` claim) for the services that trust
+    # them to decide what it may do; corral itself grants nothing by them.
+    scopes: list[_Scope] = Field(default_factory=list, max_length=32)
 
 
 _SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$"

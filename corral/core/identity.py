@@ -308,8 +308,7 @@ class IdentityService:
                 "tenant": sb.tenant_id,
                 "template": sb.template,
                 "labels": dict(sb.metadata),
-                # Scopes chosen at create are not stored yet (docs/identity.md).
-                "scopes": [],
+                "scopes": list(sb.scopes),
                 "iat": now,
                 "nbf": now,
                 "exp": now + ttl,

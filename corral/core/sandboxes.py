@@ -88,6 +88,7 @@ class Sandbox:
     on_idle: str = "pause"
     auto_resume: bool = True
     pool: str | None = None  # the warm pool it was made for or taken from
+    scopes: tuple[str, ...] = ()  # put in its identity tokens
 
     @classmethod
     def from_row(cls, row: SandboxRow) -> Sandbox:
@@ -118,6 +119,7 @@ class Sandbox:
             on_idle=row.on_idle or "pause",
             auto_resume=bool(row.auto_resume),
             pool=row.pool,
+            scopes=tuple(row.scopes or ()),
         )
 
 
@@ -545,6 +547,7 @@ class SandboxService:
             on_idle=cmd.on_idle,
             auto_resume=cmd.auto_resume,
             pool=pool,
+            scopes=tuple(cmd.scopes),
         )
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
@@ -562,6 +565,7 @@ class SandboxService:
                     timeout_s=timeout,
                     env=dict(cmd.env),
                     meta=dict(cmd.metadata),
+                    scopes=list(cmd.scopes),
                     created_at=now,
                     expires_at=sb.expires_at,
                     network=policy_doc,
@@ -746,9 +750,11 @@ class SandboxService:
                 "idle_timeout": cmd.idle_timeout,
                 "on_idle": cmd.on_idle,
                 "auto_resume": cmd.auto_resume,
+                "scopes": tuple(cmd.scopes),
             }
             sb = self._transition(sb, SandboxState.RUNNING, **changes)
             stored = {k: v for k, v in changes.items() if k not in _RENAMED}
+            stored["scopes"] = list(cmd.scopes)
             stored.update({_RENAMED[k]: changes[k] for k in _RENAMED})
             stored["public_ports"] = int(cmd.public_ports)
             stored["auto_resume"] = int(cmd.auto_resume)

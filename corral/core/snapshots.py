@@ -87,6 +87,7 @@ def _source_of(sb: Sandbox) -> dict[str, Any]:
         idle_timeout=sb.idle_timeout,
         on_idle=sb.on_idle,  # type: ignore[arg-type]
         auto_resume=sb.auto_resume,
+        scopes=list(sb.scopes),
     ).model_dump(mode="json", exclude={"snapshot"})
 
 

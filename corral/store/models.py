@@ -85,6 +85,8 @@ class SandboxRow(Base):
     auto_resume: Mapped[int] = mapped_column(Integer, default=1)
     # The warm pool it was made for (pooled) or taken from; None: created on demand.
     pool: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Scopes put in its identity tokens (issue 8).
+    scopes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class EgressEventRow(Base):

@@ -139,3 +139,33 @@ def test_bad_input(server: RunningServer, api: httpx.Client, sandbox: str) -> No
         api.post(intro, content=b"x", headers={"content-type": "text/plain"})
     )
     assert api.post(intro, json={"token": "not-a-jwt"}).json() == {"active": False}
+
+
+def test_scopes_chosen_at_create_are_in_tokens_and_forks(api: httpx.Client) -> None:
+    scopes = ["repo:read", "deploy/staging"]
+    r = api.post("/v1/sandboxes", json={"template": "minimal", "timeout": 300, "scopes": scopes})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    forks: list[str] = []
+    snap: str | None = None
+    try:
+        assert r.json()["scopes"] == scopes
+        token = api.post(f"/v1/sandboxes/{sid}/token", json={"audience": AUD}).json()["token"]
+        assert jwt.decode(token, options={"verify_signature": False})["scopes"] == scopes
+        answer = api.post("/v1/identity/introspect", json={"token": token}).json()
+        assert answer["active"] and answer["scope"] == "repo:read deploy/staging"
+        # A fork of its snapshot carries them on.
+        snap = api.post(f"/v1/sandboxes/{sid}/snapshots", json={}).json()["id"]
+        made = api.post(f"/v1/snapshots/{snap}/fork", json={"count": 1})
+        assert made.status_code == 201, made.text
+        forks = [s["id"] for s in made.json()]
+        assert api.get(f"/v1/sandboxes/{forks[0]}").json()["scopes"] == scopes
+    finally:
+        for f in forks:
+            api.delete(f"/v1/sandboxes/{f}")
+        api.delete(f"/v1/sandboxes/{sid}")
+        if snap is not None:
+            api.delete(f"/v1/snapshots/{snap}")
+    for bad in (["has space"], ['quo"te'], [""], ["x" * 129], ["s"] * 33):
+        r = api.post("/v1/sandboxes", json={"template": "minimal", "scopes": bad})
+        assert r.status_code == 400 and "scopes" in r.json()["error"]["message"], (bad, r.text)

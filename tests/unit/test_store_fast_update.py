@@ -39,6 +39,7 @@ async def test_fast_and_async_updates_store_the_same_values(tmp_path: Path) -> N
             "created_at": when,
             "network": {"preset": "none", "allow": []},
             "timeout_s": 60,
+            "scopes": ["repo:read", "deploy"],
         }
         assert store.update_sandbox_now("sb-1", **fields)
         fast = await store.get_sandbox("sb-1")
