@@ -409,6 +409,14 @@ def create(
             rich_help_panel=_LIFE,
         ),
     ] = False,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            help="A scope for its identity tokens (`corral token`), repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a sandbox and print its id. Egress is denied unless the network flags allow it."""
@@ -448,6 +456,7 @@ def create(
         on_idle=None if on_idle is None else on_idle.value,
         auto_resume=not no_auto_resume,
         snapshot=snapshot,
+        scopes=scope,
         api_key=conn.api_key,
         base_url=conn.url,
     )
@@ -761,6 +770,82 @@ def url(
         typer.echo(sbx.get_url(port, path, with_token=with_token))
     finally:
         sbx.close()
+
+
+@app.command()
+def token(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID")],
+    audience: Annotated[
+        str,
+        typer.Option(
+            help="The service the token is for (its aud), e.g. https://api.example.com.",
+            show_default=False,
+        ),
+    ],
+    ttl: Annotated[
+        int | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="How long it is valid (default: the server's, 900; at most 3600).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a signed identity token (a JWT) of a sandbox for one service.
+
+    The service verifies it with the server's public keys alone (/.well-known/jwks.json).
+    """
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    conn = _conn(ctx)
+    sbx = Sandbox.connect(sandbox_id, api_key=conn.api_key, base_url=conn.url)
+    try:
+        got = sbx.identity_token(audience, ttl=ttl)
+    finally:
+        sbx.close()
+    if as_json:
+        print_json({"token": got.token, "expires_at": got.expires_at.isoformat()})
+    else:
+        typer.echo(got.token)
+
+
+@app.command("token-introspect")
+def token_introspect(
+    ctx: typer.Context,
+    token: Annotated[
+        str,
+        typer.Argument(
+            metavar="TOKEN", help="The JWT ('-': read it from stdin, out of the process list)."
+        ),
+    ],
+    audience: Annotated[
+        str | None,
+        typer.Option(help="Inactive unless the token is for this audience.", show_default=False),
+    ] = None,
+) -> None:
+    """Ask the server whether an identity token holds now; print its JSON answer.
+
+    Exit status 0 when it is active, 1 when not (bad signature, expired, another audience,
+    or its sandbox is gone: tokens are revoked when their sandbox is killed).
+    """
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Sandbox
+
+    if token == "-":
+        token = sys.stdin.read()
+    token = token.strip()
+    if not token:
+        raise InvalidRequestError("no token given (TOKEN, or '-' to read it from stdin)")
+    conn = _conn(ctx)
+    answer = Sandbox.introspect_token(
+        token, audience=audience, api_key=conn.api_key, base_url=conn.url
+    )
+    print_json(answer)
+    if answer.get("active") is not True:
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("exec")

@@ -68,6 +68,8 @@ class Watcher:
 
     id: str
     sandbox_id: str
+    root: str = "/"  # the watched directory
+    include_entry: bool = False  # events carry the entry's info (envd 0.6.3)
     events: deque[WatchEvent] = field(default_factory=deque)
     error: CorralError | None = None
     last_poll: float = field(default_factory=time.monotonic)
@@ -280,13 +282,25 @@ class EnvdService:
             del self._started[key]
 
     # --- polled watchers ----------------------------------------------------------------
-    def add_watcher(self, sandbox_id: str, events: AsyncIterator[WatchEvent]) -> Watcher:
+    def add_watcher(
+        self,
+        sandbox_id: str,
+        events: AsyncIterator[WatchEvent],
+        *,
+        root: str,
+        include_entry: bool = False,
+    ) -> Watcher:
         """Keep following ``events`` (an armed watch) until the watcher is removed, left
         unpolled, or its sandbox goes away."""
         self._expire_watchers()
         if sum(1 for w in self._watchers.values() if w.sandbox_id == sandbox_id) >= _MAX_WATCHERS:
             raise QuotaExceededError(f"a sandbox may have at most {_MAX_WATCHERS} watchers")
-        w = Watcher(id="w_" + secrets.token_urlsafe(12), sandbox_id=sandbox_id)
+        w = Watcher(
+            id="w_" + secrets.token_urlsafe(12),
+            sandbox_id=sandbox_id,
+            root=root,
+            include_entry=include_entry,
+        )
         w.task = asyncio.create_task(self._follow(w, events), name=f"watcher-{w.id}")
         self._watchers[w.id] = w
         return w
@@ -308,10 +322,14 @@ class EnvdService:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    def poll(self, sandbox_id: str, watcher_id: str) -> list[WatchEvent]:
+    def watcher(self, sandbox_id: str, watcher_id: str) -> Watcher:
         w = self._watchers.get(watcher_id)
         if w is None or w.sandbox_id != sandbox_id:
             raise NotFoundError(f"no watcher {watcher_id!r}")
+        return w
+
+    def poll(self, sandbox_id: str, watcher_id: str) -> list[WatchEvent]:
+        w = self.watcher(sandbox_id, watcher_id)
         w.last_poll = time.monotonic()
         out = list(w.events)
         w.events.clear()

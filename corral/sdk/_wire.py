@@ -72,6 +72,7 @@ __all__ = [
     "parse_exec_event",
     "parse_exists",
     "parse_file_count",
+    "parse_introspection",
     "parse_list",
     "parse_pid",
     "parse_template_ref",
@@ -197,6 +198,7 @@ class calls:
         snapshot: SnapshotRef | None = None,
         isolation: str | None = None,
         vcpus: int | None = None,
+        scopes: Sequence[str] | None = None,
     ) -> Call:
         if template is None and snapshot is None:
             template = DEFAULT_TEMPLATE
@@ -222,6 +224,7 @@ class calls:
                 "idle_timeout": idle_timeout,
                 "on_idle": on_idle,
                 "auto_resume": None if auto_resume else False,
+                "scopes": list(scopes) if scopes else None,
             }
         )
         return Call("POST", "/v1/sandboxes", body=body)
@@ -299,6 +302,17 @@ class calls:
             "env": None if env is None else dict(env),
         }
         return Call("POST", f"/v1/snapshots/{_seg(snapshot_ref(snapshot))}/fork", body=body)
+
+    @staticmethod
+    def mint_token(sandbox_id: str, audience: str, ttl: int | None) -> Call:
+        # Sent as given: the server's answer to a bad audience or ttl names the limits.
+        body = _drop_none({"audience": audience, "ttl": ttl})
+        return Call("POST", f"{_sb(sandbox_id)}/token", body=body)
+
+    @staticmethod
+    def introspect_token(token: str, audience: str | None) -> Call:
+        body = _drop_none({"token": token, "audience": audience})
+        return Call("POST", "/v1/identity/introspect", body=body)
 
     @staticmethod
     def get_network(sandbox_id: str) -> Call:
@@ -760,6 +774,13 @@ def parse_exists(obj: object) -> bool:
     if not isinstance(obj, dict) or not isinstance(obj.get("exists"), bool):
         raise _malformed("exists answer", obj)
     return bool(obj["exists"])
+
+
+def parse_introspection(obj: object) -> dict[str, Any]:
+    """An RFC 7662 answer: ``{"active": false}``, or ``active`` true with the token's claims."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("active"), bool):
+        raise _malformed("introspection answer", obj)
+    return dict(obj)
 
 
 def parse_file_count(obj: object) -> int:

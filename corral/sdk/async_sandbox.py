@@ -45,6 +45,7 @@ from corral.sdk._wire import (
     network_document,
     parse_exists,
     parse_file_count,
+    parse_introspection,
     parse_list,
     parse_pid,
     pty_params,
@@ -58,6 +59,7 @@ from corral.sdk.models import (
     ExecEvent,
     ExecResult,
     FileInfo,
+    IdentityToken,
     NetworkInfo,
     PoolInfo,
     ProcessInfo,
@@ -464,6 +466,7 @@ class AsyncSandbox:
         snapshot: SnapshotRef | None = None,
         isolation: str | None = None,
         vcpus: int | None = None,
+        scopes: Sequence[str] | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> AsyncSandbox:
@@ -480,6 +483,7 @@ class AsyncSandbox:
                 snapshot=snapshot,
                 isolation=isolation,
                 vcpus=vcpus,
+                scopes=scopes,
             )  # fmt: skip
             info = SandboxInfo.from_json(await http.json(call))
         except BaseException:
@@ -574,6 +578,22 @@ class AsyncSandbox:
         finally:
             await http.close()
 
+    @classmethod
+    async def introspect_token(
+        cls,
+        token: str,
+        *,
+        audience: str | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> dict[str, Any]:
+        """See ``Sandbox.introspect_token``."""
+        http = AsyncHttp(resolve_config(api_key, base_url))
+        try:
+            return parse_introspection(await http.json(calls.introspect_token(token, audience)))
+        finally:
+            await http.close()
+
     @property
     def id(self) -> str:
         return self._id
@@ -610,6 +630,11 @@ class AsyncSandbox:
             ingress_domain=info.ingress_domain,
             token=ingress_token(info) if with_token else None,
         )  # fmt: skip
+
+    async def identity_token(self, audience: str, *, ttl: int | None = None) -> IdentityToken:
+        """See ``Sandbox.identity_token``."""
+        call = calls.mint_token(self._id, audience, ttl)
+        return IdentityToken.from_json(await self._http.json(call))
 
     @overload
     async def exec(

@@ -18,6 +18,7 @@ __all__ = [
     "ExecResult",
     "ExecStart",
     "FileInfo",
+    "IdentityToken",
     "LayerInfo",
     "NetworkInfo",
     "PoolInfo",
@@ -88,6 +89,25 @@ class NetworkInfo:
             proxy=_opt_str(d.get("proxy")),
             raw=dict(d),
         )
+
+
+@dataclass(frozen=True)
+class IdentityToken:
+    """A signed identity token of a sandbox for one audience (docs/identity.md): a JWT that
+    service verifies with the server's public keys alone."""
+
+    # The JWT; a bearer credential, so kept out of repr() (and the logs that print one).
+    token: str = field(repr=False)
+    expires_at: datetime
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> IdentityToken:
+        d = _obj("identity token", obj)
+        token, expires_at = d.get("token"), _time(d.get("expires_at"))
+        if not isinstance(token, str) or not token or expires_at is None:
+            raise _malformed("identity token", obj)
+        return cls(token=token, expires_at=expires_at, raw=dict(d))
 
 
 @dataclass(frozen=True)

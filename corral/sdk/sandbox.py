@@ -50,6 +50,7 @@ from corral.sdk._wire import (
     network_document,
     parse_exists,
     parse_file_count,
+    parse_introspection,
     parse_list,
     parse_pid,
     pty_params,
@@ -63,6 +64,7 @@ from corral.sdk.models import (
     ExecEvent,
     ExecResult,
     FileInfo,
+    IdentityToken,
     NetworkInfo,
     PoolInfo,
     ProcessInfo,
@@ -457,6 +459,7 @@ class Sandbox:
         snapshot: SnapshotRef | None = None,
         isolation: str | None = None,
         vcpus: int | None = None,
+        scopes: Sequence[str] | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Sandbox:
@@ -478,6 +481,7 @@ class Sandbox:
 
         ``isolation="microvm"`` runs it in a QEMU guest with its own kernel (``vcpus`` whole
         virtual CPUs) instead of a container (see docs/microvm.md for what that tier has yet).
+        ``scopes`` go into its identity tokens (``identity_token``, docs/identity.md).
         """
         doc = network_document(
             network, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs
@@ -501,6 +505,7 @@ class Sandbox:
                 snapshot=snapshot,
                 isolation=isolation,
                 vcpus=vcpus,
+                scopes=scopes,
             )
             info = SandboxInfo.from_json(http.json(call))
         except BaseException:
@@ -588,6 +593,22 @@ class Sandbox:
         with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
             http.send(calls.delete_snapshot(snapshot))
 
+    @classmethod
+    def introspect_token(
+        cls,
+        token: str,
+        *,
+        audience: str | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Ask the server whether a sandbox identity token holds now (RFC 7662): ``{"active":
+        False}`` when its signature, issuer, times or ``audience`` (when given) do not check
+        out, or its sandbox is gone (tokens are revoked at kill); else ``active`` True and the
+        token's claims (``sub``, ``tenant``, ``labels``, ...). Any tenant's key may ask."""
+        with closing(SyncHttp(resolve_config(api_key, base_url))) as http:
+            return parse_introspection(http.json(calls.introspect_token(token, audience)))
+
     @property
     def id(self) -> str:
         return self._id
@@ -632,6 +653,17 @@ class Sandbox:
             ingress_domain=info.ingress_domain,
             token=ingress_token(info) if with_token else None,
         )
+
+    def identity_token(self, audience: str, *, ttl: int | None = None) -> IdentityToken:
+        """A signed token saying "this is sandbox ``id``" to ``audience`` (one service, its
+        ``aud``), valid ``ttl`` seconds (default: the server's, 900 s; at most an hour). The
+        service verifies it with the server's public keys alone (docs/identity.md).
+
+        ``InvalidRequestError`` for a bad audience or ttl, ``SandboxNotRunningError`` once the
+        sandbox has stopped.
+        """
+        call = calls.mint_token(self._id, audience, ttl)
+        return IdentityToken.from_json(self._http.json(call))
 
     @overload
     def exec(

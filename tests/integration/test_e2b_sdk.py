@@ -286,6 +286,43 @@ def test_metrics(sbx: Sandbox) -> None:
     assert [x.timestamp for x in series] == sorted(x.timestamp for x in series)
 
 
+def test_file_metadata_and_watch_entries(sbx: Sandbox) -> None:
+    """envd 0.6.2-0.6.4: metadata kept as user.e2b.* xattrs, events carrying the entry."""
+    info = sbx.files.write("/tmp/meta/a.txt", "x", metadata={"Owner": "alice", "run-id": "7"})
+    assert info.metadata == {"owner": "alice", "run-id": "7"}  # keys lowercased, as envd does
+    assert sbx.files.get_info("/tmp/meta/a.txt").metadata == {"owner": "alice", "run-id": "7"}
+    listed = {e.name: e.metadata for e in sbx.files.list("/tmp/meta")}
+    assert listed == {"a.txt": {"owner": "alice", "run-id": "7"}}
+    # Set inside, out of band, it shows too; other xattr namespaces do not.
+    sbx.commands.run(
+        "python3 -c \"import os; os.setxattr('/tmp/meta/a.txt', 'user.e2b.tag', b'v1');"
+        " os.setxattr('/tmp/meta/a.txt', 'user.other', b'no')\""
+    )
+    assert sbx.files.get_info("/tmp/meta/a.txt").metadata == {
+        "owner": "alice",
+        "run-id": "7",
+        "tag": "v1",
+    }
+    moved = sbx.files.rename("/tmp/meta/a.txt", "/tmp/meta/b.txt")
+    assert moved.metadata is not None and moved.metadata["tag"] == "v1"
+    # A new upload replaces the file and its metadata.
+    assert sbx.files.write("/tmp/meta/b.txt", "y").metadata is None
+    assert sbx.files.get_info("/tmp/meta/b.txt").metadata is None
+
+    handle = sbx.files.watch_dir("/tmp/meta", include_entry=True, allow_network_mounts=True)
+    try:
+        sbx.files.write("/tmp/meta/c.txt", "hello")
+        events: list[Any] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(e.entry for e in events):
+            events += handle.get_new_events()
+            time.sleep(0.2)
+        created = [e for e in events if e.name == "c.txt" and e.entry is not None]
+        assert created and created[0].entry.path == "/tmp/meta/c.txt", events
+    finally:
+        handle.stop()
+
+
 def test_set_timeout_and_expiry(e2b_env: str) -> None:
     s = Sandbox.create(timeout=600)
     try:

@@ -594,22 +594,35 @@ async def _remove(call: _Call, agent: AgentClient, user: User, m: dict[str, Any]
 
 async def _armed_watch(
     call: _Call, agent: AgentClient, user: User, m: dict[str, Any]
-) -> AsyncGenerator[WatchEvent, None]:
+) -> tuple[str, AsyncGenerator[WatchEvent, None]]:
+    """The watched directory and its armed watch. ``allow_network_mounts`` (envd 0.6.4) needs
+    nothing here: a sandbox's filesystems are its own disk and memory, never a network mount."""
     path = EnvdService.resolve(_path_field(m), user)
     info = await agent.stat(path)
     if info.type != "dir":
         raise ConnectError("invalid_argument", f"{path} is not a directory")
-    return await agent.watch(path, recursive=m.get("recursive") is True)
+    return path, await agent.watch(path, recursive=m.get("recursive") is True)
 
 
-def _fs_event(ev: WatchEvent) -> dict[str, Any]:
-    return {"name": ev.name, "type": _EVENT_TYPES[ev.kind]}
+async def _fs_event(
+    call: _Call, agent: AgentClient, root: str, ev: WatchEvent, include_entry: bool
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": ev.name, "type": _EVENT_TYPES[ev.kind]}
+    if include_entry and ev.kind not in ("remove", "rename"):
+        # What is there now (envd 0.6.3): gone again by the time it is looked at, no entry.
+        with contextlib.suppress(NotFoundError):
+            path = root if ev.name == "." else posixpath.join(root, ev.name)
+            out["entry"] = await _entry(call, agent, await agent.stat(path))
+    return out
 
 
 async def _create_watcher(
     call: _Call, agent: AgentClient, user: User, m: dict[str, Any]
 ) -> dict[str, Any]:
-    watcher = call.envd.add_watcher(call.sandbox_id, await _armed_watch(call, agent, user, m))
+    root, watch = await _armed_watch(call, agent, user, m)
+    watcher = call.envd.add_watcher(
+        call.sandbox_id, watch, root=root, include_entry=m.get("includeEntry") is True
+    )
     return {"watcherId": watcher.id}
 
 
@@ -621,10 +634,11 @@ def _watcher_id(m: dict[str, Any]) -> str:
 
 
 async def _get_watcher_events(
-    call: _Call, _agent: AgentClient, _user: User, m: dict[str, Any]
+    call: _Call, agent: AgentClient, _user: User, m: dict[str, Any]
 ) -> dict[str, Any]:
-    events = call.envd.poll(call.sandbox_id, _watcher_id(m))
-    return {"events": [_fs_event(e) for e in events]}
+    w = call.envd.watcher(call.sandbox_id, _watcher_id(m))
+    events = call.envd.poll(call.sandbox_id, w.id)
+    return {"events": [await _fs_event(call, agent, w.root, e, w.include_entry) for e in events]}
 
 
 async def _remove_watcher(
@@ -662,12 +676,13 @@ async def filesystem_watch_dir(request: Request) -> Response:
     async def messages() -> AsyncIterator[dict[str, Any]]:
         # Armed here, not before the response: a client gone before the body is read must not
         # leave an agent connection (and its helper) open with nobody to close it.
-        watch = await _armed_watch(call, agent, user, message)
+        root, watch = await _armed_watch(call, agent, user, message)
+        include_entry = message.get("includeEntry") is True
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             try:
                 async for ev in watch:
-                    yield {"filesystem": _fs_event(ev)}
+                    yield {"filesystem": await _fs_event(call, agent, root, ev, include_entry)}
             finally:
                 await watch.aclose()
 
