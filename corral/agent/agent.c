@@ -36,6 +36,7 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -66,6 +67,13 @@
 #define MAX_WATCH_DEPTH 256
 #define MOVE_PAIR_MS 20             /* how long a directory's MOVED_FROM waits for its MOVED_TO */
 #define ROOT_CHECK_MS 250           /* how often a watch looks whether its directory was removed */
+#define XATTR_PREFIX "user.e2b."  /* file metadata: xattrs in this namespace, prefix dropped */
+#define XATTR_PREFIX_LEN (sizeof XATTR_PREFIX - 1)
+#define MAX_XATTRS 64               /* per file, both ways */
+#define XATTR_BUDGET (64u * 1024)   /* key + value bytes per file, both ways */
+#define XATTR_KEY_MAX 200           /* what WRITE accepts */
+#define XATTR_VALUE_MAX 4096
+#define XATTR_LIST_BUF 65536        /* the kernel's XATTR_LIST_MAX */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* Frame types. */
@@ -86,7 +94,7 @@ enum {
     F_DEPTH = 15, F_MODE = 16, F_PARENTS = 17, F_RECURSIVE = 18, F_DST = 19, F_TARGET = 20,
     F_DATA = 21, F_EXIT = 22, F_CODE = 23, F_MSG = 24, F_NAME = 25, F_TYPE = 26, F_SIZE = 27,
     F_MTIME = 28, F_UID = 29, F_GID = 30, F_LINK = 31, F_RUNNING = 32, F_PTY = 33,
-    F_STARTED = 34, F_VERSION = 35, F_PROTOCOL = 36, F_KIND = 37,
+    F_STARTED = 34, F_VERSION = 35, F_PROTOCOL = 36, F_KIND = 37, F_XATTR = 38,
 };
 
 #ifndef TIOCGPTPEER
@@ -1424,8 +1432,42 @@ static int open_parent(struct target *t, char *name, int create, uid_t uid, gid_
     return fd;
 }
 
+/* Appends the file's user.e2b.* xattrs as XATTR fields ("key\0value", prefix dropped): those of
+ * `name` in the current directory (a single component, never followed: llistxattr), or with
+ * name NULL those of the open file xfd. At most MAX_XATTRS and XATTR_BUDGET bytes of keys and
+ * values, taken in the order the kernel lists them; one that does not fit in what is left, has a
+ * NUL in its value or vanished meanwhile is left out. Nothing here fails: a filesystem without
+ * xattrs (ENOTSUP), a name list over the kernel's 64 KiB, or an unreadable file gives none. A
+ * file without any costs one llistxattr. */
+static void put_xattrs(struct buf *b, int xfd, const char *name) {
+    static char list[XATTR_LIST_BUF];
+    static char kv[XATTR_BUDGET + 1];
+    ssize_t n = name ? llistxattr(name, list, sizeof list) : flistxattr(xfd, list, sizeof list);
+    if (n <= 0 || list[n - 1] != 0) return;
+    size_t used = 0;
+    int count = 0;
+    for (const char *x = list; x < list + n && count < MAX_XATTRS; x += strlen(x) + 1) {
+        if (strncmp(x, XATTR_PREFIX, XATTR_PREFIX_LEN) != 0) continue;
+        const char *key = x + XATTR_PREFIX_LEN;
+        size_t kl = strlen(key);
+        if (!kl || kl > XATTR_BUDGET - used) continue;
+        size_t room = XATTR_BUDGET - used - kl;
+        memcpy(kv, key, kl);
+        kv[kl] = 0;
+        /* With room 0 the kernel only reports the size: any value but an empty one is skipped. */
+        char *val = kv + kl + 1;
+        ssize_t vn = name ? lgetxattr(name, x, val, room) : fgetxattr(xfd, x, val, room);
+        if (vn < 0 || (size_t)vn > room || memchr(val, 0, (size_t)vn)) continue;
+        field_bytes(b, F_XATTR, kv, kl + 1 + (size_t)vn);
+        used += kl + (size_t)vn;
+        count++;
+    }
+}
+
+/* A FileInfo as an ENTRY frame. Regular files and directories (the only ones that can carry
+ * user.* xattrs) get their metadata from put_xattrs(xfd, xname) unless both are unset. */
 static void put_fileinfo(struct buf *b, const char *name, const char *path, const struct stat *st,
-                         const char *link) {
+                         const char *link, int xfd, const char *xname) {
     size_t at = frame_begin(b, T_ENTRY);
     field_str(b, F_NAME, name);
     field_str(b, F_PATH, path);
@@ -1437,6 +1479,8 @@ static void put_fileinfo(struct buf *b, const char *name, const char *path, cons
     field_int(b, F_UID, st->st_uid);
     field_int(b, F_GID, st->st_gid);
     if (link) field_str(b, F_LINK, link);
+    if ((xname || xfd >= 0) && (S_ISREG(st->st_mode) || S_ISDIR(st->st_mode)))
+        put_xattrs(b, xfd, xname);
     frame_end(b, at);
 }
 
@@ -1459,8 +1503,10 @@ static void reply_info(struct target *t, int dirfd, const char *name, int frame_
             lp = link;
         }
     }
+    /* xattrs are read by name from inside the directory: the *at() family has no l*xattr. */
+    int here = fchdir(dirfd) == 0;
     size_t at = h_out.len;
-    put_fileinfo(&h_out, display_name(t, name), t->path, &st, lp);
+    put_fileinfo(&h_out, display_name(t, name), t->path, &st, lp, -1, here ? name : NULL);
     h_out.d[at + 4] = (uint8_t)frame_type;
 }
 
@@ -1487,6 +1533,7 @@ static void list_walk(int dfd, const char *prefix, int level, int depth) {
     }
     struct dirent *e;
     char path[PATH_MAX], link[PATH_MAX];
+    int here = fchdir(dirfd(d)) == 0;  /* xattrs are read by name, relative to the directory */
     while ((e = readdir(d))) {
         if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
         if (snprintf(path, sizeof path, "%s/%s", strcmp(prefix, "/") ? prefix : "", e->d_name) >=
@@ -1502,11 +1549,14 @@ static void list_walk(int dfd, const char *prefix, int level, int depth) {
                 lp = link;
             }
         }
-        put_fileinfo(&h_out, e->d_name, path, &st, lp);
+        put_fileinfo(&h_out, e->d_name, path, &st, lp, -1, here ? e->d_name : NULL);
         if (h_out.len >= FILE_CHUNK) h_flush();
         if (S_ISDIR(st.st_mode) && level < depth) {
             int sub = openat(dirfd(d), e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-            if (sub >= 0) list_walk(sub, path, level + 1, depth);
+            if (sub >= 0) {
+                list_walk(sub, path, level + 1, depth);
+                here = fchdir(dirfd(d)) == 0;
+            }
         }
     }
     closedir(d);
@@ -1537,7 +1587,7 @@ static void op_read(struct fields *f, struct target *t) {
     set_cloexec_nonblock(fd, 0);
     size_t at = h_out.len;
     const char *slash = strrchr(t->path, '/');
-    put_fileinfo(&h_out, slash && slash[1] ? slash + 1 : t->path, t->path, &st, NULL);
+    put_fileinfo(&h_out, slash && slash[1] ? slash + 1 : t->path, t->path, &st, NULL, fd, NULL);
     h_out.d[at + 4] = T_OK;
     h_flush();
     uint8_t *chunk = xrealloc(NULL, FILE_CHUNK);
@@ -1577,11 +1627,83 @@ static __attribute__((noreturn)) void write_abort(const char *code, const char *
     h_fail(code, fmt, a, b);
 }
 
+static int xattr_key_ok(const uint8_t *k, size_t n) {
+    if (n < 1 || n > XATTR_KEY_MAX) return 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t c = k[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+/* WRITE's metadata, checked before anything is touched: keys without the prefix. */
+static struct {
+    const uint8_t *key, *value;
+    size_t kl, vl;
+} g_wx[MAX_XATTRS];
+static int g_nwx;
+
+static void xattrs_check(const struct fields *f) {
+    size_t total = 0;
+    for (size_t i = 0; i + 5 <= f->n;) {
+        const uint8_t *v = f->p + i + 5;
+        size_t vn = get_be32(f->p + i + 1);
+        int key = f->p[i];
+        i += 5 + vn;
+        if (key != F_XATTR) continue;
+        if (g_nwx == MAX_XATTRS) h_fail("invalid", "at most %d metadata entries", MAX_XATTRS);
+        const uint8_t *nul = memchr(v, 0, vn);
+        if (!nul) h_fail("invalid", "malformed metadata entry");
+        size_t kl = (size_t)(nul - v), vl = vn - kl - 1;
+        int shown = (int)(kl > XATTR_KEY_MAX ? XATTR_KEY_MAX : kl);
+        if (!xattr_key_ok(v, kl))
+            h_fail("invalid", "invalid metadata key %.*s: 1..%d of A-Z a-z 0-9 . _ -", shown,
+                   (const char *)v, XATTR_KEY_MAX);
+        if (vl > XATTR_VALUE_MAX)
+            h_fail("invalid", "metadata value of %.*s is over %d bytes", shown, (const char *)v,
+                   XATTR_VALUE_MAX);
+        if (memchr(nul + 1, 0, vl))
+            h_fail("invalid", "metadata value of %.*s has a NUL byte", shown, (const char *)v);
+        for (int j = 0; j < g_nwx; j++)
+            if (g_wx[j].kl == kl && memcmp(g_wx[j].key, v, kl) == 0)
+                h_fail("invalid", "metadata key %.*s is given twice", shown, (const char *)v);
+        total += kl + vl;
+        if (total > XATTR_BUDGET) h_fail("invalid", "metadata over %u bytes in all", XATTR_BUDGET);
+        g_wx[g_nwx].key = v;
+        g_wx[g_nwx].kl = kl;
+        g_wx[g_nwx].value = nul + 1;
+        g_wx[g_nwx].vl = vl;
+        g_nwx++;
+    }
+}
+
+/* Sets the checked metadata on the new (still private) file; a failure aborts the write. */
+static void xattrs_set(int fd, struct target *t) {
+    char name[XATTR_PREFIX_LEN + XATTR_KEY_MAX + 1];
+    for (int i = 0; i < g_nwx; i++) {
+        memcpy(name, XATTR_PREFIX, XATTR_PREFIX_LEN);
+        memcpy(name + XATTR_PREFIX_LEN, g_wx[i].key, g_wx[i].kl);
+        name[XATTR_PREFIX_LEN + g_wx[i].kl] = 0;
+        if (fsetxattr(fd, name, g_wx[i].value, g_wx[i].vl, 0) == 0) continue;
+        int e = errno;
+        if (e == ENOTSUP)
+            write_abort("invalid", "cannot write %.1024s: %s", t->path,
+                        "this filesystem keeps no metadata");
+        if (e == ENOSPC || e == EDQUOT || e == E2BIG)
+            write_abort("no_space", "cannot write %.1024s: %s", t->path,
+                        "no room for its metadata on this filesystem");
+        write_abort(errno_code(e), "cannot set metadata on %.1024s: %s", t->path, strerror(e));
+    }
+}
+
 static void op_write(struct fields *f, struct target *t) {
     int bad = 0;
     int64_t mode = field_i64_or(f, F_MODE, 0644, &bad);
     char *user = field_strdup(f, F_USER, 0, &bad);
     if (bad || mode < 0 || mode > 07777) h_fail("invalid", "malformed write request");
+    xattrs_check(f);
     uid_t uid;
     gid_t gid;
     resolve_owner(user, &uid, &gid);
@@ -1604,6 +1726,9 @@ static void op_write(struct fields *f, struct target *t) {
     }
     if (fd < 0) h_fail("io", "cannot create a temporary file next to %.1024s", t->path);
     g_tmp_parent = pfd;
+    /* The new inode has no user.e2b.* of its own, so these replace whatever the old file had.
+     * Set now, on the file still mode 0600 and ours, so a refusal comes before any data. */
+    xattrs_set(fd, t);
     size_t at = frame_begin(&h_out, T_OK);
     frame_end(&h_out, at);
     if (h_send_all(h_out.d, h_out.len) < 0) write_abort(NULL, NULL, NULL, NULL);

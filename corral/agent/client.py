@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -57,6 +58,13 @@ _MAX_EXIT = 255 + 128
 _WRITE_CHUNK = 256 * 1024
 _STDIN_CHUNK = 512 * 1024
 _MAX_PATH = 4095
+# File metadata (user.e2b.* xattrs, reported without the prefix): what the agent sends per
+# entry at most, and what write_file accepts (the agent checks the same).
+_MAX_XATTRS = 64
+_XATTR_BUDGET = 64 * 1024  # key + value bytes per file
+_XATTR_NAME_MAX = 255 - len("user.e2b.")  # the kernel's XATTR_NAME_MAX, prefix included
+_XATTR_VALUE_MAX = 4096
+_XATTR_KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 _ERRORS: dict[str, type[CorralError]] = {
     "not_found": NotFoundError,
@@ -119,6 +127,9 @@ class FileInfo:
     uid: int
     gid: int
     link_target: str | None
+    # The file's user.e2b.* extended attributes, prefix dropped (E2B's file metadata): set by
+    # write_file or by anyone inside the sandbox. Regular files and directories only.
+    metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -213,7 +224,28 @@ def _file_info(fields: Fields) -> FileInfo:
         uid=fields.num(Field.UID, lo=0, hi=2**32 - 1),
         gid=fields.num(Field.GID, lo=0, hi=2**32 - 1),
         link_target=fields.opt_text(Field.LINK),
+        metadata=_metadata(fields),
     )
+
+
+def _metadata(fields: Fields) -> dict[str, str]:
+    raws = fields.all_bytes(Field.XATTR)
+    if len(raws) > _MAX_XATTRS:
+        raise RuntimeFailure(f"agent sent {len(raws)} metadata entries (limit {_MAX_XATTRS})")
+    out: dict[str, str] = {}
+    total = 0
+    for raw in raws:
+        key, sep, value = raw.partition(b"\x00")
+        if not sep or not key or len(key) > _XATTR_NAME_MAX or b"\x00" in value:
+            raise RuntimeFailure("agent sent a malformed metadata entry")
+        total += len(key) + len(value)
+        if total > _XATTR_BUDGET:
+            raise RuntimeFailure(f"agent sent over {_XATTR_BUDGET} bytes of metadata")
+        name = key.decode("utf-8", "surrogateescape")
+        if name in out:
+            raise RuntimeFailure(f"agent sent metadata key {name[:200]!r} twice")
+        out[name] = value.decode("utf-8", "surrogateescape")
+    return out
 
 
 def _process_info(fields: Fields) -> ProcessInfo:
@@ -284,6 +316,30 @@ def _check_path(path: object, what: str = "path") -> str:
     if len(text.encode("utf-8", "surrogateescape")) > _MAX_PATH:
         raise InvalidRequestError(f"{what} is too long")
     return text
+
+
+def _metadata_items(metadata: Mapping[str, str] | None) -> list[tuple[int, FieldValue | None]]:
+    if metadata is None:
+        return []
+    if not isinstance(metadata, Mapping):
+        raise InvalidRequestError("metadata must be a mapping of strings to strings")
+    if len(metadata) > _MAX_XATTRS:
+        raise InvalidRequestError(f"at most {_MAX_XATTRS} metadata entries")
+    items: list[tuple[int, FieldValue | None]] = []
+    total = 0
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not _XATTR_KEY.fullmatch(key):
+            raise InvalidRequestError(
+                f"invalid metadata key {str(key)[:200]!r}: 1..200 of A-Z a-z 0-9 . _ -"
+            )
+        raw = _check_text(value, f"metadata[{key}]").encode("utf-8", "surrogateescape")
+        if len(raw) > _XATTR_VALUE_MAX:
+            raise InvalidRequestError(f"metadata value of {key} is over {_XATTR_VALUE_MAX} bytes")
+        total += len(key) + len(raw)
+        if total > _XATTR_BUDGET:
+            raise InvalidRequestError(f"metadata over {_XATTR_BUDGET} bytes in all")
+        items.append((Field.XATTR, key.encode("ascii") + b"\x00" + raw))
+    return items
 
 
 def _check_pid(pid: int) -> int:
@@ -607,10 +663,21 @@ class AgentClient:
         mode: int = 0o644,
         user: str | None = None,
         beneath: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> FileInfo:
+        """Writes ``path`` atomically (a temporary sibling renamed over it). ``metadata``
+        becomes the new file's user.e2b.* xattrs, replacing the old file's: at most 64 keys of
+        1..200 bytes of [A-Za-z0-9._-], values up to 4 KiB, 64 KiB in all (else
+        InvalidRequestError, before anything is written; also when the filesystem keeps no
+        xattrs; QuotaExceededError when it has no room for them)."""
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
             raise InvalidRequestError(f"invalid file mode: {mode!r}")
-        items = [*_path_items(path, beneath), (Field.MODE, mode), (Field.USER, _opt_user(user))]
+        items = [
+            *_path_items(path, beneath),
+            (Field.MODE, mode),
+            (Field.USER, _opt_user(user)),
+            *_metadata_items(metadata),
+        ]
         conn = await self._open()
         try:
             await conn.send(FrameType.WRITE, encode_fields(items))

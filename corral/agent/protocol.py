@@ -111,6 +111,7 @@ class Field(IntEnum):
     VERSION = 35
     PROTOCOL = 36
     KIND = 37
+    XATTR = 38
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 
 from corral.agent import FileInfo, archive
 from corral.core.commands import validate_sandbox_path
@@ -39,11 +39,13 @@ class FileService:
         *,
         mode: int,
         user: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> FileInfo:
+        """Write (replace) a file; ``metadata`` becomes its ``user.e2b.*`` extended attributes."""
         if not 0 <= mode <= 0o7777:
             raise InvalidRequestError(f"mode must be between 0 and 0o7777, got {mode}")
         agent = await self._sandboxes.agent(who, sid)
-        return await agent.write_file(_path(path), body, mode=mode, user=user)
+        return await agent.write_file(_path(path), body, mode=mode, user=user, metadata=metadata)
 
     async def list(self, who: Principal, sid: str, path: str, depth: int) -> list[FileInfo]:
         if not 1 <= depth <= 32:

@@ -22,6 +22,7 @@ from e2b import (  # noqa: E402
 )
 from e2b.exceptions import (  # noqa: E402
     AuthenticationException,
+    InvalidArgumentException,
     SandboxException,
     SandboxNotRunningException,
 )
@@ -305,6 +306,10 @@ def test_file_metadata_and_watch_entries(sbx: Sandbox) -> None:
     }
     moved = sbx.files.rename("/tmp/meta/a.txt", "/tmp/meta/b.txt")
     assert moved.metadata is not None and moved.metadata["tag"] == "v1"
+    # E2B allows any HTTP token character in a key; corral keeps the common ones, and says so.
+    with pytest.raises(InvalidArgumentException, match="letters, digits"):
+        sbx.files.write("/tmp/meta/d.txt", "z", metadata={"a!b": "x"})
+    assert not sbx.files.exists("/tmp/meta/d.txt")
     # A new upload replaces the file and its metadata.
     assert sbx.files.write("/tmp/meta/b.txt", "y").metadata is None
     assert sbx.files.get_info("/tmp/meta/b.txt").metadata is None

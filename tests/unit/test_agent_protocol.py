@@ -51,6 +51,7 @@ def test_numbering_is_that_of_agent_c() -> None:
     assert frames == {t.name: t.value for t in FrameType}
     assert fields == {f.name: f.value for f in Field}
     assert (FrameType.WATCH, FrameType.EVENT, Field.KIND) == (24, 134, 37)
+    assert Field.XATTR == 38
 
 
 def test_field_encoding_details() -> None:
@@ -69,6 +70,16 @@ def test_field_encoding_details() -> None:
     name = b"caf\xe9".decode("utf-8", "surrogateescape")
     assert Fields.decode(encode_fields([(Field.NAME, name)])).text(Field.NAME) == name
     assert encode_fields([]) == b""
+
+
+def test_repeated_metadata_entries_keep_their_bytes() -> None:
+    """XATTR is repeated, each ``key NUL value``: raw bytes, so a field may hold a NUL."""
+    raw = encode_fields([(Field.XATTR, b"k\x00v"), (Field.XATTR, b"e\x00")])
+    assert (
+        raw
+        == b"\x26" + struct.pack(">I", 3) + b"k\x00v" + b"\x26" + struct.pack(">I", 2) + b"e\x00"
+    )
+    assert Fields.decode(raw).all_bytes(Field.XATTR) == [b"k\x00v", b"e\x00"]
 
 
 def test_incomplete_frames_wait_for_more() -> None:

@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import posixpath
+import re
 import signal
 import stat as stat_mod
 import zlib
@@ -45,9 +46,14 @@ from corral.errors import (
 
 __all__ = ["ENVD_VERSION", "router"]
 
-# The envd release whose features all work here (see docs/e2b.md): octet-stream and gzip
-# uploads (0.5.7). 0.6.2 would promise file metadata as xattrs, which the agent cannot set.
-ENVD_VERSION = "0.5.7"
+# The envd release whose features all work here (see docs/e2b.md): file metadata as
+# user.e2b.* xattrs (0.6.2), watch events carrying the entry (0.6.3), watches that may cross
+# network mounts (0.6.4: a sandbox has none).
+ENVD_VERSION = "0.6.4"
+_METADATA_HEADER = "x-metadata-"
+# What corral's agent keeps as a key (after envd's lowercasing): E2B's SDKs allow any HTTP
+# token character, corral the common ones.
+_METADATA_KEY = re.compile(r"[a-z0-9._-]{1,200}")
 
 _SIGNALS = {"SIGNAL_SIGKILL": signal.SIGKILL, "SIGNAL_SIGTERM": signal.SIGTERM}
 _FILE_TYPES = {
@@ -519,6 +525,8 @@ async def _entry(call: _Call, agent: AgentClient, info: FileInfo) -> dict[str, A
         "group": group,
         "modifiedTime": datetime.fromtimestamp(info.mtime, UTC).isoformat().replace("+00:00", "Z"),
     }
+    if info.metadata:
+        entry["metadata"] = dict(info.metadata)
     if info.type == "symlink":
         entry["isSymlink"] = True
         if info.link_target is not None:
@@ -786,8 +794,29 @@ async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _upload_metadata(request: Request) -> dict[str, str] | None:
+    """``X-Metadata-<key>: value`` headers, keys lowercased as envd does."""
+    found: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if not name.startswith(_METADATA_HEADER):
+            continue
+        key = name[len(_METADATA_HEADER) :]
+        if not _METADATA_KEY.fullmatch(key):
+            raise InvalidRequestError(
+                f"metadata key {key!r}: corral keeps keys of 1 to 200 letters, digits, "
+                "'.', '_' and '-'"
+            )
+        found[key] = value
+    return found or None
+
+
 async def _write(
-    call: _Call, agent: AgentClient, user: User, path: str, body: AsyncIterator[bytes]
+    call: _Call,
+    agent: AgentClient,
+    user: User,
+    path: str,
+    body: AsyncIterator[bytes],
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     full = EnvdService.resolve(path, user)
     parent = posixpath.dirname(full) or "/"
@@ -796,9 +825,12 @@ async def _write(
     except NotFoundError:
         await agent.mkdir(parent, parents=True, user=user.name)
     info = await call.svc.files.write(
-        call.who, call.sandbox_id, full, body, mode=0o644, user=user.name
+        call.who, call.sandbox_id, full, body, mode=0o644, user=user.name, metadata=metadata
     )
-    return {"name": info.name, "type": "file", "path": info.path}
+    out: dict[str, Any] = {"name": info.name, "type": "file", "path": info.path}
+    if info.metadata:
+        out["metadata"] = dict(info.metadata)
+    return out
 
 
 @router.post("/files")
@@ -806,6 +838,7 @@ async def upload(request: Request) -> Response:
     call, path, username = _file_call(request, "write")
     agent = await call.agent()
     user = await call.user(agent, username)
+    metadata = _upload_metadata(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     written: list[dict[str, Any]] = []
     if content_type == "multipart/form-data":
@@ -818,7 +851,8 @@ async def upload(request: Request) -> Response:
                 target = path if path and len(files) == 1 else (f.filename or "")
                 if not target:
                     raise InvalidRequestError("each file part needs its path as filename")
-                written.append(await _write(call, agent, user, target, _upload_chunks(f)))
+                chunks = _upload_chunks(f)
+                written.append(await _write(call, agent, user, target, chunks, metadata))
         finally:
             await form.close()
     else:
@@ -827,5 +861,5 @@ async def upload(request: Request) -> Response:
         body: AsyncIterator[bytes] = request.stream()
         if request.headers.get("content-encoding", "").strip().lower() == "gzip":
             body = _gunzipped(body)
-        written.append(await _write(call, agent, user, path, body))
+        written.append(await _write(call, agent, user, path, body, metadata))
     return JSONResponse(written)
