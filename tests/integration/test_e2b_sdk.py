@@ -491,7 +491,8 @@ def test_microvm_pause_connect_and_fork_keep_processes(
     try:
         with microvm_server.client() as c:
             assert c.get(f"/v1/sandboxes/{s.sandbox_id}").json()["runtime"] == "microvm"
-        counter = "n=0; while true; do n=$((n+1)); echo $n > /tmp/n; sleep 0.2; done"
+        # Renamed into place: a read never meets the file truncated mid-write.
+        counter = "n=0; while true; do n=$((n+1)); echo $n > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.2; done"
         h = s.commands.run(counter, background=True)
         s.files.write("/tmp/kept.txt", "kept")
         time.sleep(1)
