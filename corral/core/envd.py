@@ -260,13 +260,14 @@ class EnvdService:
     def _prune(self) -> None:
         """Forget sandboxes that ended however they ended (a timeout, a kill elsewhere); run
         when the tables have doubled since the last time, so it costs O(1) per call overall."""
-        size = len(self._started) + len(self._accounts)
+        size = len(self._started) + len(self._accounts) + len(self._watchers)
         if size < self._prune_at:
             return
+        self._expire_watchers()
         for sid in {sid for sid, _ in self._started} | set(self._accounts):
             if self._sandboxes.live_sandbox(sid) is None:
                 self.forget(sid)
-        self._prune_at = 2 * (len(self._started) + len(self._accounts)) + 64
+        self._prune_at = 2 * (len(self._started) + len(self._accounts) + len(self._watchers)) + 64
 
     def started(self, sandbox_id: str, pid: int) -> StartedProcess | None:
         return self._started.get((sandbox_id, pid))
@@ -276,10 +277,14 @@ class EnvdService:
             del self._started[key]
 
     def forget(self, sandbox_id: str) -> None:
-        """Drop what is known of a sandbox that is gone."""
+        """Drop what is known of a sandbox that is gone, its watchers included."""
         self._accounts.pop(sandbox_id, None)
         for key in [k for k in self._started if k[0] == sandbox_id]:
             del self._started[key]
+        for w in [w for w in self._watchers.values() if w.sandbox_id == sandbox_id]:
+            self._watchers.pop(w.id, None)
+            if w.task is not None:
+                w.task.cancel()
 
     # --- polled watchers ----------------------------------------------------------------
     def add_watcher(
@@ -292,6 +297,7 @@ class EnvdService:
     ) -> Watcher:
         """Keep following ``events`` (an armed watch) until the watcher is removed, left
         unpolled, or its sandbox goes away."""
+        self._prune()
         self._expire_watchers()
         if sum(1 for w in self._watchers.values() if w.sandbox_id == sandbox_id) >= _MAX_WATCHERS:
             raise QuotaExceededError(f"a sandbox may have at most {_MAX_WATCHERS} watchers")

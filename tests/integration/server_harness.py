@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,7 @@ __all__ = [
     "own_server",
     "running_server",
     "shared_templates_dir",
+    "verify_identity_token",
 ]
 
 
@@ -212,3 +214,21 @@ def exec_stdout(c: httpx.Client, sandbox_id: str, cmd: str) -> str:
     events = [json.loads(line) for line in r.text.splitlines() if line]
     assert next(e["exit_code"] for e in events if e["type"] == "exit") == 0, events
     return b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout").decode()
+
+
+def verify_identity_token(server: RunningServer, token: str, audience: str) -> dict[str, Any]:
+    """What an external service does with a sandbox's identity token: nothing but the server's
+    published keys and its issuer name. Raises PyJWT's errors when the token does not hold."""
+    import jwt
+
+    keys = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        keys.get_signing_key_from_jwt(token),
+        algorithms=["EdDSA"],
+        audience=audience,
+        issuer=server.url,
+        options={"require": ["exp", "iat", "nbf", "sub", "aud", "iss", "jti"]},
+        leeway=5,
+    )
+    return claims

@@ -6,7 +6,6 @@ import json
 from datetime import datetime
 from typing import Any
 
-import jwt
 import pytest
 
 pytest.importorskip(
@@ -14,7 +13,7 @@ pytest.importorskip(
 )
 
 from tests.integration.cli_harness import TEMPLATE, corral, corral_text, one_error
-from tests.integration.server_harness import RunningServer
+from tests.integration.server_harness import RunningServer, verify_identity_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -22,17 +21,7 @@ AUD = "https://api.example.com"
 
 
 def _verify(server: RunningServer, token: str) -> dict[str, Any]:
-    keys = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    claims: dict[str, Any] = jwt.decode(
-        token,
-        keys.get_signing_key_from_jwt(token),
-        algorithms=["EdDSA"],
-        audience=AUD,
-        issuer=server.url,
-        options={"require": ["exp", "iat", "nbf", "sub", "aud", "iss", "jti"]},
-        leeway=5,
-    )
-    return claims
+    return verify_identity_token(server, token, AUD)
 
 
 def test_token_then_introspect_until_kill(env: dict[str, str], server: RunningServer) -> None:

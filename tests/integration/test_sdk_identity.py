@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-import jwt
 import pytest
 
 pytest.importorskip(
@@ -16,7 +15,7 @@ pytest.importorskip(
 
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk import IdentityToken
-from tests.integration.server_harness import RunningServer
+from tests.integration.server_harness import RunningServer, verify_identity_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
@@ -43,18 +42,7 @@ def sbx(conn: Conn) -> Iterator[Sandbox]:
 
 
 def verify(server: RunningServer, token: str, audience: str = AUD) -> dict[str, Any]:
-    """What an external service does: nothing but the published keys and the issuer's name."""
-    keys = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    claims: dict[str, Any] = jwt.decode(
-        token,
-        keys.get_signing_key_from_jwt(token),
-        algorithms=["EdDSA"],
-        audience=audience,
-        issuer=server.url,
-        options={"require": ["exp", "iat", "nbf", "sub", "aud", "iss", "jti"]},
-        leeway=5,
-    )
-    return claims
+    return verify_identity_token(server, token, audience)
 
 
 def test_token_verifies_with_the_jwks_and_is_revoked_at_kill(

@@ -17,7 +17,7 @@ import pytest
 from corral import Sandbox
 from corral.errors import InvalidRequestError
 from tests.integration.fake_internet import FakeInternet
-from tests.integration.server_harness import RunningServer
+from tests.integration.server_harness import RunningServer, verify_identity_token
 from tests.integration.tiers import container_only, sdk_args
 
 pytestmark = [pytest.mark.security, pytest.mark.usefixtures("server_no_leaks")]
@@ -410,8 +410,6 @@ def _imds_token(sbx: Sandbox, extra: str = "") -> tuple[int, str]:
 def test_metadata_endpoint_knows_the_caller_by_its_namespace(
     make: Any, server: RunningServer
 ) -> None:
-    import jwt  # the external verifier: nothing but the server's published keys
-
     a = make(None)  # no egress at all: the metadata endpoint is not egress
     b = make(None)
     assert _imds(a, "/latest/meta-data/sandbox-id")[0] == 401  # no session token, no answer
@@ -426,13 +424,8 @@ def test_metadata_endpoint_knows_the_caller_by_its_namespace(
     assert _imds(b, "/latest/meta-data/sandbox-id", token=token_b) == (200, b.id)
     status, signed = _imds(b, "/latest/identity/token?audience=api.test", token=token_b)
     assert status == 200, signed
-    keys = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    claims = jwt.decode(
-        signed,
-        keys.get_signing_key_from_jwt(signed).key,
-        algorithms=["EdDSA"],
-        audience="api.test",
-    )
+    # The external verifier: nothing but the server's published keys.
+    claims = verify_identity_token(server, signed, "api.test")
     assert claims["sub"] == b.id and claims["exp"] - claims["iat"] <= 3600
     assert _imds(b, "/latest/identity/token", token=token_b)[0] == 400  # no audience
     assert _imds(b, "/latest/user-data", token=token_b)[0] == 404
