@@ -15,7 +15,7 @@ import json
 import math
 import urllib.parse
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
@@ -327,17 +327,35 @@ def _metadata_filter(raw: str | None) -> dict[str, str]:
     return dict(pairs)
 
 
-def _page_token(sb: Sandbox) -> str:
-    raw = json.dumps([_iso(sb.created_at), sb.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
+class _Listed(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
 
 
-def _after(token: str) -> tuple[str, str]:
-    try:
-        created, sid = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return str(created), str(sid)
-    except (ValueError, TypeError, binascii.Error):
-        raise InvalidRequestError("nextToken is not one this server gave") from None
+_L = TypeVar("_L", bound=_Listed)
+
+
+def _page(items: list[_L], limit: int, next_token: str | None) -> tuple[list[_L], dict[str, str]]:
+    """Newest first, as E2B lists, one page after ``next_token``; the token of the next page
+    (in the ``x-next-token`` header) is the last listed item's place in that order."""
+
+    def place(item: _L) -> tuple[str, str]:
+        return _iso(item.created_at), item.id
+
+    ordered = sorted(items, key=place, reverse=True)
+    if next_token:
+        try:
+            created, iid = json.loads(base64.urlsafe_b64decode(next_token.encode()))
+        except (ValueError, TypeError, binascii.Error):
+            raise InvalidRequestError("nextToken is not one this server gave") from None
+        ordered = [i for i in ordered if place(i) < (str(created), str(iid))]
+    page = ordered[:limit]
+    if len(ordered) <= limit:
+        return page, {}
+    token = base64.urlsafe_b64encode(json.dumps(list(place(page[-1]))).encode()).decode()
+    return page, {"x-next-token": token}
 
 
 @router.get("/v2/sandboxes")
@@ -352,13 +370,7 @@ async def list_v2(
     found = await svc.sandboxes.list(
         who, states=_states(state), metadata=_metadata_filter(metadata)
     )
-    # Newest first, as E2B lists; the token is the last listed sandbox's place in that order.
-    found.sort(key=lambda sb: (_iso(sb.created_at), sb.id), reverse=True)
-    if next_token:
-        mark = _after(next_token)
-        found = [sb for sb in found if (_iso(sb.created_at), sb.id) < mark]
-    page = found[:limit]
-    headers = {"x-next-token": _page_token(page[-1])} if len(found) > limit else {}
+    page, headers = _page(found, limit, next_token)
     return JSONResponse([_listed(sb) for sb in page], headers=headers)
 
 
@@ -514,16 +526,7 @@ async def list_snapshots(
     snaps = await svc.snapshots.list(who, sandbox_id)
     if name is not None:
         snaps = [s for s in snaps if s.name == name]
-    snaps.sort(key=lambda s: (_iso(s.created_at), s.id), reverse=True)
-    if next_token:
-        mark = _after(next_token)
-        snaps = [s for s in snaps if (_iso(s.created_at), s.id) < mark]
-    page = snaps[:limit]
-    headers: dict[str, str] = {}
-    if len(snaps) > limit:
-        last = page[-1]
-        raw = json.dumps([_iso(last.created_at), last.id]).encode()
-        headers["x-next-token"] = base64.urlsafe_b64encode(raw).decode()
+    page, headers = _page(snaps, limit, next_token)
     return JSONResponse([_snapshot_info(s) for s in page], headers=headers)
 
 
