@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -480,6 +481,18 @@ def server(
     templates = shared_templates_dir(scratch)
     with running_server(scratch / "data", templates, dns_upstream=fake_net.dns) as s:
         yield s
+
+
+class Conn(TypedDict):
+    """How the SDK reaches the session server: ``Sandbox.create(..., **conn)``."""
+
+    api_key: str
+    base_url: str
+
+
+@pytest.fixture
+def conn(server: RunningServer) -> Conn:
+    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import pytest
 
@@ -21,22 +21,12 @@ pytest.importorskip(
 
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk import Client
-from tests.integration.server_harness import RunningServer
+from tests.conftest import Conn
 from tests.integration.tiers import container_only, sdk_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 TEMPLATE = "minimal"
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any
 
 import pytest
 
@@ -15,22 +15,13 @@ pytest.importorskip(
 
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk import IdentityToken
+from tests.conftest import Conn
 from tests.integration.server_harness import RunningServer, verify_identity_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 TEMPLATE = "minimal"
 AUD = "https://api.example.com"
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture

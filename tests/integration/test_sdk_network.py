@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypedDict
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -17,21 +17,12 @@ pytest.importorskip(
 
 from corral import AsyncSandbox, EgressEvent, Sandbox, errors, network_policy
 from corral.sdk._wire import ingress_url
+from tests.conftest import Conn
 from tests.integration.server_harness import RunningServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 TEMPLATE = "minimal"
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,7 +18,7 @@ pytest.importorskip(
 
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk.models import SandboxInfo
-from tests.integration.server_harness import RunningServer
+from tests.conftest import Conn
 from tests.integration.tiers import container_only, sdk_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
@@ -30,16 +30,6 @@ COUNTER = (
 )
 
 T = TypeVar("T")
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture

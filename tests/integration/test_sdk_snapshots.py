@@ -6,7 +6,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TypedDict
 
 import pytest
 
@@ -16,21 +15,11 @@ pytest.importorskip(
 
 from corral import AsyncSandbox, Sandbox, errors
 from corral.sdk.models import Snapshot
-from tests.integration.server_harness import RunningServer
+from tests.conftest import Conn
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
 
 TEMPLATE = "minimal"
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 class Made:

@@ -8,26 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import pytest
 
 from corral import AsyncTemplate, Sandbox, Template, errors
 from corral.sdk import BuildEvent
+from tests.conftest import Conn
 from tests.integration.cli_harness import corral_text
-from tests.integration.server_harness import RunningServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_no_leaks")]
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ import shlex
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any, TypedDict
+from typing import Any
 
 import pytest
 
 from corral import Sandbox
 from corral.errors import InvalidRequestError
+from tests.conftest import Conn
 from tests.integration.fake_internet import FakeInternet
 from tests.integration.server_harness import RunningServer, verify_identity_token
 from tests.integration.tiers import container_only, sdk_args
@@ -25,16 +26,6 @@ pytestmark = [pytest.mark.security, pytest.mark.usefixtures("server_no_leaks")]
 ALLOWED_IP = "198.51.100.10"  # allowed.test
 BLOCKED_IP = "198.51.100.11"  # blocked.test
 CURL_TIMEOUT_EXIT = 28  # curl's "operation timed out": a block must never look like this
-
-
-class Conn(TypedDict):
-    api_key: str
-    base_url: str
-
-
-@pytest.fixture
-def conn(server: RunningServer) -> Conn:
-    return {"api_key": server.admin_key, "base_url": server.url}
 
 
 @pytest.fixture
