@@ -43,6 +43,7 @@ _RECORD_HANDSHAKE = 0x16
 _MAX_RECORD = 16 * 1024  # TLSPlaintext.length limit (RFC 8446 5.1)
 _HS_CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0x0000
+_EXT_ALPN = 0x0010
 _EXT_ECH = 0xFE0D
 _NAME_TYPE_HOST = 0
 
@@ -175,12 +176,17 @@ class SniResult:
     ``kind``: ``need_more`` (a prefix of a plausible ClientHello), ``not_tls``, ``malformed``
     (claims to be TLS but breaks the rules; never guess), ``no_sni`` or ``sni`` (``name`` set).
     ``ech`` is True when the hello carries encrypted_client_hello, whose inner name we cannot see.
+    ``alpn``: the protocols of the ALPN extension in the client's order (``sni``/``no_sni`` only;
+    empty without the extension). Protocol ids are opaque bytes, read as latin-1 so that none is
+    lost; a list that breaks RFC 7301's shape (empty, an empty id) makes the hello malformed,
+    as every TLS server would refuse it too.
     """
 
     kind: Literal["need_more", "not_tls", "malformed", "no_sni", "sni"]
     name: str | None = None
     ech: bool = False
     reason: str = ""
+    alpn: tuple[str, ...] = ()
 
 
 _NEED_MORE_TLS = SniResult("need_more")
@@ -299,6 +305,7 @@ def _parse_hello_body(body: bytes) -> SniResult:
     seen: set[int] = set()
     name: str | None = None
     ech = False
+    alpn: tuple[str, ...] = ()
     while ext.left():
         etype = ext.uint(2)
         edata = ext.vector(2)
@@ -309,9 +316,27 @@ def _parse_hello_body(body: bytes) -> SniResult:
             name = _server_name(edata)
         elif etype == _EXT_ECH:
             ech = True
+        elif etype == _EXT_ALPN:
+            alpn = _alpn(edata)
     if name is None:
-        return SniResult("no_sni", ech=ech, reason="ClientHello has no server name")
-    return SniResult("sni", name=name, ech=ech)
+        return SniResult("no_sni", ech=ech, reason="ClientHello has no server name", alpn=alpn)
+    return SniResult("sni", name=name, ech=ech, alpn=alpn)
+
+
+def _alpn(edata: bytes) -> tuple[str, ...]:
+    r = _Reader(edata)
+    names = _Reader(r.vector(2))
+    if r.left():
+        raise _Malformed("bytes after the ALPN protocol list")
+    found: list[str] = []
+    while names.left():
+        proto = names.vector(1)
+        if not proto:
+            raise _Malformed("empty ALPN protocol name")
+        found.append(proto.decode("latin-1"))
+    if not found:
+        raise _Malformed("empty ALPN protocol list")
+    return tuple(found)
 
 
 def _server_name(edata: bytes) -> str | None:
@@ -380,8 +405,11 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 
 
-def parse_http_request_head(data: bytes) -> HttpHead | NeedMore | NotHttp:
-    """Classify ``data`` (everything received so far) as the head of an HTTP/1.x request."""
+def parse_http_request_head(
+    data: bytes, max_head: int = MAX_HTTP_HEAD
+) -> HttpHead | NeedMore | NotHttp:
+    """Classify ``data`` (everything received so far) as the head of an HTTP/1.x request of at
+    most ``max_head`` bytes."""
     # The method is checked first so that other protocols are told apart from a few bytes.
     limit = min(len(data), _MAX_METHOD + 1)
     for i in range(limit):
@@ -397,7 +425,7 @@ def parse_http_request_head(data: bytes) -> HttpHead | NeedMore | NotHttp:
         return NEED_MORE
     line_end = data.find(b"\n")
     if line_end < 0:
-        if len(data) >= MAX_HTTP_HEAD:
+        if len(data) >= max_head:
             return NotHttp("request line too long")
         return NEED_MORE
     line = data[:line_end]
@@ -417,12 +445,12 @@ def parse_http_request_head(data: bytes) -> HttpHead | NeedMore | NotHttp:
     if not _TARGET.fullmatch(target):
         return NotHttp("request target is empty or has forbidden bytes", malformed=True)
     end = data.find(b"\r\n\r\n", line_end - 1)
-    if end < 0 or end + 4 > MAX_HTTP_HEAD:
-        bad = _bad_line_ending(data[: MAX_HTTP_HEAD + 4])
+    if end < 0 or end + 4 > max_head:
+        bad = _bad_line_ending(data[: max_head + 4])
         if bad:
             return NotHttp(bad, malformed=True)
-        if len(data) >= MAX_HTTP_HEAD:
-            return NotHttp("request head larger than 16 KiB", malformed=True)
+        if len(data) >= max_head:
+            return NotHttp(f"request head larger than {max_head // 1024} KiB", malformed=True)
         return NEED_MORE
     head_len = end + 4
     bad = _bad_line_ending(data[:head_len])

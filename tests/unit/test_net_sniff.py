@@ -27,11 +27,13 @@ from corral.net.sniff import (
 # --------------------------------------------------------------------------- builders
 
 
-def real_hello(server_hostname: str | None) -> bytes:
+def real_hello(server_hostname: str | None, alpn: list[str] | None = None) -> bytes:
     """The first flight OpenSSL sends (a real ClientHello)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
     with pytest.raises(ssl.SSLWantReadError):
@@ -41,6 +43,11 @@ def real_hello(server_hostname: str | None) -> bytes:
 
 def ext(etype: int, data: bytes) -> bytes:
     return struct.pack("!HH", etype, len(data)) + data
+
+
+def alpn_ext(*protocols: bytes) -> bytes:
+    entries = b"".join(bytes([len(p)]) + p for p in protocols)
+    return ext(16, struct.pack("!H", len(entries)) + entries)
 
 
 def sni_ext(*names: bytes, name_type: int = 0) -> bytes:
@@ -87,6 +94,19 @@ def test_real_hello_with_sni() -> None:
 
 def test_real_hello_without_sni() -> None:
     assert parse_client_hello(real_hello(None)).kind == "no_sni"
+
+
+def test_real_hello_alpn_in_client_order() -> None:
+    result = parse_client_hello(real_hello("api.test", ["h2", "http/1.1"]))
+    assert (result.kind, result.name, result.alpn) == ("sni", "api.test", ("h2", "http/1.1"))
+    assert parse_client_hello(real_hello(None, ["http/1.1"])).alpn == ("http/1.1",)
+    assert parse_client_hello(real_hello("api.test")).alpn == ()
+
+
+def test_alpn_ids_are_opaque_bytes() -> None:
+    result = parse_client_hello(hello(sni_ext(b"a.test") + alpn_ext(b"\x0a\x0a", b"h2", b"\xff")))
+    assert result.alpn == ("\n\n", "h2", "\xff")
+    assert parse_client_hello(hello(alpn_ext(b"h2"))).alpn == ("h2",)  # no_sni keeps it too
 
 
 def test_every_tls_prefix_needs_more() -> None:
@@ -164,6 +184,15 @@ def test_ip_literal_sni_is_reported_as_such() -> None:
         pytest.param(records(handshake(b"\x03\x03" + b"\x00" * 10)), id="short-hello"),
         pytest.param(b"\x16\x03\x01\x00\x00", id="empty-record"),
         pytest.param(b"\x16\x03\x01\x40\x01" + b"\x00" * 20, id="record-too-long"),
+        pytest.param(hello(sni_ext(b"a.test") + ext(16, b"\x00\x00")), id="empty-alpn-list"),
+        pytest.param(hello(sni_ext(b"a.test") + alpn_ext(b"h2", b"")), id="empty-alpn-id"),
+        pytest.param(hello(sni_ext(b"a.test") + ext(16, b"\x00\x04\x02h2")), id="alpn-past-end"),
+        pytest.param(
+            hello(sni_ext(b"a.test") + ext(16, b"\x00\x03\x02h2x")), id="bytes-after-alpn"
+        ),
+        pytest.param(
+            hello(sni_ext(b"a.test") + alpn_ext(b"h2") + alpn_ext(b"h2")), id="duplicate-alpn"
+        ),
     ],
 )
 def test_malformed_hellos(data: bytes) -> None:
@@ -290,6 +319,13 @@ def test_head_size_limit() -> None:
     assert isinstance(result, NotHttp) and result.malformed
     ok = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * (MAX_HTTP_HEAD - 100) + b"\r\n\r\n"
     assert isinstance(parse_http_request_head(ok), HttpHead)
+
+
+def test_head_size_limit_is_a_parameter() -> None:
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 40000 + b"\r\n\r\n"
+    assert isinstance(parse_http_request_head(big, 64 * 1024), HttpHead)
+    result = parse_http_request_head(big[:-4] + b"a" * 30000, 64 * 1024)
+    assert isinstance(result, NotHttp) and result.malformed and "64 KiB" in result.reason
 
 
 def test_long_request_line_without_end() -> None:
