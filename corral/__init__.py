@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         AsyncProcess,
         AsyncPty,
         AsyncSandbox,
+        AsyncSecrets,
         AsyncTemplate,
         BuildEvent,
         Client,
@@ -32,11 +33,14 @@ if TYPE_CHECKING:
         Pty,
         Sandbox,
         SandboxInfo,
+        SecretBinding,
+        SecretInfo,
         Snapshot,
         Template,
         TemplateGcResult,
         TemplateInfo,
         network_policy,
+        secrets,
     )
 
 __version__ = "0.1.0"
@@ -46,6 +50,7 @@ __all__ = [
     "AsyncProcess",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncSecrets",
     "AsyncTemplate",
     "BuildEvent",
     "Client",
@@ -61,6 +66,8 @@ __all__ = [
     "Pty",
     "Sandbox",
     "SandboxInfo",
+    "SecretBinding",
+    "SecretInfo",
     "Snapshot",
     "Template",
     "TemplateGcResult",
@@ -68,6 +75,7 @@ __all__ = [
     "__version__",
     "errors",
     "network_policy",
+    "secrets",
 ]
 
 _LAZY = frozenset(__all__) - {"__version__", "errors"}

@@ -97,6 +97,9 @@ class NetworkConfig(BaseModel):
     nflog_group: int = Field(default=7301, ge=0, le=65535)
     # Connections (conntrack entries) one sandbox may have at once; beyond, new ones are refused.
     max_flows_per_sandbox: int = Field(default=4096, ge=16, le=1_000_000)
+    # Where the proxy sends a sandbox's secrets it verifies the server against the host's trust
+    # store plus, when set, the CA certificates in this PEM file (a private PKI; tests).
+    upstream_ca_file: Path | None = None
 
     @field_validator("subnet")
     @classmethod

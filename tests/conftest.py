@@ -479,7 +479,9 @@ def server(
         pytest.skip(why)
     scratch = tmp_path_factory.mktemp("corral-server")
     templates = shared_templates_dir(scratch)
-    with running_server(scratch / "data", templates, dns_upstream=fake_net.dns) as s:
+    with running_server(
+        scratch / "data", templates, dns_upstream=fake_net.dns, upstream_ca_pem=fake_net.ca_pem
+    ) as s:
         yield s
 
 

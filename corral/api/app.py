@@ -23,6 +23,7 @@ from corral.api.routes import (
     ports,
     processes,
     sandboxes,
+    secrets,
     snapshots,
     templates,
     tenants,
@@ -109,6 +110,7 @@ def create_app(config: ServerConfig, runtime: Runtime | None = None) -> FastAPI:
         tenants.router,
         ports.router,
         identity.router,
+        secrets.router,
         e2b.control_router,
         e2b.envd_router,
     ):

@@ -75,6 +75,9 @@ class SandboxOut(BaseModel):
     auto_resume: bool = True
     pool: str | None = None  # the name of the warm pool it came from
     scopes: list[str] = Field(default_factory=list)  # in its identity tokens
+    # Its secret bindings: name, hosts, env, header and the placeholder it holds (never a
+    # value; docs/secrets.md).
+    secrets: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def of(
@@ -115,6 +118,7 @@ class SandboxOut(BaseModel):
             auto_resume=sb.auto_resume,
             pool=pool,
             scopes=list(sb.scopes),
+            secrets=state.public() if (state := sb.secret_state) is not None else [],
         )
 
 

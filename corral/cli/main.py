@@ -132,6 +132,11 @@ pool_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(pool_app, name="pool")
+secret_app = typer.Typer(
+    help="Tenant secrets: set, list, inspect, delete. Values are never shown again.",
+    no_args_is_help=True,
+)
+app.add_typer(secret_app, name="secret")
 
 
 class _Conn:
@@ -292,6 +297,59 @@ PolicyFileOpt = Annotated[
 ]
 
 
+_SECRETS = "Secrets"
+_SECRET_SYNTAX = "NAME:HOST[,HOST...][:ENV], e.g. openai:api.openai.com:OPENAI_API_KEY"
+
+
+def parse_secret_flag(text: str) -> dict[str, Any]:
+    """One ``--secret NAME:HOST[,HOST...][:ENV]`` as a create body's binding."""
+    parts = text.split(":")
+    hosts = parts[1].split(",") if len(parts) in (2, 3) else []
+    if (
+        len(parts) not in (2, 3)
+        or not parts[0].strip()
+        or not hosts
+        or not all(h.strip() for h in hosts)
+        or (len(parts) == 3 and not parts[2].strip())
+    ):
+        raise InvalidRequestError(f"--secret {text!r}: expected {_SECRET_SYNTAX}")
+    binding: dict[str, Any] = {"name": parts[0].strip(), "hosts": [h.strip() for h in hosts]}
+    if len(parts) == 3:
+        binding["env"] = parts[2].strip()
+    return binding
+
+
+def load_secrets_file(path: Path) -> list[dict[str, Any]]:
+    """Secret bindings from a JSON file (``-``: stdin): a list of objects, sent as they are;
+    the server checks their fields."""
+    import json
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{path} is not UTF-8 text") from exc
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(doc, list) or not all(isinstance(b, dict) for b in doc):
+        raise InvalidRequestError(
+            f'{path}: expected a JSON list of bindings, [{{"name": "openai", "hosts": '
+            '["api.openai.com"], "header": "Authorization", "format": "Bearer {value}"}]'
+        )
+    return doc
+
+
+def secret_bindings_from_flags(
+    flags: Sequence[str] | None, file: Path | None
+) -> list[dict[str, Any]]:
+    """The create body's ``secrets``: those of ``--secrets-file``, then each ``--secret``."""
+    bindings = load_secrets_file(file) if file is not None else []
+    return bindings + [parse_secret_flag(f) for f in flags or []]
+
+
 @app.command()
 def server(
     listen: Annotated[
@@ -417,6 +475,26 @@ def create(
             show_default=False,
         ),
     ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            metavar="NAME:HOST[,HOST...][:ENV]",
+            help="Let the sandbox use secret NAME toward HOSTs; inside, ENV (default: NAME "
+            "upper-cased) holds only a placeholder. Repeatable.",
+            show_default=False,
+            rich_help_panel=_SECRETS,
+        ),
+    ] = None,
+    secrets_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Secret bindings as a JSON list of {name, hosts, env?, header?, format?} "
+            "('-': stdin).",
+            show_default=False,
+            rich_help_panel=_SECRETS,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a sandbox and print its id. Egress is denied unless the network flags allow it."""
@@ -426,6 +504,7 @@ def create(
 
     if on_idle is not None and idle_timeout is None:
         raise InvalidRequestError("--on-idle needs --idle-timeout (how long idle is)")
+    bindings = secret_bindings_from_flags(secret, secrets_file)
 
     policy = policy_from_flags(
         file=network_file,
@@ -457,6 +536,7 @@ def create(
         auto_resume=not no_auto_resume,
         snapshot=snapshot,
         scopes=scope,
+        secrets=bindings or None,
         api_key=conn.api_key,
         base_url=conn.url,
     )
@@ -1621,6 +1701,125 @@ def pool_rm(
     conn = _conn(ctx)
     with Client(api_key=conn.api_key, base_url=conn.url) as client:
         _each(names, client.delete_pool, "deleted", as_json)
+
+
+def _read_secret_value(name: str) -> str:
+    """VALUE when left out: typed at a hidden prompt on a terminal, else all of stdin (one
+    trailing newline dropped, as ``echo`` or a file adds it)."""
+    if sys.stdin.isatty():
+        value: str = typer.prompt(
+            f"value of secret {name}", hide_input=True, confirmation_prompt=True, err=True
+        )
+        return value
+    value = sys.stdin.read()
+    if value.endswith("\n"):
+        value = value[:-2] if value.endswith("\r\n") else value[:-1]
+    if not value:
+        raise InvalidRequestError(
+            f"no value for secret {name}: give VALUE, or send it on stdin (not empty)"
+        )
+    return value
+
+
+def _secret_json(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+    }
+
+
+@secret_app.command("set")
+def secret_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    value: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[VALUE]",
+            help="Left out: read from stdin, or asked for (hidden) on a terminal. Given here, "
+            "it lands in the shell history and the process list.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create secret NAME or replace its value. The value is never printed or shown again."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Client
+
+    if value is None:
+        value = _read_secret_value(name)
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        info = client.set_secret(name, value)
+    if as_json:
+        print_json(_secret_json(info))
+    else:
+        typer.echo(f"secret {info.name} set")
+
+
+@secret_app.command("ls")
+def secret_ls(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the tenant's secrets (names and times; values are never shown)."""
+    from rich.table import Table
+
+    from corral.cli._output import console, print_json
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        items = client.list_secrets()
+    if as_json:
+        print_json([_secret_json(s) for s in items])
+        return
+    if not items:
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for header in ("NAME", "CREATED", "UPDATED"):
+        table.add_column(header, no_wrap=True)
+    for s in items:
+        table.add_row(
+            s.name,
+            s.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            s.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console().print(table)
+
+
+@secret_app.command("get")
+def secret_get(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a secret's name and times (not its value: no command shows that)."""
+    from corral.cli._output import print_json
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        info = client.get_secret(name)
+    if as_json:
+        print_json(_secret_json(info))
+        return
+    typer.echo(f"name: {info.name}")
+    for key, when in (("created", info.created_at), ("updated", info.updated_at)):
+        typer.echo(f"{key}: {when.astimezone().strftime('%Y-%m-%d %H:%M:%S')}")
+
+
+@secret_app.command("rm")
+def secret_rm(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete secrets; sandboxes bound to one can no longer have it injected."""
+    from corral.sdk.sandbox import Client
+
+    conn = _conn(ctx)
+    with Client(api_key=conn.api_key, base_url=conn.url) as client:
+        _each(names, client.delete_secret, "deleted", as_json)
 
 
 def main() -> NoReturn:

@@ -13,8 +13,10 @@ __all__ = [
     "ExecCommand",
     "ForkSnapshot",
     "MkdirCommand",
+    "PutSecret",
     "RenameCommand",
     "RestoreSnapshot",
+    "SecretBinding",
     "SetPool",
     "SetTimeout",
     "SignalCommand",
@@ -44,6 +46,51 @@ class _Command(BaseModel):
 
 # OAuth's scope-token characters (RFC 6749 3.3): printable ASCII but space, '"' and '\\'.
 _Scope = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[!#-\[\]-~]+$")]
+
+
+# A tenant's secret name: what bindings, the API path and the egress log call it.
+SECRET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME)]
+# A request header's name (RFC 9110 token).
+_HeaderName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+]
+
+
+class PutSecret(_Command):
+    """A secret's value; it never leaves the server again except on the wire to a bound host."""
+
+    # Lengths only: the secret service checks the rest (no control characters: values go into
+    # request headers), with a message that never repeats the value.
+    value: str = Field(min_length=1, max_length=16384)
+
+
+class SecretBinding(_Command):
+    """A tenant secret a sandbox may use toward ``hosts``, without ever holding its value.
+
+    The sandbox gets a random placeholder in the environment variable ``env``. On TLS
+    connections to ``hosts`` the egress proxy replaces that placeholder wherever it appears in a
+    request line or header, and, when ``header`` is set, also sets that header to ``format``
+    with ``{value}`` replaced by the real value.
+    """
+
+    name: _SecretName
+    # DNS names, or ``*.`` followed by at least two labels; checked against the sandbox's
+    # network policy at create (the proxy must be allowed to reach them).
+    hosts: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] = Field(
+        min_length=1, max_length=16
+    )
+    # Default: the name upper-cased, other characters than [A-Z0-9_] made "_".
+    env: str | None = Field(default=None, max_length=128)
+    header: _HeaderName | None = None
+    format: str = Field(default="{value}", max_length=1024, pattern=r"^[^\x00-\x1f\x7f]*$")
+
+    @field_validator("format")
+    @classmethod
+    def _has_value(cls, v: str) -> str:
+        if "{value}" not in v:
+            raise ValueError("format must contain {value}")
+        return v
 
 
 class CreateSandbox(_Command):
@@ -78,6 +125,9 @@ class CreateSandbox(_Command):
     # Put in the sandbox's identity tokens (their ``scopes`` claim) for the services that trust
     # them to decide what it may do; corral itself grants nothing by them.
     scopes: list[_Scope] = Field(default_factory=list, max_length=32)
+    # Tenant secrets the egress proxy injects toward their hosts (docs/secrets.md); inside,
+    # the sandbox sees only placeholders.
+    secrets: list[SecretBinding] = Field(default_factory=list, max_length=16)
 
 
 _SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$"

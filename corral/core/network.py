@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ from corral.net.policy import (
     compile_policy,
     parse_policy,
 )
-from corral.net.proxy import EgressProxy
-from corral.net.view import EgressEvent, NetRegistry, SandboxNet
+from corral.net.proxy import EgressProxy, SecretValues
+from corral.net.view import EgressEvent, NetRegistry, SandboxNet, SandboxSecrets
 from corral.store import EgressEventRow, Store
 
 __all__ = ["Attachment", "NetworkService", "parse_upstream", "purge_network"]
@@ -126,6 +127,7 @@ class NetworkService:
         self._resolver: DnsResolver | None = None
         self._proxy: EgressProxy | None = None
         self._metadata_source: tuple[Mint, Labels] | None = None
+        self._secret_values: SecretValues | None = None
         self._metadata: MetadataServer | None = None
         self._pending: list[EgressEvent] = []
         self._dropped_events = 0
@@ -135,6 +137,25 @@ class NetworkService:
         """Answer sandboxes at 169.254.169.254 (from ``start`` on): identity tokens from
         ``mint``, labels from ``labels`` (both by sandbox id)."""
         self._metadata_source = (mint, labels)
+
+    def serve_secrets(self, values: SecretValues) -> None:
+        """Let the egress proxy inject secrets (from ``start`` on), reading them from
+        ``values`` (tenant, names) per intercepted connection."""
+        self._secret_values = values
+
+    def _upstream_tls(self) -> ssl.SSLContext:
+        """How the proxy verifies the hosts it sends secrets to: the host's trust store, plus
+        ``network.upstream_ca_file`` when set."""
+        ctx = ssl.create_default_context()
+        path = self._cfg.upstream_ca_file
+        if path is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(path))
+            except (OSError, ssl.SSLError) as exc:
+                raise RuntimeFailure(
+                    f"network.upstream_ca_file {path}: cannot load CA certificates ({exc})"
+                ) from exc
+        return ctx
 
     # --- policies -----------------------------------------------------------------------------
     def parse(self, data: Any) -> NetworkPolicy:
@@ -182,11 +203,17 @@ class NetworkService:
         return f"http://{self._service_ip}:{self._cfg.proxy_port}"
 
     # --- start and stop -----------------------------------------------------------------------
-    async def start(self, live: Iterable[tuple[str, str, str, Mapping[str, Any] | None]]) -> None:
-        """Bring the host side up and re-adopt ``live`` (sandbox id, tenant, address, policy).
+    async def start(
+        self,
+        live: Iterable[tuple[str, str, str, Mapping[str, Any] | None, SandboxSecrets | None]],
+    ) -> None:
+        """Bring the host side up and re-adopt ``live`` (sandbox id, tenant, address, policy,
+        secret bindings).
 
         Network state of any other sandbox of ours found on the host is removed.
         """
+        # First: a bad CA file must stop the start before anything is set up.
+        upstream_tls = self._upstream_tls() if self._secret_values is not None else None
         clash = await asyncio.to_thread(overlapping_routes, self._subnet, self._cfg.prefix)
         if clash:
             raise RuntimeFailure(
@@ -203,7 +230,7 @@ class NetworkService:
             )
         adopted: list[tuple[SandboxNet, FirewallSandbox]] = []
         keep: set[str] = set()
-        for sid, tenant, address, document in live:
+        for sid, tenant, address, document, bound in live:
             try:
                 policy = self.parse(document)
                 compiled = self.compile(policy)
@@ -212,7 +239,7 @@ class NetworkService:
                 policy = NetworkPolicy()
                 compiled = self.compile(policy)
             self._pool.claim(address)
-            net = SandboxNet(sid, tenant, ipaddress.IPv4Address(address), compiled)
+            net = SandboxNet(sid, tenant, ipaddress.IPv4Address(address), compiled, secrets=bound)
             adopted.append((net, self._fw(sid, address, compiled)))
             keep.add(sid)
         await asyncio.to_thread(self._plumbing.ensure_service_iface)
@@ -245,6 +272,8 @@ class NetworkService:
             self._sink,
             host=str(self._service_ip),
             port=self._cfg.proxy_port,
+            secret_values=self._secret_values,
+            upstream_tls=upstream_tls,
         )
         await self._resolver.start()
         await self._proxy.start()
@@ -279,10 +308,17 @@ class NetworkService:
 
     # --- per sandbox --------------------------------------------------------------------------
     async def attach(
-        self, sandbox_id: str, tenant_id: str, policy: NetworkPolicy, *, join: Path | None = None
+        self,
+        sandbox_id: str,
+        tenant_id: str,
+        policy: NetworkPolicy,
+        *,
+        join: Path | None = None,
+        secrets: SandboxSecrets | None = None,
     ) -> Attachment:
         """Plumb a namespace for a new sandbox (``join``: the one its runtime made; else a new
-        one); on failure nothing is left."""
+        one); on failure nothing is left. ``secrets``: what the proxy injects toward which
+        hosts."""
         if self.registry.get(sandbox_id) is not None:
             raise ConflictError(f"sandbox {sandbox_id} already has a network")
         compiled = self.compile(policy)
@@ -297,7 +333,9 @@ class NetworkService:
             await asyncio.shield(self._undo(sandbox_id, address))
             raise
         self.registry.add(
-            SandboxNet(sandbox_id, tenant_id, ipaddress.IPv4Address(address), compiled)
+            SandboxNet(
+                sandbox_id, tenant_id, ipaddress.IPv4Address(address), compiled, secrets=secrets
+            )
         )
         return Attachment(netns=netns, address=address)
 

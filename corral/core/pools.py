@@ -192,7 +192,9 @@ class PoolService:
             kick.set()
 
     def _match(self, who: Principal, cmd: CreateSandbox) -> PoolRow | None:
-        if cmd.snapshot is not None:
+        if cmd.snapshot is not None or cmd.secrets:
+            # A pooled sandbox was started without this create's CA in its trust store and
+            # without its placeholders in the environment of what already runs.
             return None
         mine = [r for r in self._rows.values() if r.tenant_id == who.tenant_id]
         if not mine:

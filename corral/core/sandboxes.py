@@ -29,6 +29,7 @@ from typing import Any
 
 from corral.agent import AgentClient, ExecRequest, OutputEvent
 from corral.config import ServerConfig
+from corral.core.bindings import SecretBinder, SecretState
 from corral.core.commands import CreateSandbox
 from corral.core.lifecycle import LIVE_STATES, SandboxState, check_transition
 from corral.core.network import NetworkService
@@ -44,6 +45,8 @@ from corral.errors import (
     SandboxNotRunningError,
 )
 from corral.errors import TimeoutError as ReadyTimeoutError
+from corral.net.policy import CompiledPolicy
+from corral.net.view import SandboxSecrets
 from corral.runtime.base import Runtime, SandboxSpec
 from corral.store import SandboxRow, Store
 
@@ -89,6 +92,7 @@ class Sandbox:
     auto_resume: bool = True
     pool: str | None = None  # the warm pool it was made for or taken from
     scopes: tuple[str, ...] = ()  # put in its identity tokens
+    secrets: Mapping[str, Any] | None = None  # its SecretState document (corral.core.bindings)
 
     @classmethod
     def from_row(cls, row: SandboxRow) -> Sandbox:
@@ -120,7 +124,12 @@ class Sandbox:
             auto_resume=bool(row.auto_resume),
             pool=row.pool,
             scopes=tuple(row.scopes or ()),
+            secrets=dict(row.secrets) if row.secrets else None,
         )
+
+    @property
+    def secret_state(self) -> SecretState | None:
+        return SecretState.from_doc(self.secrets) if self.secrets else None
 
 
 def _environment(sandbox_id: str, env: Mapping[str, str]) -> dict[str, str]:
@@ -179,9 +188,11 @@ class SandboxService:
         runtime: Runtime,
         templates: TemplateService,
         network: NetworkService | None = None,
+        binder: SecretBinder | None = None,
     ) -> None:
         self._config = config
         self._network = network
+        self._binder = binder
         self._store = store
         self._runtime = runtime
         self._templates = templates
@@ -275,7 +286,7 @@ class SandboxService:
             # Network state of everything not adopted goes too (the network service removes
             # whatever of its own it finds on the host beyond this list).
             await self._network.start(
-                (sb.id, sb.tenant_id, sb.address, sb.network)
+                (sb.id, sb.tenant_id, sb.address, sb.network, self._bound(sb))
                 for sid in adopted
                 if (sb := self._live[sid]).address is not None
             )
@@ -502,16 +513,22 @@ class SandboxService:
         *,
         snapshot: str | None = None,
         pool: str | None = None,
+        secret_state: SecretState | None = None,
     ) -> Sandbox:
         """Start a sandbox; ``snapshot``: on a copy of that snapshot's disk (the snapshot service
         checks it belongs to the tenant and fills ``cmd`` from it first); ``pool``: for that
-        warm pool (it waits, POOLED, until ``take_pooled``; the pool service counts it)."""
+        warm pool (it waits, POOLED, until ``take_pooled``; the pool service counts it);
+        ``secret_state``: the snapshot's secret bindings, kept as they were (its processes
+        hold their placeholders and trust their CA) instead of new ones made from ``cmd``."""
         if cmd.snapshot is not None:
             raise InvalidRequestError("a create from a snapshot goes through the snapshot service")
         template, cpu, memory, disk, timeout = self._validate(cmd)
         policy_doc: dict[str, Any] | None = None
+        compiled: CompiledPolicy | None = None
         if self._network is not None:
-            policy_doc = self._network.parse(cmd.network).model_dump(mode="json")
+            parsed = self._network.parse(cmd.network)
+            compiled = self._network.compile(parsed)
+            policy_doc = parsed.model_dump(mode="json")
         elif cmd.network is not None:
             raise InvalidRequestError("networking is disabled on this server; omit 'network'")
         resolved = self._templates.resolve(template, who.tenant_id)
@@ -524,6 +541,14 @@ class SandboxService:
                 f"(limit {self._config.limits.max_sandboxes_per_tenant}); kill some first"
             )
         sid = "sb-" + secrets.token_hex(6)
+        if secret_state is None and cmd.secrets:
+            if self._binder is None:
+                raise InvalidRequestError("this server keeps no secrets; omit 'secrets'")
+            env = {**resolved.version.settings.env, **cmd.env}
+            secret_state = await self._binder.prepare(
+                sid, who.tenant_id, cmd.secrets, compiled, env
+            )
+        secret_doc = secret_state.to_doc() if secret_state is not None else None
         now = _now()
         sb = Sandbox(
             id=sid,
@@ -548,6 +573,7 @@ class SandboxService:
             auto_resume=cmd.auto_resume,
             pool=pool,
             scopes=tuple(cmd.scopes),
+            secrets=secret_doc,
         )
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
@@ -566,6 +592,7 @@ class SandboxService:
                     env=dict(cmd.env),
                     meta=dict(cmd.metadata),
                     scopes=list(cmd.scopes),
+                    secrets=secret_doc,
                     created_at=now,
                     expires_at=sb.expires_at,
                     network=policy_doc,
@@ -581,6 +608,10 @@ class SandboxService:
             spec = replace(self._spec(sb, resolved), snapshot=snapshot)
             try:
                 await self._runtime.create(spec)
+                if secret_state is not None and self._binder is not None:
+                    # Before anything of the template's runs: its first request may be one.
+                    agent = AgentClient(lambda: self._runtime.open_agent(sid))
+                    await self._binder.install(agent, secret_state)
                 if snapshot is None or cmd.isolation == "container":
                     # (A microvm snapshot carries its processes, the start command's too.)
                     await self._start_template(sid, resolved)
@@ -595,6 +626,8 @@ class SandboxService:
                         await asyncio.shield(self._network.detach(sid, address))
                 self._live.pop(sid, None)
                 self._locks.pop(sid, None)
+                if secret_state is not None and self._binder is not None:
+                    self._binder.forget(secret_state)
                 await self._store.delete_sandbox(sid)
                 if isinstance(e, CorralError | asyncio.CancelledError):
                     raise
@@ -729,6 +762,8 @@ class SandboxService:
                     self._kill(sandbox_id, reason="died in its warm pool"), f"pool-{sandbox_id}"
                 )
                 raise ConflictError(f"pooled sandbox {sandbox_id} died")
+            if cmd.secrets:
+                raise InvalidRequestError("a sandbox with secrets is never taken from a pool")
             template_env = self._templates.settings_of(sb.template).env
             env = _environment(sandbox_id, {**template_env, **cmd.env})
             if cmd.env:
@@ -847,6 +882,20 @@ class SandboxService:
                 )
             yield sb
 
+    @staticmethod
+    def _env_of(sb: Sandbox, template_env: Mapping[str, str]) -> dict[str, str]:
+        """The template's variables, the caller's, then the secret placeholders and CA paths."""
+        state = sb.secret_state
+        extra = state.environment() if state is not None else {}
+        return {**template_env, **sb.env, **extra}
+
+    def _bound(self, sb: Sandbox) -> SandboxSecrets | None:
+        """What the egress proxy needs to inject ``sb``'s secrets."""
+        state = sb.secret_state
+        if state is None or self._binder is None:
+            return None
+        return self._binder.view(state)
+
     def _spec(self, sb: Sandbox, resolved: Resolved) -> SandboxSpec:
         """What the runtime needs to start ``sb`` (at create, and again at wake)."""
         spec = SandboxSpec(
@@ -858,15 +907,18 @@ class SandboxService:
             pids_max=self._config.limits.pids_per_sandbox,
             hostname=sb.id,
             isolation=sb.runtime,
-            env=_environment(sb.id, {**resolved.version.settings.env, **sb.env}),
+            env=_environment(sb.id, self._env_of(sb, resolved.version.settings.env)),
         )
         network = self._network
         if network is None:
             return spec
         policy = network.parse(sb.network)
+        bound = self._bound(sb)
 
         async def plumb(netns: Path) -> Path:
-            attachment = await network.attach(sb.id, sb.tenant_id, policy, join=netns)
+            attachment = await network.attach(
+                sb.id, sb.tenant_id, policy, join=netns, secrets=bound
+            )
             self._live[sb.id] = replace(self._live[sb.id], address=attachment.address)
             # Recorded before the sandbox runs, so that after a crash from here on reconcile
             # still finds it and frees the address.
@@ -1127,6 +1179,9 @@ class SandboxService:
                 sandbox_id, state=SandboxState.STOPPED.value, ended_at=_now(), error=reason
             )
             self._live.pop(sandbox_id, None)
+            state = sb.secret_state
+            if state is not None and self._binder is not None:
+                self._binder.forget(state)
             for book in (self._activity, self._busy, self._cpu_mark):
                 book.pop(sandbox_id, None)
         self._locks.pop(sandbox_id, None)

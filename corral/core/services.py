@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from corral.config import ServerConfig
+from corral.core.bindings import SecretBinder
 from corral.core.builds import BuildService
 from corral.core.envd import EnvdService
 from corral.core.files import FileService
@@ -17,6 +18,7 @@ from corral.core.network import NetworkService
 from corral.core.pools import PoolService
 from corral.core.processes import ProcessService
 from corral.core.sandboxes import SandboxService
+from corral.core.secrets import SecretService
 from corral.core.snapshots import SnapshotService
 from corral.core.templates import TemplateService
 from corral.core.tenants import TenantService
@@ -86,6 +88,7 @@ class Services:
     metrics: MetricsService
     network: NetworkService | None
     identity: IdentityService
+    secrets: SecretService
 
     @classmethod
     async def open(cls, config: ServerConfig, runtime: Runtime | None = None) -> Services:
@@ -95,6 +98,9 @@ class Services:
         await store.migrate()
         tenants = TenantService(store)
         await tenants.ensure_admin(config.admin_key_path)
+        # Early: an unsafe or damaged key file stops the server before any sandbox starts.
+        secrets = SecretService(store, config.data_dir)
+        secrets.start()
         rt = runtime if runtime is not None else build_runtime(config)
         describe = getattr(rt, "describe", None)
         if describe is not None:
@@ -113,13 +119,15 @@ class Services:
         )
         templates.start()
         network = NetworkService(config.network, store) if config.network.enabled else None
-        sandboxes = SandboxService(config, store, rt, templates, network)
+        binder = SecretBinder(secrets)
+        sandboxes = SandboxService(config, store, rt, templates, network, binder)
         identity = IdentityService(
             config.identity, config.data_dir, sandboxes, listen=config.listen
         )
         identity.start()
         if network is not None:
             network.serve_metadata(*_metadata_source(sandboxes, identity))
+            network.serve_secrets(binder.values)
         await sandboxes.start()
         snapshots = SnapshotService(config, store, rt, sandboxes)
         await snapshots.reconcile()
@@ -147,6 +155,7 @@ class Services:
             metrics=metrics,
             network=network,
             identity=identity,
+            secrets=secrets,
         )
 
     async def close(self) -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.config import ServerConfig
+from corral.core.bindings import SecretState
 from corral.core.commands import CreateSandbox, ForkSnapshot
 from corral.core.sandboxes import Sandbox, SandboxService
 from corral.core.tenants import Principal
@@ -70,9 +71,12 @@ class Snapshot:
         )
 
 
+_STATE = "secret_state"  # a snapshot source's key beside the create document's own
+
+
 def _source_of(sb: Sandbox) -> dict[str, Any]:
     """The sandbox's settings as a create command: what a fork of its snapshot starts with."""
-    return CreateSandbox(
+    source = CreateSandbox(
         template=sb.template,
         isolation=sb.runtime,  # type: ignore[arg-type]
         cpu=sb.cpu,
@@ -88,7 +92,14 @@ def _source_of(sb: Sandbox) -> dict[str, Any]:
         on_idle=sb.on_idle,  # type: ignore[arg-type]
         auto_resume=sb.auto_resume,
         scopes=list(sb.scopes),
-    ).model_dump(mode="json", exclude={"snapshot"})
+    ).model_dump(mode="json", exclude={"snapshot", "secrets"})
+    state = sb.secret_state
+    if state is not None:
+        # The bindings as a create would give them, and their state: a fork that keeps them
+        # keeps the placeholders its processes hold and the CA its trust store has.
+        source["secrets"] = state.as_bindings()
+        source[_STATE] = state.to_doc()
+    return source
 
 
 class SnapshotService:
@@ -202,13 +213,27 @@ class SnapshotService:
                 raise InvalidRequestError(
                     f"{key} comes from snapshot {snap.id} ({have!r}); got {given[key]!r}"
                 )
-        return CreateSandbox(**{**snap.source, **given})
+        source = {k: v for k, v in snap.source.items() if k != _STATE}
+        return CreateSandbox(**{**source, **given})
+
+    @staticmethod
+    def _kept_secrets(snap: Snapshot, overrides: CreateSandbox) -> SecretState | None:
+        """The snapshot's secret bindings as they were, unless the caller gives new ones."""
+        doc = snap.source.get(_STATE)
+        if doc is None or "secrets" in overrides.model_fields_set:
+            return None
+        return SecretState.from_doc(doc)
 
     async def create_from(self, who: Principal, cmd: CreateSandbox) -> Sandbox:
         """``POST /sandboxes`` with a ``snapshot``: one fork with the caller's settings."""
         assert cmd.snapshot is not None
         snap = await self.get(who, cmd.snapshot)
-        return await self._sandboxes.create(who, self._command(snap, cmd), snapshot=snap.id)
+        return await self._sandboxes.create(
+            who,
+            self._command(snap, cmd),
+            snapshot=snap.id,
+            secret_state=self._kept_secrets(snap, cmd),
+        )
 
     async def fork(
         self, who: Principal, snapshot_id: str, cmd: ForkSnapshot
@@ -228,8 +253,12 @@ class SnapshotService:
             )
         fields = cmd.model_dump(include=cmd.model_fields_set - {"count"}, exclude_none=True)
         create = self._command(snap, CreateSandbox(**fields))
+        kept = self._kept_secrets(snap, CreateSandbox(**fields))
         results = await asyncio.gather(
-            *(self._sandboxes.create(who, create, snapshot=snap.id) for _ in range(cmd.count)),
+            *(
+                self._sandboxes.create(who, create, snapshot=snap.id, secret_state=kept)
+                for _ in range(cmd.count)
+            ),
             return_exceptions=True,
         )
         made = [r for r in results if isinstance(r, Sandbox)]

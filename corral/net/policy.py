@@ -42,6 +42,7 @@ __all__ = [
     "NetworkPolicy",
     "Rule",
     "compile_policy",
+    "domain_pattern",
     "parse_policy",
     "validate_policy",
 ]
@@ -411,6 +412,15 @@ def _normalize_domain(raw: str) -> str:
     if len(labels) < 2:
         raise _Bad(f"{raw!r} needs at least two labels, as in example.com")
     return f"*.{name}" if wildcard else name
+
+
+def domain_pattern(raw: str) -> str:
+    """A domain name or ``*.domain`` pattern in the canonical form rules use; ValueError saying
+    why it is none (an IP address, a bad label, a wildcard too broad)."""
+    try:
+        return _normalize_domain(raw)
+    except _Bad as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_form(name: str) -> str | None:

@@ -11,6 +11,13 @@ speaks HTTP proxy protocol (``CONNECT host:port`` or an absolute-form ``GET http
 Denials fail fast: a reset in transparent mode, ``403``/``400`` in explicit mode. Only the first
 request of a connection is inspected; later requests on a kept-alive connection reach the same
 upstream, which is a host the policy allows, so they cannot carry data anywhere else.
+
+**Secrets.** A TLS connection to a host one of the sandbox's secrets is bound to (in either mode)
+is not spliced but handed to ``corral.net.intercept``, which terminates it with a certificate of
+the sandbox's own CA, verifies the real upstream, and puts the secret's value where the sandbox
+wrote its placeholder. Only those hosts are intercepted; plain HTTP to them is refused with a
+``502`` (a secret never crosses the network in clear), and every injection is an ``inject``
+event naming the host and the secrets, never a value.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -31,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from corral.errors import RuntimeFailure
+from corral.errors import CorralError, RuntimeFailure
+from corral.net.intercept import Injection, Rewriter, intercept
 from corral.net.sniff import (
     MAX_SNIFF_BYTES,
     HttpHead,
@@ -44,7 +53,14 @@ from corral.net.sniff import (
     parse_client_hello,
     parse_http_request_head,
 )
-from corral.net.view import EgressEvent, EventSink, IPAddress, NetRegistry, SandboxNet
+from corral.net.view import (
+    BoundSecret,
+    EgressEvent,
+    EventSink,
+    IPAddress,
+    NetRegistry,
+    SandboxNet,
+)
 
 if TYPE_CHECKING:
     from corral.net.policy import CompiledPolicy
@@ -61,6 +77,8 @@ _LOCAL_TTL = 5.0
 _REPLY_TIMEOUT = 2.0
 
 Resolve = Callable[[str], Awaitable[list[tuple[IPAddress, float]]]]
+# (tenant, secret names) -> their current values; raises (NotFoundError) for a deleted one.
+SecretValues = Callable[[str, list[str]], Awaitable[dict[str, str]]]
 
 
 def so_original_dst(sock: socket.socket) -> tuple[str, int] | None:
@@ -134,10 +152,13 @@ def _close(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, rst: bool) -
 
 
 class _Deny(Exception):
-    def __init__(self, reason: str, status: int = 403) -> None:
+    def __init__(self, reason: str, status: int = 403, *, answer: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        # Answer with an HTTP error even in transparent mode or inside a tunnel (the client
+        # spoke HTTP, and a reset would hide why).
+        self.answer = answer
 
 
 @dataclass
@@ -226,8 +247,14 @@ class EgressProxy:
         sniff_timeout: float = 0.5,
         max_connections: int = 1024,
         max_total_connections: int | None = None,
+        secret_values: SecretValues | None = None,
+        upstream_tls: ssl.SSLContext | None = None,
     ) -> None:
         self._registry = registry
+        self._secret_values = secret_values
+        # Verifies the upstreams secrets are sent to; made on first use when not given (loading
+        # the system trust store costs milliseconds that proxies without secrets never pay).
+        self._upstream_tls = upstream_tls
         self._resolve = resolve
         self._sink = sink
         self._host = host
@@ -387,7 +414,7 @@ class EgressProxy:
             except _Deny as exc:
                 denial = exc
                 _log.debug("egress proxy deny %s: %s", conn.sandbox_id, exc.reason)
-                if conn.explicit and not conn.replied:
+                if (conn.explicit and not conn.replied) or exc.answer:
                     await self._reply(conn, exc.status, exc.reason)
         except asyncio.CancelledError:
             conn.aborted = True
@@ -440,7 +467,7 @@ class EgressProxy:
         policy = net.policy  # one policy for the whole decision, even if it is swapped meanwhile
         if dst is None or self._is_self(dst):
             conn.explicit = True
-            await self._explicit(conn, policy)
+            await self._explicit(conn, net, policy)
         else:
             ip = _unwrap(ipaddress.ip_address(dst[0]))
             await self._transparent(conn, net, policy, ip, dst[1])
@@ -493,9 +520,13 @@ class EgressProxy:
         decision = policy.check_name(name, port)
         if not decision.allowed:
             raise _Deny(decision.reason)
+        bound = self._secrets_for(net, name, sniffed)
         addrs = await self._resolve_allowed(policy, name, port, prefer=ip)
         conn.reason = decision.reason
         await self._connect(conn, addrs, port)
+        if bound:
+            await self._inject(conn, net, name, sniffed, bound)
+            return
         await self._pump(conn, sniffed.data)
 
     async def _pinned(
@@ -561,7 +592,7 @@ class EgressProxy:
 
     # ------------------------------------------------------------------ explicit mode
 
-    async def _explicit(self, conn: _Conn, policy: CompiledPolicy) -> None:
+    async def _explicit(self, conn: _Conn, net: SandboxNet, policy: CompiledPolicy) -> None:
         sniffed = await self._sniff(conn.client, self._connect_timeout)
         if sniffed.http is None:
             reason = sniffed.reason or "not an HTTP proxy request"
@@ -581,8 +612,13 @@ class EgressProxy:
             conn.replied = True
             vet: tuple[str, int, str] | None = None
             if not is_ip_literal(host):
-                rest = await self._check_tunnel(conn, host, port, rest)
+                inner = await self._check_tunnel(conn, host, port, rest)
+                rest = inner.data
                 vet = (host, port, "the CONNECT host")
+                bound = self._secrets_for(net, host, inner)
+                if bound:
+                    await self._inject(conn, net, host, inner, bound)
+                    return
             await self._pump(conn, rest, vet)
             return
         try:
@@ -596,6 +632,8 @@ class EgressProxy:
         conn.port = absolute.port
         if head.host is not None and not _same_host(head.host, absolute.host, absolute.port):
             raise _Deny("Host header differs from the request URI", 400)
+        if net.secrets is not None and net.secrets.for_host(absolute.host):
+            self._secrets_for(net, absolute.host, sniffed)  # plain HTTP: refused with the reason
         await self._open(conn, policy, absolute.host, absolute.port)
         await self._pump(conn, _origin_form(head, absolute.origin_form) + rest)
 
@@ -634,14 +672,14 @@ class EgressProxy:
             break
         return buf
 
-    async def _check_tunnel(self, conn: _Conn, host: str, port: int, first: bytes) -> bytes:
+    async def _check_tunnel(self, conn: _Conn, host: str, port: int, first: bytes) -> _Sniffed:
         """Inside an allowed CONNECT tunnel, the client must not name another host."""
         sniffed = await self._sniff(conn.client, self._sniff_timeout, first)
         if sniffed.kind == "malformed":
             raise _Deny(sniffed.reason)
         _names_only(sniffed.data, host, port, "the CONNECT host")
         # Anything else goes to our own resolution of the CONNECT host, which is allowed.
-        return sniffed.data
+        return sniffed
 
     async def _open(self, conn: _Conn, policy: CompiledPolicy, host: str, port: int) -> None:
         """Check an explicitly named destination and connect to it."""
@@ -664,6 +702,95 @@ class EgressProxy:
             addrs = await self._resolve_allowed(policy, host, port, prefer=None)
         conn.reason = decision.reason
         await self._connect(conn, addrs, port)
+
+    # ------------------------------------------------------------------ secrets
+
+    @staticmethod
+    def _secrets_for(net: SandboxNet, host: str, sniffed: _Sniffed) -> tuple[BoundSecret, ...]:
+        """The secrets bound to ``host``; a bound host reached other than over TLS is refused
+        (the secret would cross the network in clear, or not be injected at all)."""
+        if net.secrets is None:
+            return ()
+        bound = net.secrets.for_host(host)
+        if bound and sniffed.tls is None:
+            names = ", ".join(b.name for b in bound)
+            raise _Deny(
+                f"corral egress proxy: {host} has secrets bound ({names}), which are sent only"
+                " over TLS; use https://",
+                502,
+                answer=sniffed.http is not None,
+            )
+        return bound
+
+    def _upstream_context(self) -> ssl.SSLContext:
+        if self._upstream_tls is None:
+            self._upstream_tls = ssl.create_default_context()
+        return self._upstream_tls
+
+    async def _inject(
+        self,
+        conn: _Conn,
+        net: SandboxNet,
+        host: str,
+        sniffed: _Sniffed,
+        bound: tuple[BoundSecret, ...],
+    ) -> None:
+        """Relay the connection through the TLS interceptor, which puts ``bound`` secrets in."""
+        assert conn.upstream is not None and net.secrets is not None and sniffed.tls is not None
+        failure: str | None = None
+        values: dict[str, str] = {}
+        if self._secret_values is None:
+            failure = "this proxy has no secret store"
+        else:
+            try:
+                values = await self._secret_values(net.tenant_id, [b.name for b in bound])
+            except CorralError as exc:
+                failure = exc.message
+            else:
+                lost = [b.name for b in bound if b.name not in values]
+                if lost:
+                    failure = f"secret {lost[0]!r} has no value"
+        injections = (
+            [Injection(b.name, b.placeholder, values[b.name], b.header, b.format) for b in bound]
+            if failure is None
+            else []
+        )
+        sandbox_id, ip, port = conn.sandbox_id, conn.ip, conn.port
+
+        def on_request(method: str, path: str, names: list[str]) -> None:
+            if names:
+                self._emit(
+                    EgressEvent(
+                        sandbox_id,
+                        "inject",
+                        "allow",
+                        f"{method} {path}: injected {', '.join(names)}",
+                        host,
+                        ip,
+                        port,
+                    )
+                )
+
+        result = await intercept(
+            conn.client,
+            sniffed.data,
+            conn.upstream,
+            host=host,
+            ca=net.secrets.ca,
+            client_alpn=sniffed.tls.alpn,
+            upstream_ctx=self._upstream_context(),
+            rewriter=Rewriter(injections),
+            on_request=on_request,
+            failure=failure,
+        )
+        conn.bytes_out += result.bytes_out
+        conn.bytes_in += result.bytes_in
+        conn.reason += (
+            f"; TLS terminated for secrets ({result.protocol}, {result.requests} requests)"
+        )
+        if result.error is not None:
+            conn.reason += f"; {result.error}"
+        conn.rst = False
 
     async def _reply(self, conn: _Conn, status: int, reason: str) -> None:
         phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")

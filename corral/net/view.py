@@ -15,9 +15,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from corral.net.ca import SandboxCA
     from corral.net.policy import CompiledPolicy
 
-__all__ = ["EgressEvent", "EventSink", "IPAddress", "NetRegistry", "PinCache", "SandboxNet"]
+__all__ = [
+    "BoundSecret",
+    "EgressEvent",
+    "EventSink",
+    "IPAddress",
+    "NetRegistry",
+    "PinCache",
+    "SandboxNet",
+    "SandboxSecrets",
+    "host_matches",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -27,7 +38,8 @@ class EgressEvent:
     """One decision about traffic leaving a sandbox (a DNS query or a connection)."""
 
     sandbox_id: str
-    kind: Literal["dns", "tcp", "udp", "icmp"]
+    # "inject": a request the proxy put a secret into (name = host, reason names the secrets).
+    kind: Literal["dns", "tcp", "udp", "icmp", "inject"]
     decision: Literal["allow", "deny"]
     reason: str
     name: str | None = None  # the DNS name, SNI or Host, when there is one
@@ -82,6 +94,41 @@ class PinCache:
             del self._by_ip[ip]
 
 
+def host_matches(pattern: str, host: str) -> bool:
+    """``host`` is ``pattern``, or under it when the pattern is ``*.domain`` (any depth, not
+    ``domain`` itself, as a TLS wildcard certificate would not cover it either)."""
+    host = host.rstrip(".").lower()
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+@dataclass(frozen=True)
+class BoundSecret:
+    """A tenant secret bound to a sandbox: the proxy injects it toward ``hosts`` only."""
+
+    name: str
+    hosts: tuple[str, ...]  # lower-case names or ``*.domain`` patterns
+    placeholder: str  # what the sandbox holds instead of the value
+    header: str | None  # also set this request header ...
+    format: str  # ... to this, ``{value}`` replaced by the value
+
+    def covers(self, host: str) -> bool:
+        return any(host_matches(p, host) for p in self.hosts)
+
+
+@dataclass(frozen=True)
+class SandboxSecrets:
+    """Everything the proxy needs to inject a sandbox's secrets (values are fetched per
+    connection, so a rotated secret is used from the next connection on)."""
+
+    bindings: tuple[BoundSecret, ...]
+    ca: SandboxCA  # signs the certificates the proxy shows the sandbox for bound hosts
+
+    def for_host(self, host: str) -> tuple[BoundSecret, ...]:
+        return tuple(b for b in self.bindings if b.covers(host))
+
+
 @dataclass
 class SandboxNet:
     """One sandbox as the network services see it."""
@@ -91,6 +138,7 @@ class SandboxNet:
     address: IPAddress
     policy: CompiledPolicy  # replaced (not mutated) when the policy changes
     pins: PinCache = field(default_factory=PinCache)
+    secrets: SandboxSecrets | None = None
 
 
 class NetRegistry:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from corral.sdk import secrets
 from corral.sdk._wire import BuildEventCallback, OnIdle, OnTimeout, network_policy
 from corral.sdk.async_sandbox import (
     AsyncClient,
@@ -31,11 +32,14 @@ from corral.sdk.models import (
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
+    SecretBinding,
+    SecretInfo,
     Snapshot,
     TemplateGcResult,
     TemplateInfo,
 )
 from corral.sdk.sandbox import Client, Files, Network, Process, Processes, Pty, Sandbox
+from corral.sdk.secrets import AsyncSecrets
 from corral.sdk.template import AsyncTemplate, Template
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "AsyncProcesses",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncSecrets",
     "AsyncTemplate",
     "BuildEvent",
     "BuildEventCallback",
@@ -71,9 +76,12 @@ __all__ = [
     "Pty",
     "Sandbox",
     "SandboxInfo",
+    "SecretBinding",
+    "SecretInfo",
     "Snapshot",
     "Template",
     "TemplateGcResult",
     "TemplateInfo",
     "network_policy",
+    "secrets",
 ]

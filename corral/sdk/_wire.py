@@ -12,7 +12,7 @@ import binascii
 import codecs
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -38,6 +38,7 @@ from corral.sdk.models import (
     ExecResult,
     ExecStart,
     SandboxInfo,
+    SecretBinding,
     Snapshot,
     TemplateInfo,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "OnTimeout",
     "PolicyLike",
     "PtyState",
+    "SecretBindingLike",
     "SnapshotRef",
     "TextCallback",
     "auth_headers",
@@ -75,10 +77,12 @@ __all__ = [
     "parse_introspection",
     "parse_list",
     "parse_pid",
+    "parse_secret_list",
     "parse_template_ref",
     "pty_params",
     "pty_path",
     "resize_message",
+    "secret_bindings",
     "snapshot_ref",
     "ws_headers",
     "ws_url",
@@ -105,6 +109,26 @@ OnIdle = Literal["pause", "hibernate", "kill"]
 # A snapshot as the SDK accepts it: the object, or its id (restore also takes its name).
 SnapshotRef = Snapshot | str
 
+# A secret binding as the SDK accepts it: the dataclass, or the create body's dict as such.
+SecretBindingLike = SecretBinding | Mapping[str, Any]
+
+
+def secret_bindings(bindings: Sequence[SecretBindingLike] | None) -> list[dict[str, Any]]:
+    """The create body's ``secrets`` list; the server checks the fields and names bad ones."""
+    out: list[dict[str, Any]] = []
+    for i, b in enumerate(bindings or ()):
+        if isinstance(b, SecretBinding):
+            out.append(b.to_json())
+        elif isinstance(b, Mapping):
+            out.append(dict(b))
+        else:
+            raise InvalidRequestError(
+                f"secrets[{i}]: a binding is a corral.SecretBinding or a mapping with name and "
+                f"hosts, not {type(b).__name__}"
+            )
+    return out
+
+
 # The template a new sandbox gets when neither a template nor a snapshot is named.
 DEFAULT_TEMPLATE: Final = "base"
 
@@ -125,7 +149,8 @@ class Call:
     method: str
     path: str
     params: tuple[tuple[str, str], ...] = ()
-    body: Any = None
+    # Kept out of repr(): it may carry a secret's value (``put_secret``) into a traceback.
+    body: Any = field(default=None, repr=False)
     read_timeout: float | None = DEFAULT_TIMEOUT
     # Of a body sent as raw content rather than ``body`` (JSON), e.g. a tar being streamed.
     content_type: str | None = None
@@ -199,6 +224,7 @@ class calls:
         isolation: str | None = None,
         vcpus: int | None = None,
         scopes: Sequence[str] | None = None,
+        secrets: Sequence[SecretBindingLike] | None = None,
     ) -> Call:
         if template is None and snapshot is None:
             template = DEFAULT_TEMPLATE
@@ -225,6 +251,7 @@ class calls:
                 "on_idle": on_idle,
                 "auto_resume": None if auto_resume else False,
                 "scopes": list(scopes) if scopes else None,
+                "secrets": secret_bindings(secrets) or None,
             }
         )
         return Call("POST", "/v1/sandboxes", body=body)
@@ -491,6 +518,22 @@ class calls:
     @staticmethod
     def delete_pool(name: str) -> Call:
         return Call("DELETE", f"/v1/pools/{_seg(name)}")
+
+    @staticmethod
+    def put_secret(name: str, value: str) -> Call:
+        return Call("PUT", f"/v1/secrets/{_seg(name)}", body={"value": value})
+
+    @staticmethod
+    def list_secrets() -> Call:
+        return Call("GET", "/v1/secrets")
+
+    @staticmethod
+    def get_secret(name: str) -> Call:
+        return Call("GET", f"/v1/secrets/{_seg(name)}")
+
+    @staticmethod
+    def delete_secret(name: str) -> Call:
+        return Call("DELETE", f"/v1/secrets/{_seg(name)}")
 
     @staticmethod
     def list_templates() -> Call:
@@ -781,6 +824,13 @@ def parse_introspection(obj: object) -> dict[str, Any]:
     if not isinstance(obj, dict) or not isinstance(obj.get("active"), bool):
         raise _malformed("introspection answer", obj)
     return dict(obj)
+
+
+def parse_secret_list(obj: object) -> list[Any]:
+    """The ``secrets`` list of ``GET /v1/secrets``."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("secrets"), list):
+        raise _malformed("secret list", obj)
+    return list(obj["secrets"])
 
 
 def parse_file_count(obj: object) -> int:

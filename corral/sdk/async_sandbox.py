@@ -37,6 +37,7 @@ from corral.sdk._wire import (
     OnTimeout,
     PolicyLike,
     PtyState,
+    SecretBindingLike,
     SnapshotRef,
     calls,
     error_from_ws_open,
@@ -48,6 +49,7 @@ from corral.sdk._wire import (
     parse_introspection,
     parse_list,
     parse_pid,
+    parse_secret_list,
     pty_params,
     pty_path,
     resize_message,
@@ -64,6 +66,7 @@ from corral.sdk.models import (
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
+    SecretInfo,
     Snapshot,
     TemplateGcResult,
     TemplateInfo,
@@ -467,6 +470,7 @@ class AsyncSandbox:
         isolation: str | None = None,
         vcpus: int | None = None,
         scopes: Sequence[str] | None = None,
+        secrets: Sequence[SecretBindingLike] | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> AsyncSandbox:
@@ -484,6 +488,7 @@ class AsyncSandbox:
                 isolation=isolation,
                 vcpus=vcpus,
                 scopes=scopes,
+                secrets=secrets,
             )  # fmt: skip
             info = SandboxInfo.from_json(await http.json(call))
         except BaseException:
@@ -949,6 +954,20 @@ class AsyncClient:
     async def delete_pool(self, name: str) -> None:
         """Delete a pool and kill what waits in it; sandboxes already taken go on."""
         await self._http.send(calls.delete_pool(name))
+
+    async def set_secret(self, name: str, value: str) -> SecretInfo:
+        """See ``corral.sdk.sandbox.Client.set_secret``."""
+        return SecretInfo.from_json(await self._http.json(calls.put_secret(name, value)))
+
+    async def list_secrets(self) -> builtins.list[SecretInfo]:
+        obj = await self._http.json(calls.list_secrets())
+        return [SecretInfo.from_json(s) for s in parse_secret_list(obj)]
+
+    async def get_secret(self, name: str) -> SecretInfo:
+        return SecretInfo.from_json(await self._http.json(calls.get_secret(name)))
+
+    async def delete_secret(self, name: str) -> None:
+        await self._http.send(calls.delete_secret(name))
 
     async def close(self) -> None:
         await self._http.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -24,6 +24,8 @@ __all__ = [
     "PoolInfo",
     "ProcessInfo",
     "SandboxInfo",
+    "SecretBinding",
+    "SecretInfo",
     "Snapshot",
     "TemplateGcResult",
     "TemplateInfo",
@@ -148,6 +150,9 @@ class SandboxInfo:
     auto_resume: bool = True
     # The warm pool it was taken from (see ``Client.set_pool``); None: started on demand.
     pool: str | None = None
+    # Its secret bindings as the server shows them: ``{"name", "hosts", "env", "header",
+    # "placeholder"}`` each; placeholders only, never a value (docs/secrets.md).
+    secrets: list[dict[str, Any]] = field(default_factory=list)
     # The object exactly as the server sent it, for --json output and fields newer than this SDK.
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -184,6 +189,8 @@ class SandboxInfo:
                 auto_resume=bool(d.get("auto_resume", True)),
                 # Absent from servers older than warm pools: started on demand then.
                 pool=_opt_str(d.get("pool")),
+                # Absent from servers older than secrets: none then.
+                secrets=[dict(b) for b in d.get("secrets") or [] if isinstance(b, Mapping)],
                 raw=dict(d),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -192,6 +199,58 @@ class SandboxInfo:
     @property
     def paused(self) -> bool:
         return self.state == "paused"
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A tenant secret as the server describes it: its name and times, never its value."""
+
+    name: str
+    created_at: datetime
+    updated_at: datetime
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> SecretInfo:
+        d = _obj("secret", obj)
+        created_at, updated_at = _time(d.get("created_at")), _time(d.get("updated_at"))
+        name = d.get("name")
+        if not isinstance(name, str) or not name or created_at is None or updated_at is None:
+            raise _malformed("secret", obj)
+        return cls(name=name, created_at=created_at, updated_at=updated_at, raw=dict(d))
+
+
+@dataclass(frozen=True)
+class SecretBinding:
+    """A tenant secret a new sandbox may use toward ``hosts`` without ever holding its value
+    (``Sandbox.create(secrets=[...])``, docs/secrets.md).
+
+    Inside, the sandbox sees a placeholder in the environment variable ``env`` (default: the
+    name upper-cased, other characters than A-Z, 0-9 and _ made _). On connections to ``hosts``
+    the egress proxy swaps the placeholder for the value wherever it appears in a request's
+    headers, and, when ``header`` is set, sets that header to ``format`` with ``{value}``
+    replaced (``header="Authorization", format="Bearer {value}"``).
+    """
+
+    name: str
+    # DNS names, or "*." and a domain; a lone string is one host.
+    hosts: Sequence[str] | str
+    env: str | None = None
+    header: str | None = None
+    format: str = "{value}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The binding as a create request's ``secrets`` list carries it; the server checks
+        every field and names the one that is wrong."""
+        hosts = [self.hosts] if isinstance(self.hosts, str) else list(self.hosts)
+        out: dict[str, Any] = {"name": self.name, "hosts": hosts}
+        if self.env is not None:
+            out["env"] = self.env
+        if self.header is not None:
+            out["header"] = self.header
+        if self.format != "{value}":
+            out["format"] = self.format
+        return out
 
 
 @dataclass(frozen=True)

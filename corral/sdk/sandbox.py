@@ -41,6 +41,7 @@ from corral.sdk._wire import (
     OnTimeout,
     PolicyLike,
     PtyState,
+    SecretBindingLike,
     SnapshotRef,
     TextCallback,
     calls,
@@ -53,6 +54,7 @@ from corral.sdk._wire import (
     parse_introspection,
     parse_list,
     parse_pid,
+    parse_secret_list,
     pty_params,
     pty_path,
     resize_message,
@@ -69,6 +71,7 @@ from corral.sdk.models import (
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
+    SecretInfo,
     Snapshot,
     TemplateGcResult,
     TemplateInfo,
@@ -460,6 +463,7 @@ class Sandbox:
         isolation: str | None = None,
         vcpus: int | None = None,
         scopes: Sequence[str] | None = None,
+        secrets: Sequence[SecretBindingLike] | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Sandbox:
@@ -482,6 +486,9 @@ class Sandbox:
         ``isolation="microvm"`` runs it in a QEMU guest with its own kernel (``vcpus`` whole
         virtual CPUs) instead of a container (see docs/microvm.md for what that tier has yet).
         ``scopes`` go into its identity tokens (``identity_token``, docs/identity.md).
+        ``secrets`` binds tenant secrets (``corral.secrets.set``) to it: each a
+        ``corral.SecretBinding`` (or its dict form) naming the secret and the hosts it may go
+        to; inside, the sandbox only sees a placeholder (docs/secrets.md).
         """
         doc = network_document(
             network, preset=preset, allow_domains=allow_domains, allow_cidrs=allow_cidrs
@@ -506,6 +513,7 @@ class Sandbox:
                 isolation=isolation,
                 vcpus=vcpus,
                 scopes=scopes,
+                secrets=secrets,
             )
             info = SandboxInfo.from_json(http.json(call))
         except BaseException:
@@ -1028,6 +1036,23 @@ class Client:
         """Delete a pool and kill the sandboxes waiting in it; sandboxes already taken from it
         go on (``NotFoundError`` if there is none by that name)."""
         self._http.send(calls.delete_pool(name))
+
+    def set_secret(self, name: str, value: str) -> SecretInfo:
+        """Create the tenant secret ``name`` or replace its value; see ``corral.secrets.set``."""
+        return SecretInfo.from_json(self._http.json(calls.put_secret(name, value)))
+
+    def list_secrets(self) -> builtins.list[SecretInfo]:
+        """The tenant's secrets by name (names and times; values are never answered)."""
+        obj = self._http.json(calls.list_secrets())
+        return [SecretInfo.from_json(s) for s in parse_secret_list(obj)]
+
+    def get_secret(self, name: str) -> SecretInfo:
+        """One secret's name and times (``NotFoundError`` if there is none by that name)."""
+        return SecretInfo.from_json(self._http.json(calls.get_secret(name)))
+
+    def delete_secret(self, name: str) -> None:
+        """Delete a secret (``NotFoundError`` if there is none by that name)."""
+        self._http.send(calls.delete_secret(name))
 
     def close(self) -> None:
         self._http.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event, select, update
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -20,6 +20,7 @@ from corral.store.models import (
     EgressEventRow,
     PoolRow,
     SandboxRow,
+    SecretRow,
     SnapshotRow,
     TenantRow,
 )
@@ -253,3 +254,50 @@ class Store:
             if tenant_id is not None:
                 q = q.where(SandboxRow.tenant_id == tenant_id)
             return (await s.execute(q)).scalars().all()
+
+    # tenant secrets (sealed by corral.core.secrets; the store never sees a value)
+    async def put_secret(self, row: SecretRow) -> SecretRow:
+        """Create the secret, or replace its sealed value and ``updated_at`` (its
+        ``created_at`` stays); answers the row as stored."""
+        async with self._session.begin() as s:
+            old = await s.get(SecretRow, (row.tenant_id, row.name))
+            if old is None:
+                s.add(row)
+                return row
+            old.nonce = row.nonce
+            old.ciphertext = row.ciphertext
+            old.updated_at = row.updated_at
+            return old
+
+    async def get_secret(self, tenant_id: str, name: str) -> SecretRow | None:
+        async with self._session() as s:
+            return await s.get(SecretRow, (tenant_id, name))
+
+    async def list_secrets(self, tenant_id: str) -> Sequence[SecretRow]:
+        """The tenant's secrets, by name."""
+        async with self._session() as s:
+            q = select(SecretRow).where(SecretRow.tenant_id == tenant_id).order_by(SecretRow.name)
+            return (await s.execute(q)).scalars().all()
+
+    async def secret_names(self, tenant_id: str, names: Sequence[str]) -> set[str]:
+        """Those of ``names`` the tenant has a secret by (names only: nothing sealed is read)."""
+        if not names:
+            return set()
+        async with self._session() as s:
+            q = select(SecretRow.name).where(
+                SecretRow.tenant_id == tenant_id, SecretRow.name.in_(list(names))
+            )
+            return set((await s.execute(q)).scalars().all())
+
+    async def delete_secret(self, tenant_id: str, name: str) -> bool:
+        """Whether there was such a secret."""
+        async with self._session.begin() as s:
+            result = await s.execute(
+                delete(SecretRow).where(SecretRow.tenant_id == tenant_id, SecretRow.name == name)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def count_secrets(self, tenant_id: str) -> int:
+        async with self._session() as s:
+            q = select(func.count()).select_from(SecretRow).where(SecretRow.tenant_id == tenant_id)
+            return int((await s.execute(q)).scalar_one())

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -24,6 +25,7 @@ __all__ = [
     "EgressEventRow",
     "PoolRow",
     "SandboxRow",
+    "SecretRow",
     "SnapshotRow",
     "TenantRow",
 ]
@@ -87,6 +89,8 @@ class SandboxRow(Base):
     pool: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Scopes put in its identity tokens (issue 8).
     scopes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Secret bindings (issue 8): {"ca": {...}, "bindings": [...]}; placeholders, never values.
+    secrets: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class EgressEventRow(Base):
@@ -141,3 +145,18 @@ class PoolRow(Base):
     disk_mb: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SecretRow(Base):
+    """A tenant's secret, encrypted (AES-256-GCM under ``DATA_DIR/secrets.key``)."""
+
+    __tablename__ = "secrets"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    # Sealed with the tenant and name as associated data: a row copied to another tenant or
+    # renamed does not decrypt.
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

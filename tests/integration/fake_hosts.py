@@ -2,8 +2,9 @@
 
 One process serves, on the addresses of ``fake_internet.HOSTS``:
 - DNS on 198.51.100.53:53 (UDP and TCP), authoritative for ``test.``, recording every query;
-- HTTP on :80 and HTTPS on :443 (certificates from a test CA) of every host address, recording
-  every request (server address, SNI, Host, path, bytes received);
+- HTTP on :80 and HTTPS on :443 (certificates from a test CA; HTTP/1.1, or HTTP/2 when the client
+  offers it) of every host address, recording every request (server address, SNI, Host, path,
+  headers, bytes received), and a WebSocket echo over TLS on :8443 recording its handshake;
 - a UDP echo on :9999, a server-speaks-first banner on :2222, a byte sink on :9000 and a
   sendfile byte source on :9001 (the client sends a byte count and a newline).
 
@@ -19,6 +20,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import dns.flags
 import dns.message
@@ -108,6 +110,9 @@ async def http(
     sock_ip = writer.get_extra_info("sockname")[0]
     ssl_obj = writer.get_extra_info("ssl_object")
     sni = SNI.pop(id(ssl_obj), None) if ssl_obj is not None else None
+    if ssl_obj is not None and ssl_obj.selected_alpn_protocol() == "h2":
+        await http2(reader, writer, requests, sock_ip, sni)
+        return
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -118,8 +123,13 @@ async def http(
                 if ":" in line:
                     k, v = line.split(":", 1)
                     headers[k.strip().lower()] = v.strip()
-            length = int(headers.get("content-length", "0"))
             received = 0
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    received += len(await reader.readexactly(size + 2)) - 2
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+            length = int(headers.get("content-length", "0"))
             while received < length:
                 chunk = await reader.read(min(1 << 20, length - received))
                 if not chunk:
@@ -127,12 +137,14 @@ async def http(
                 received += len(chunk)
             requests.write(
                 scheme=scheme,
+                protocol="http/1.1",
                 server=sock_ip,
                 sni=sni,
                 host=headers.get("host"),
                 method=method,
                 path=target,
                 received=received,
+                headers=headers,
             )
             if target.startswith("/bytes/"):
                 n = int(target.split("/")[2])
@@ -156,6 +168,76 @@ async def http(
         pass
     finally:
         writer.close()
+
+
+async def http2(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    requests: Recorder,
+    sock_ip: str,
+    sni: str | None,
+) -> None:
+    """HTTP/2 (h2 negotiated by ALPN): the same answers and records as ``http``."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+    )
+    conn.initiate_connection()
+    streams: dict[int, tuple[dict[str, str], list[int]]] = {}
+    try:
+        writer.write(conn.data_to_send())
+        while data := await reader.read(1 << 16):
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived):
+                    streams[ev.stream_id] = ({str(k): str(v) for k, v in ev.headers}, [0])
+                elif isinstance(ev, h2.events.DataReceived):
+                    streams[ev.stream_id][1][0] += len(ev.data)
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    headers, received = streams.pop(ev.stream_id)
+                    requests.write(
+                        scheme="https",
+                        protocol="h2",
+                        server=sock_ip,
+                        sni=sni,
+                        host=headers.get(":authority"),
+                        method=headers.get(":method"),
+                        path=headers.get(":path"),
+                        received=received[0],
+                        headers={k: v for k, v in headers.items() if not k.startswith(":")},
+                    )
+                    authority = headers.get(":authority")
+                    body = f"hello from {sock_ip} host={authority} sni={sni}\n".encode()
+                    conn.send_headers(
+                        ev.stream_id,
+                        [(":status", "200"), ("content-length", str(len(body)))],
+                    )
+                    conn.send_data(ev.stream_id, body, end_stream=True)
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    return
+            writer.write(conn.data_to_send())
+            await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+
+async def websocket_echo(ws: Any, requests: Recorder) -> None:
+    """Echo every message, after recording the handshake's headers."""
+    requests.write(
+        scheme="wss",
+        protocol="websocket",
+        server=ws.local_address[0],
+        host=ws.request.headers.get("host"),
+        path=ws.request.path,
+        headers={k.lower(): v for k, v in ws.request.headers.raw_items()},
+    )
+    async for message in ws:
+        await ws.send(message)
 
 
 class Echo(asyncio.DatagramProtocol):
@@ -216,7 +298,15 @@ async def main(directory: Path) -> None:
         SNI[id(obj)] = name
 
     tls.sni_callback = remember_sni
+    tls.set_alpn_protocols(["h2", "http/1.1"])
+    wss = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    wss.load_cert_chain(directory / "server.pem")
+    import websockets.asyncio.server
+
     for ip in HOST_IPS:
+        await websockets.asyncio.server.serve(
+            lambda ws: websocket_echo(ws, requests), ip, 8443, ssl=wss
+        )
         await asyncio.start_server(lambda r, w: http(r, w, requests, "http"), ip, 80)
         await asyncio.start_server(lambda r, w: http(r, w, requests, "https"), ip, 443, ssl=tls)
         await loop.create_datagram_endpoint(Echo, local_addr=(ip, 9999))

@@ -84,11 +84,19 @@ def network_config_for_tests(dns_upstream: str | None) -> dict[str, object]:
     }
 
 
-def start_server(data_dir: Path, *, dns_upstream: str | None = None) -> RunningServer:
+def start_server(
+    data_dir: Path, *, dns_upstream: str | None = None, upstream_ca_pem: str | None = None
+) -> RunningServer:
+    """``upstream_ca_pem``: a CA the egress proxy trusts, besides the host's, where it sends
+    secrets (the fake internet's)."""
     port = _free_port()
     config_path = data_dir / "server.json"
     if not config_path.exists():
-        config_path.write_text(json.dumps({"network": network_config_for_tests(dns_upstream)}))
+        network = network_config_for_tests(dns_upstream)
+        if upstream_ca_pem is not None:
+            (data_dir / "upstream-ca.pem").write_text(upstream_ca_pem)
+            network["upstream_ca_file"] = str(data_dir / "upstream-ca.pem")
+        config_path.write_text(json.dumps({"network": network}))
     code = (
         "import sys; from pathlib import Path; from corral.api.server import run_server; "
         "run_server(sys.argv[1], Path(sys.argv[2]), config_file=Path(sys.argv[3]), "
@@ -153,13 +161,17 @@ def release_data_dir(data_dir: Path) -> None:
 
 @contextlib.contextmanager
 def running_server(
-    data_dir: Path, templates: Path, *, dns_upstream: str | None = None
+    data_dir: Path,
+    templates: Path,
+    *,
+    dns_upstream: str | None = None,
+    upstream_ca_pem: str | None = None,
 ) -> Iterator[RunningServer]:
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "templates").exists():
         (data_dir / "templates").symlink_to(templates)
     try:
-        server = start_server(data_dir, dns_upstream=dns_upstream)
+        server = start_server(data_dir, dns_upstream=dns_upstream, upstream_ca_pem=upstream_ca_pem)
     except BaseException:
         release_data_dir(data_dir)  # whatever a server that failed to start made goes too
         raise
@@ -188,13 +200,17 @@ class Restartable:
 
 
 @contextlib.contextmanager
-def own_server(scratch: Path) -> Iterator[Restartable]:
+def own_server(
+    scratch: Path, *, dns_upstream: str | None = None, upstream_ca_pem: str | None = None
+) -> Iterator[Restartable]:
     """A server on a data dir of its own under ``scratch`` (templates shared); at the end its
     sandboxes are killed and everything it made on the host is removed."""
     data = scratch / "data"
     data.mkdir(parents=True)
     (data / "templates").symlink_to(shared_templates_dir(scratch / "scratch"))
-    handle = Restartable(start_server(data))
+    handle = Restartable(
+        start_server(data, dns_upstream=dns_upstream, upstream_ca_pem=upstream_ca_pem)
+    )
     try:
         yield handle
     finally:
