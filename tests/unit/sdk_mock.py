@@ -6,10 +6,12 @@ import io
 import json
 import tarfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from corral.sdk import _http as sdk_http
 from corral.sdk import async_sandbox as async_mod
@@ -18,8 +20,10 @@ from corral.sdk._config import ClientConfig
 
 __all__ = [
     "Recorder",
+    "cli_runner",
     "error_response",
     "ndjson_response",
+    "one_error_line",
     "route_sdk_to",
     "tar_members",
 ]
@@ -41,6 +45,28 @@ class Recorder:
 
     def routes(self) -> list[tuple[str, str]]:
         return [(r.method, r.url.path) for r in self.requests]
+
+
+def cli_runner(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, key: str | None = "k"
+) -> CliRunner:
+    """A CLI runner reaching ``url`` with ``key`` (None: no key) and no data dir of its own."""
+    if key is None:
+        monkeypatch.delenv("CORRAL_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("CORRAL_API_KEY", key)
+    monkeypatch.setenv("CORRAL_URL", url)
+    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
+    return CliRunner()
+
+
+def one_error_line(stderr: str) -> str:
+    """The CLI's one ``error: …`` line (and no traceback), as every failed command prints."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in stderr
+    return lines[0]
 
 
 def error_response(status: int, code: str, message: str) -> httpx.Response:

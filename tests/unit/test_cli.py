@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from corral.cli._cp import parse_endpoint
 from corral.cli.main import app
 from corral.errors import InvalidRequestError
+from tests.unit.sdk_mock import one_error_line
 
 
 @pytest.fixture
@@ -26,14 +27,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 def test_no_arguments_prints_help_and_exits_2(runner: CliRunner) -> None:
@@ -61,13 +54,13 @@ def test_usage_errors_are_one_line_and_exit_2(
 ) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert needle in _one_error_line(result.stderr)
+    assert needle in one_error_line(result.stderr)
 
 
 def test_missing_key_is_explained_and_exits_1(runner: CliRunner) -> None:
     result = runner.invoke(app, ["ls"])
     assert result.exit_code == 1
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert "CORRAL_API_KEY" in line and "admin.key" in line
 
 
@@ -76,14 +69,14 @@ def test_unreachable_server_names_the_url(runner: CliRunner) -> None:
     for args in (["ls"], ["info", "sb-1"], ["exec", "sb-1", "--", "true"], ["kill", "sb-1"]):
         result = runner.invoke(app, ["--url", url, "--api-key", "k", *args])
         assert result.exit_code == 1, (args, result.output)
-        assert url in _one_error_line(result.stderr)
+        assert url in one_error_line(result.stderr)
 
 
 def test_cp_needs_exactly_one_sandbox_side(runner: CliRunner, tmp_path: Path) -> None:
     for args in (["cp", "a", "b"], ["cp", "sb-1:/a", "sb-2:/b"], ["cp", "a", "sb-1:rel/path"]):
         result = runner.invoke(app, ["--api-key", "k", *args])
         assert result.exit_code == 2, (args, result.output)
-        _one_error_line(result.stderr)
+        one_error_line(result.stderr)
 
 
 def test_cp_endpoint_parsing() -> None:

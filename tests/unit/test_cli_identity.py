@@ -21,7 +21,7 @@ from corral.cli.main import app
 from corral.sdk import IdentityToken
 from corral.sdk.async_sandbox import AsyncSandbox
 from corral.sdk.sandbox import Sandbox
-from tests.unit.sdk_mock import Recorder, error_response, route_sdk_to
+from tests.unit.sdk_mock import Recorder, cli_runner, error_response, one_error_line, route_sdk_to
 
 URL = "http://corral.test:7700"
 AUD = "https://api.example.com"
@@ -96,18 +96,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    monkeypatch.setenv("CORRAL_API_KEY", "k")
-    monkeypatch.setenv("CORRAL_URL", URL)
-    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
-    return CliRunner()
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in stderr
-    return lines[0]
+    return cli_runner(monkeypatch, tmp_path, URL)
 
 
 # ---------------------------------------------------------------- SDK
@@ -194,12 +183,12 @@ def test_token_json_has_the_token_and_its_expiry(runner: CliRunner, server: Reco
         (["token-introspect", "  "], 2, "no token given"),
     ],
 )
-def test_bad_input_is_one_error_line(
+def test_bad_input_isone_error_line(
     runner: CliRunner, server: Recorder, args: list[str], status: int, needle: str
 ) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == status, (res.stdout, res.stderr)
-    assert needle in _one_error_line(res.stderr)
+    assert needle in one_error_line(res.stderr)
     assert res.stdout == ""
 
 
@@ -233,4 +222,4 @@ def test_introspect_of_an_unauthenticated_caller_is_one_line(
     server.answer = lambda req: error_response(401, "unauthenticated", "invalid API key")
     res = runner.invoke(app, ["token-introspect", JWT])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: invalid API key"
+    assert one_error_line(res.stderr) == "error: invalid API key"

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from corral.cli.main import app
-from tests.unit.sdk_mock import Recorder, error_response
+from tests.unit.sdk_mock import Recorder, cli_runner, error_response, one_error_line
 from tests.unit.test_sdk_pools import POOL, VM_POOL, _sandbox, server
 
 __all__ = ["server"]  # the fixture, imported to be used here
@@ -22,18 +22,7 @@ __all__ = ["server"]  # the fixture, imported to be used here
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    monkeypatch.setenv("CORRAL_API_KEY", "k")
-    monkeypatch.setenv("CORRAL_URL", "http://corral.test:7700")
-    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
-    return CliRunner()
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in stderr
-    return lines[0]
+    return cli_runner(monkeypatch, tmp_path, "http://corral.test:7700")
 
 
 def test_pool_set_sends_the_shape_given_and_prints_a_summary(
@@ -105,7 +94,7 @@ def test_pool_rm_deletes_each_and_reports_the_failures(runner: CliRunner, server
 
     res = runner.invoke(app, ["pool", "rm", "gone", "py"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: gone: no pool 'gone'"
+    assert one_error_line(res.stderr) == "error: gone: no pool 'gone'"
     assert server.routes()[-1] == ("DELETE", "/v1/pools/py")  # went on after a failure
 
     res = runner.invoke(app, ["pool", "rm", "gone", "py", "--json"])
@@ -130,7 +119,7 @@ def test_pool_set_failures_are_one_line(
     server.answer = lambda req: error_response(status, code, message)
     res = runner.invoke(app, ["pool", "set", "py", "--template", "nope", "--size", "200"])
     assert res.exit_code == exit_code
-    assert _one_error_line(res.stderr) == f"error: {message}"
+    assert one_error_line(res.stderr) == f"error: {message}"
     assert res.stdout == ""
 
 
@@ -138,7 +127,7 @@ def test_pool_ls_failure_is_one_line(runner: CliRunner, server: Recorder) -> Non
     server.answer = lambda req: error_response(401, "unauthenticated", "unknown API key")
     res = runner.invoke(app, ["pool", "ls"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: unknown API key"
+    assert one_error_line(res.stderr) == "error: unknown API key"
 
 
 @pytest.mark.parametrize(
@@ -161,7 +150,7 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
-    assert needle in _one_error_line(res.stderr)
+    assert needle in one_error_line(res.stderr)
     assert server.requests == []  # refused before anything was sent
 
 

@@ -21,7 +21,7 @@ from corral.sdk import SandboxInfo
 from corral.sdk._wire import calls
 from corral.sdk.async_sandbox import AsyncSandbox
 from corral.sdk.sandbox import Sandbox
-from tests.unit.sdk_mock import Recorder, error_response, route_sdk_to
+from tests.unit.sdk_mock import Recorder, cli_runner, error_response, one_error_line, route_sdk_to
 
 URL = "http://corral.test:7700"
 VALUE = "sk-unit-3c1d9e77-never-shown"
@@ -78,18 +78,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    monkeypatch.setenv("CORRAL_API_KEY", "k")
-    monkeypatch.setenv("CORRAL_URL", URL)
-    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
-    return CliRunner()
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in stderr
-    return lines[0]
+    return cli_runner(monkeypatch, tmp_path, URL)
 
 
 # ---------------------------------------------------------------- SDK: corral.secrets
@@ -261,7 +250,7 @@ def test_secret_set_with_nothing_on_stdin_is_refused(runner: CliRunner, server: 
     for stdin in ("", "\n"):
         res = runner.invoke(app, ["secret", "set", "openai"], input=stdin)
         assert res.exit_code == 2
-        assert "no value for secret openai" in _one_error_line(res.stderr)
+        assert "no value for secret openai" in one_error_line(res.stderr)
     assert server.requests == []
 
 
@@ -303,7 +292,7 @@ def test_secret_ls_get_rm(runner: CliRunner, server: Recorder) -> None:
 
     res = runner.invoke(app, ["secret", "rm", "gh", "nope", "openai"])
     assert res.exit_code == 1
-    assert "nope: no secret named 'nope'" in _one_error_line(res.stderr)
+    assert "nope: no secret named 'nope'" in one_error_line(res.stderr)
     deletes = [p for m, p in server.routes() if m == "DELETE"]
     assert deletes == ["/v1/secrets/gh", "/v1/secrets/nope", "/v1/secrets/openai"]
 
@@ -323,7 +312,7 @@ def test_secret_errors_are_one_line(
 ) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == status
-    assert needle in _one_error_line(res.stderr)
+    assert needle in one_error_line(res.stderr)
 
 
 # ---------------------------------------------------------------- CLI: create --secret
@@ -351,7 +340,7 @@ def test_secret_flag_syntax(flag: str, binding: dict[str, Any]) -> None:
 def test_bad_secret_flags_are_exit_2(runner: CliRunner, server: Recorder, flag: str) -> None:
     res = runner.invoke(app, ["create", "--secret", flag])
     assert res.exit_code == 2
-    line = _one_error_line(res.stderr)
+    line = one_error_line(res.stderr)
     assert f"--secret {flag!r}: expected NAME:HOST[,HOST...][:ENV]" in line
     assert server.requests == []
 
@@ -402,7 +391,7 @@ def test_bad_secrets_files_are_exit_2(
     path.write_text(content)
     res = runner.invoke(app, ["create", "--secrets-file", str(path)])
     assert res.exit_code == 2
-    assert needle in _one_error_line(res.stderr)
+    assert needle in one_error_line(res.stderr)
     missing = runner.invoke(app, ["create", "--secrets-file", str(tmp_path / "none.json")])
-    assert missing.exit_code == 2 and "cannot read" in _one_error_line(missing.stderr)
+    assert missing.exit_code == 2 and "cannot read" in one_error_line(missing.stderr)
     assert server.requests == []

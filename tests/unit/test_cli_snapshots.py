@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from corral.cli.main import app
-from tests.unit.sdk_mock import Recorder, error_response
+from tests.unit.sdk_mock import Recorder, cli_runner, error_response, one_error_line
 from tests.unit.test_sdk_snapshots import OLDER, SNAP, _by_route, server
 
 __all__ = ["server"]  # the fixture, imported to be used here
@@ -24,18 +24,7 @@ SID = SNAP["id"]
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    monkeypatch.setenv("CORRAL_API_KEY", "k")
-    monkeypatch.setenv("CORRAL_URL", "http://corral.test:7700")
-    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
-    return CliRunner()
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in stderr
-    return lines[0]
+    return cli_runner(monkeypatch, tmp_path, "http://corral.test:7700")
 
 
 def test_snapshot_prints_the_id_or_the_object(runner: CliRunner, server: Recorder) -> None:
@@ -89,7 +78,7 @@ def test_snapshot_rm_deletes_each_and_reports_the_failures(
     server.answer = answer
     res = runner.invoke(app, ["snapshot-rm", "snap-gone", "snap-c"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: snap-gone: no snapshot snap-gone"
+    assert one_error_line(res.stderr) == "error: snap-gone: no snapshot snap-gone"
     assert server.routes()[-1] == ("DELETE", "/v1/snapshots/snap-c")  # went on after a failure
 
     res = runner.invoke(app, ["snapshot-rm", "snap-gone", "snap-c", "--json"])
@@ -118,7 +107,7 @@ def test_restore_of_a_missing_snapshot_is_one_line(runner: CliRunner, server: Re
     server.answer = answer
     res = runner.invoke(app, ["restore", "sb-1", "nope"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: sandbox sb-1 has no snapshot 'nope'"
+    assert one_error_line(res.stderr) == "error: sandbox sb-1 has no snapshot 'nope'"
 
 
 def test_fork_prints_one_id_a_line(runner: CliRunner, server: Recorder) -> None:
@@ -145,14 +134,14 @@ def test_fork_prints_one_id_a_line(runner: CliRunner, server: Recorder) -> None:
 def test_fork_count_zero_shows_the_servers_message(runner: CliRunner, server: Recorder) -> None:
     res = runner.invoke(app, ["fork", SID, "-n", "0"])
     assert res.exit_code == 2
-    assert _one_error_line(res.stderr) == "error: count must be between 1 and 100"
+    assert one_error_line(res.stderr) == "error: count must be between 1 and 100"
 
 
 def test_fork_over_quota_is_exit_1(runner: CliRunner, server: Recorder) -> None:
     server.answer = lambda req: error_response(429, "quota_exceeded", "at most 10 sandboxes")
     res = runner.invoke(app, ["fork", SID, "-n", "50"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: at most 10 sandboxes"
+    assert one_error_line(res.stderr) == "error: at most 10 sandboxes"
 
 
 def test_create_from_a_snapshot(runner: CliRunner, server: Recorder) -> None:
@@ -186,7 +175,7 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
-    assert needle in _one_error_line(res.stderr)
+    assert needle in one_error_line(res.stderr)
     assert server.requests == []  # refused before anything was sent
 
 

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 from corral.cli.main import app
 from tests.unit.sdk_mock import (
     Recorder,
+    cli_runner,
     error_response,
     ndjson_response,
+    one_error_line,
     route_sdk_to,
     tar_members,
 )
@@ -31,10 +33,7 @@ COLUMNS = {"COLUMNS": "250"}
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    monkeypatch.setenv("CORRAL_API_KEY", "k")
-    monkeypatch.setenv("CORRAL_URL", "http://corral.test:7700")
-    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
-    return CliRunner()
+    return cli_runner(monkeypatch, tmp_path, "http://corral.test:7700")
 
 
 @pytest.fixture
@@ -62,14 +61,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _params(req: httpx.Request) -> list[tuple[str, str]]:
     return list(req.url.params.multi_items())
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------- build
@@ -178,7 +169,7 @@ def test_a_refused_build_exits_1(runner: CliRunner, server: Recorder, project: P
     )
     res = runner.invoke(app, ["template", "build", "web"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == (
+    assert one_error_line(res.stderr) == (
         "error: Dockerfile line 2: unsupported instruction ONBUILD"
     )
     server.answer = lambda req: ndjson_response(STEPS[:1])
@@ -212,7 +203,7 @@ def test_bad_usage_is_one_line_exit_2_and_sends_nothing(
 ) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
-    assert needle in _one_error_line(res.stderr)
+    assert needle in one_error_line(res.stderr)
     assert server.requests == []
 
 
@@ -292,7 +283,7 @@ def test_import_errors_exit_1(runner: CliRunner, server: Recorder) -> None:
     )
     res = runner.invoke(app, ["template", "import", "web", "reg.test:5000/app:1"])
     assert res.exit_code == 1
-    assert "401 Unauthorized" in _one_error_line(res.stderr)
+    assert "401 Unauthorized" in one_error_line(res.stderr)
     failed = {"type": "error", "code": "invalid_request", "message": "no linux/amd64 image"}
     server.answer = lambda req: ndjson_response([PROGRESS[0], failed])
     res = runner.invoke(app, ["template", "import", "web", "reg.test:5000/app:1"])
@@ -347,7 +338,7 @@ def test_inspect_shows_layers_commands_and_config(runner: CliRunner, server: Rec
 def test_inspect_an_unknown_template(runner: CliRunner, server: Recorder) -> None:
     res = runner.invoke(app, ["template", "inspect", "gone"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: no template 'gone'"
+    assert one_error_line(res.stderr) == "error: no template 'gone'"
 
 
 def test_versions_table_and_json(runner: CliRunner, server: Recorder) -> None:
@@ -395,7 +386,7 @@ def test_tag_by_version_or_by_tag_and_untag(runner: CliRunner, server: Recorder)
 def test_rm_goes_on_past_failures(runner: CliRunner, server: Recorder) -> None:
     res = runner.invoke(app, ["template", "rm", "web@1", "gone", "web"])
     assert res.exit_code == 1
-    assert _one_error_line(res.stderr) == "error: gone: no template 'gone'"
+    assert one_error_line(res.stderr) == "error: gone: no template 'gone'"
     assert [(r.method, r.url.raw_path) for r in server.requests] == [
         ("DELETE", b"/v1/templates/web%401"),
         ("DELETE", b"/v1/templates/gone"),
@@ -414,7 +405,7 @@ def test_gc(runner: CliRunner, server: Recorder) -> None:
     assert json.loads(res.stdout) == {"layers_removed": 2, "bytes_freed": 12345}
     server.answer = lambda req: error_response(403, "permission_denied", "admin key only")
     res = runner.invoke(app, ["template", "gc"])
-    assert res.exit_code == 1 and "admin key only" in _one_error_line(res.stderr)
+    assert res.exit_code == 1 and "admin key only" in one_error_line(res.stderr)
 
 
 def test_every_template_command_has_help(runner: CliRunner) -> None:

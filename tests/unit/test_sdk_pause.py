@@ -22,7 +22,7 @@ from corral.sdk._wire import calls
 from corral.sdk.async_sandbox import AsyncSandbox
 from corral.sdk.models import SandboxInfo
 from corral.sdk.sandbox import Sandbox
-from tests.unit.sdk_mock import Recorder, error_response, route_sdk_to
+from tests.unit.sdk_mock import Recorder, cli_runner, error_response, route_sdk_to
 
 URL = "http://corral.test:7700"
 CONFIG = ClientConfig(URL, "k-123")
@@ -228,10 +228,7 @@ async def test_async_create_passes_the_policy_through(server: Recorder) -> None:
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
-    monkeypatch.setenv("CORRAL_API_KEY", "k")
-    monkeypatch.setenv("CORRAL_URL", URL)
-    monkeypatch.setenv("CORRAL_DATA_DIR", str(tmp_path / "no-data-dir"))
-    return CliRunner()
+    return cli_runner(monkeypatch, tmp_path, URL)
 
 
 def test_cli_pause_and_resume_print_the_new_state(runner: CliRunner, server: Recorder) -> None:
@@ -245,7 +242,7 @@ def test_cli_pause_and_resume_print_the_new_state(runner: CliRunner, server: Rec
     assert ("POST", "/v1/sandboxes/sb-1/resume") in server.routes()
 
 
-def test_cli_pause_failure_is_one_error_line(runner: CliRunner, server: Recorder) -> None:
+def test_cli_pause_failure_isone_error_line(runner: CliRunner, server: Recorder) -> None:
     def answer(req: httpx.Request) -> httpx.Response:
         if req.url.path.endswith("/pause"):
             return error_response(409, "conflict", "sandbox sb-1 is already paused")
