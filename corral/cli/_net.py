@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from corral.cli._input import load_json
 from corral.errors import InvalidRequestError, NotFoundError
 from corral.sdk._wire import network_document
 from corral.sdk.models import EgressEvent, NetworkInfo, SandboxInfo
@@ -38,16 +37,7 @@ def _clean(value: object) -> str:
 
 def load_policy_file(path: Path) -> dict[str, Any]:
     """A policy document from a JSON file, ``-`` meaning stdin."""
-    try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"{path} is not UTF-8 text") from exc
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequestError(f"{path} is not JSON: {exc}") from exc
+    doc = load_json(path)
     if not isinstance(doc, dict):
         raise InvalidRequestError(f"{path}: a network policy must be a JSON object")
     return doc

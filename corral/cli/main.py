@@ -322,18 +322,9 @@ def parse_secret_flag(text: str) -> dict[str, Any]:
 def load_secrets_file(path: Path) -> list[dict[str, Any]]:
     """Secret bindings from a JSON file (``-``: stdin): a list of objects, sent as they are;
     the server checks their fields."""
-    import json
+    from corral.cli._input import load_json
 
-    try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(f"{path} is not UTF-8 text") from exc
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequestError(f"{path} is not JSON: {exc}") from exc
+    doc = load_json(path)
     if not isinstance(doc, list) or not all(isinstance(b, dict) for b in doc):
         raise InvalidRequestError(
             f'{path}: expected a JSON list of bindings, [{{"name": "openai", "hosts": '
