@@ -19,8 +19,9 @@ STAMP := $(VENV)/.corral-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 E2B_NODE := tests/integration/e2b_node
+AGENT_CLI := tests/integration/agent_cli
 
-.PHONY: help install deps venv agent templates run test pytest lint bench e2b-node
+.PHONY: help install deps venv agent templates run test pytest lint bench e2b-node agent-cli
 
 help:
 	@echo "make install    apt packages, .venv with corral, the in-sandbox agent"
@@ -59,8 +60,16 @@ $(E2B_NODE)/node_modules/.package-lock.json: $(E2B_NODE)/package-lock.json | dep
 
 e2b-node: $(E2B_NODE)/node_modules/.package-lock.json
 
+# Claude Code's native linux-x64 binary (one ~400 MB file) at the version its lock file pins, for
+# the secrets example test and examples/agent_with_secret.py: the platform package alone, not
+# the launcher package, whose postinstall script would only copy this same file into place.
+$(AGENT_CLI)/node_modules/.package-lock.json: $(AGENT_CLI)/package-lock.json | deps
+	cd $(AGENT_CLI) && npm ci --no-audit --no-fund --loglevel=error
+
+agent-cli: $(AGENT_CLI)/node_modules/.package-lock.json
+
 # Tests reuse the templates built above instead of building their own.
-pytest: install templates e2b-node
+pytest: install templates e2b-node agent-cli
 	rc=0; CORRAL_TEST_DATA_DIR=$(DATA_DIR) timeout --signal=INT --kill-after=60 $(PYTEST_TIMEOUT) \
 		$(VENV)/bin/pytest -q || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc

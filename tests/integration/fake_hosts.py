@@ -5,10 +5,13 @@ One process serves, on the addresses of ``fake_internet.HOSTS``:
 - HTTP on :80 and HTTPS on :443 (certificates from a test CA; HTTP/1.1, or HTTP/2 when the client
   offers it) of every host address, recording every request (server address, SNI, Host, path,
   headers, bytes received), and a WebSocket echo over TLS on :8443 recording its handshake;
+- over HTTPS, a fake model behind the Anthropic Messages API (``POST /v1/messages``, see
+  ``FakeModel``), for running a real coding-agent CLI against it;
 - a UDP echo on :9999, a server-speaks-first banner on :2222, a byte sink on :9000 and a
   sendfile byte source on :9001 (the client sends a byte count and a newline).
 
-Records are JSON lines in ``<dir>/queries.log`` and ``<dir>/requests.log``.
+Records are JSON lines in ``<dir>/queries.log`` and ``<dir>/requests.log``; the model API keys
+the fake model accepts are the lines of ``<dir>/model-keys`` (written by tests, read per request).
 Usage: python -m tests.integration.fake_hosts DIR
 """
 
@@ -45,6 +48,64 @@ HOST_IPS = ("198.51.100.10", "198.51.100.11", "198.51.100.12", "203.0.113.10")
 DNS_IP = "198.51.100.53"
 # SNI seen in each TLS handshake, by id of the connection's SSLObject.
 SNI: dict[int, str | None] = {}
+
+
+class FakeModel:
+    """The Anthropic Messages API with a model that always says ``TEXT``: SSE events when the
+    request asks for ``"stream": true`` (as Claude Code does), one JSON message otherwise.
+
+    The key must be one of the lines of ``<dir>/model-keys``, re-read on every request: this
+    process starts once per test session, before any test has made its secret, and a test
+    registers the real value there (on the host; it never enters a sandbox). Anything else is a
+    401 shaped like the real API's, so a client that got the placeholder fails visibly."""
+
+    PATH = "/v1/messages"
+    TEXT = "corral fake model: hello"
+
+    def __init__(self, directory: Path) -> None:
+        self.keys = directory / "model-keys"
+        self.keys.touch()  # none accepted until a test adds one
+
+    def handles(self, path: str | None) -> bool:
+        return path is not None and path.split("?")[0] == self.PATH
+
+    def answer(self, headers: dict[str, str], body: bytes) -> tuple[int, str, bytes]:
+        """(status, content type, body) for a request to ``PATH``."""
+        if headers.get("x-api-key") not in self.keys.read_text().split():
+            return self._error(401, "authentication_error", "invalid x-api-key")
+        try:
+            request = json.loads(body)
+            model = str(request["model"])
+        except (ValueError, KeyError, TypeError):
+            return self._error(400, "invalid_request_error", "model: field required")
+        usage = {"input_tokens": 1, "output_tokens": 5}
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model}
+        text = {"type": "text", "text": self.TEXT}
+        if not request.get("stream"):
+            done = {"content": [text], "stop_reason": "end_turn", "stop_sequence": None}
+            return 200, "application/json", json.dumps({**message, **done, "usage": usage}).encode()
+        # The events of one text block, in the order the real API sends them.
+        opening: dict[str, Any] = {
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        events: list[dict[str, Any]] = [
+            {"type": "message_start", "message": {**message, **opening}},
+            {"type": "content_block_start", "index": 0, "content_block": {**text, "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {**text, "type": "text_delta"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage},
+            {"type": "message_stop"},
+        ]
+        sse = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+        return 200, "text/event-stream", sse.encode()
+
+    @staticmethod
+    def _error(status: int, kind: str, message: str) -> tuple[int, str, bytes]:
+        error = {"type": "error", "error": {"type": kind, "message": message}}
+        return status, "application/json", json.dumps(error).encode()
 
 
 class Recorder:
@@ -106,12 +167,13 @@ async def http(
     writer: asyncio.StreamWriter,
     requests: Recorder,
     scheme: str,
+    model: FakeModel | None = None,
 ) -> None:
     sock_ip = writer.get_extra_info("sockname")[0]
     ssl_obj = writer.get_extra_info("ssl_object")
     sni = SNI.pop(id(ssl_obj), None) if ssl_obj is not None else None
     if ssl_obj is not None and ssl_obj.selected_alpn_protocol() == "h2":
-        await http2(reader, writer, requests, sock_ip, sni)
+        await http2(reader, writer, requests, sock_ip, sni, model)
         return
     try:
         while True:
@@ -124,9 +186,14 @@ async def http(
                     k, v = line.split(":", 1)
                     headers[k.strip().lower()] = v.strip()
             received = 0
+            # Only the fake model reads bodies; the others count bytes (some tests send GBs).
+            to_model = bytearray() if model is not None and model.handles(target) else None
             if headers.get("transfer-encoding", "").lower() == "chunked":
                 while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                    received += len(await reader.readexactly(size + 2)) - 2
+                    chunk = await reader.readexactly(size + 2)
+                    received += len(chunk) - 2
+                    if to_model is not None:
+                        to_model += chunk[:-2]
                 while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass  # trailers
             length = int(headers.get("content-length", "0"))
@@ -135,6 +202,8 @@ async def http(
                 if not chunk:
                     break
                 received += len(chunk)
+                if to_model is not None:
+                    to_model += chunk
             requests.write(
                 scheme=scheme,
                 protocol="http/1.1",
@@ -146,7 +215,15 @@ async def http(
                 received=received,
                 headers=headers,
             )
-            if target.startswith("/bytes/"):
+            if model is not None and to_model is not None:
+                status, kind, out = model.answer(headers, bytes(to_model))
+                writer.write(
+                    f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+                    f"Content-Type: {kind}\r\nContent-Length: {len(out)}\r\n\r\n".encode()
+                    + out
+                )
+                await writer.drain()
+            elif target.startswith("/bytes/"):
                 n = int(target.split("/")[2])
                 writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n".encode())
                 block = b"x" * (1 << 20)
@@ -176,6 +253,7 @@ async def http2(
     requests: Recorder,
     sock_ip: str,
     sni: str | None,
+    model: FakeModel | None,
 ) -> None:
     """HTTP/2 (h2 negotiated by ALPN): the same answers and records as ``http``."""
     import h2.config
@@ -186,18 +264,24 @@ async def http2(
         h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
     )
     conn.initiate_connection()
-    streams: dict[int, tuple[dict[str, str], list[int]]] = {}
+    # Per stream: headers, bytes received, and the body when the fake model is to read it.
+    streams: dict[int, tuple[dict[str, str], list[int], bytearray | None]] = {}
     try:
         writer.write(conn.data_to_send())
         while data := await reader.read(1 << 16):
             for ev in conn.receive_data(data):
                 if isinstance(ev, h2.events.RequestReceived):
-                    streams[ev.stream_id] = ({str(k): str(v) for k, v in ev.headers}, [0])
+                    headers = {str(k): str(v) for k, v in ev.headers}
+                    keep = model is not None and model.handles(headers.get(":path"))
+                    streams[ev.stream_id] = (headers, [0], bytearray() if keep else None)
                 elif isinstance(ev, h2.events.DataReceived):
-                    streams[ev.stream_id][1][0] += len(ev.data)
+                    _, received, to_model = streams[ev.stream_id]
+                    received[0] += len(ev.data)
+                    if to_model is not None:
+                        to_model += ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, h2.events.StreamEnded):
-                    headers, received = streams.pop(ev.stream_id)
+                    headers, received, to_model = streams.pop(ev.stream_id)
                     requests.write(
                         scheme="https",
                         protocol="h2",
@@ -209,13 +293,21 @@ async def http2(
                         received=received[0],
                         headers={k: v for k, v in headers.items() if not k.startswith(":")},
                     )
-                    authority = headers.get(":authority")
-                    body = f"hello from {sock_ip} host={authority} sni={sni}\n".encode()
+                    status, kind = 200, "text/plain"
+                    if model is not None and to_model is not None:
+                        status, kind, out = model.answer(headers, bytes(to_model))
+                    else:
+                        authority = headers.get(":authority")
+                        out = f"hello from {sock_ip} host={authority} sni={sni}\n".encode()
                     conn.send_headers(
                         ev.stream_id,
-                        [(":status", "200"), ("content-length", str(len(body)))],
+                        [
+                            (":status", str(status)),
+                            ("content-type", kind),
+                            ("content-length", str(len(out))),
+                        ],
                     )
-                    conn.send_data(ev.stream_id, body, end_stream=True)
+                    conn.send_data(ev.stream_id, out, end_stream=True)
                 elif isinstance(ev, h2.events.ConnectionTerminated):
                     return
             writer.write(conn.data_to_send())
@@ -288,6 +380,7 @@ async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, zer
 async def main(directory: Path) -> None:
     queries = Recorder(directory / "queries.log")
     requests = Recorder(directory / "requests.log")
+    model = FakeModel(directory)
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(lambda: DnsUdp(queries), local_addr=(DNS_IP, 53))
     await asyncio.start_server(lambda r, w: dns_tcp(r, w, queries), DNS_IP, 53)
@@ -308,7 +401,9 @@ async def main(directory: Path) -> None:
             lambda ws: websocket_echo(ws, requests), ip, 8443, ssl=wss
         )
         await asyncio.start_server(lambda r, w: http(r, w, requests, "http"), ip, 80)
-        await asyncio.start_server(lambda r, w: http(r, w, requests, "https"), ip, 443, ssl=tls)
+        await asyncio.start_server(
+            lambda r, w: http(r, w, requests, "https", model), ip, 443, ssl=tls
+        )
         await loop.create_datagram_endpoint(Echo, local_addr=(ip, 9999))
         await asyncio.start_server(banner, ip, 2222)
         await asyncio.start_server(sink, ip, 9000)

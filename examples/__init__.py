@@ -1,0 +1,1 @@
+"""Runnable examples; a package so that tests can import and run their code."""
