@@ -8,6 +8,12 @@ to the address the sandbox picked (so DNS rebinding and "allowed SNI to a blocke
 the allowed host). **Explicit**: the original destination is the proxy itself, so the client
 speaks HTTP proxy protocol (``CONNECT host:port`` or an absolute-form ``GET http://…``).
 
+**Unix listeners** (``listen_unix``, used by local mode, docs/local.md): a socket file whose every
+connection belongs to one sandbox, always in explicit mode. Who may connect is decided by the
+file system (the socket's directory is reachable only from that sandbox), so the caller is known
+without any address; it is looked up in the registry per connection, so removing the sandbox
+from the registry refuses its next connection.
+
 Denials fail fast: a reset in transparent mode, ``403``/``400`` in explicit mode. Only the first
 request of a connection is inspected; later requests on a kept-alive connection reach the same
 upstream, which is a host the policy allows, so they cannot carry data anywhere else.
@@ -239,7 +245,7 @@ class EgressProxy:
         resolve: Resolve,
         sink: EventSink,
         *,
-        host: str,
+        host: str | None,
         port: int,
         original_dst: Callable[[socket.socket], tuple[str, int] | None] | None = None,
         local_addresses: Callable[[], Collection[IPAddress]] | None = None,
@@ -276,6 +282,8 @@ class EgressProxy:
         self._listener: socket.socket | None = None
         self._bound: tuple[IPAddress, int] | None = None
         self._accept_task: asyncio.Task[None] | None = None
+        # listen_unix: path -> (listener, its accept loop)
+        self._unix: dict[Path, tuple[socket.socket, asyncio.Task[None]]] = {}
         self._live: dict[str, dict[asyncio.Task[None], _Conn]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -288,6 +296,9 @@ class EgressProxy:
         return self._bound[1]
 
     async def start(self) -> None:
+        """Listen on ``host:port`` (TCP); a proxy made with ``host=None`` has only unix listeners."""
+        if self._host is None:
+            raise RuntimeFailure("egress proxy has no TCP address to listen on")
         try:
             infos = socket.getaddrinfo(
                 self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -313,12 +324,39 @@ class EgressProxy:
         self._bound = (_unwrap(ipaddress.ip_address(name[0])), name[1])
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
 
+    async def listen_unix(self, path: Path, sandbox_id: str, mode: int = 0o600) -> None:
+        """Also accept on the unix socket ``path`` (which must not exist yet); every connection
+        on it is ``sandbox_id``'s and speaks HTTP proxy protocol. Access is the file system's
+        business: ``path`` gets ``mode``, and its directory should let only that sandbox in.
+        ``stop`` closes it and removes the file."""
+        if path in self._unix:
+            raise RuntimeFailure(f"egress proxy already listens on {path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeFailure(f"egress proxy cannot listen on {path}: {exc}") from exc
+        try:
+            os.chmod(path, mode)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise RuntimeFailure(f"egress proxy cannot listen on {path}: {exc}") from exc
+        task = asyncio.get_running_loop().create_task(self._accept_loop(sock, sandbox_id))
+        self._unix[path] = (sock, task)
+
     async def stop(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
+        accepting = [t for t in (self._accept_task, *(t for _, t in self._unix.values())) if t]
+        for task in accepting:
+            task.cancel()
+        for task in accepting:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
+                await task
+        self._accept_task = None
         tasks: list[asyncio.Task[None]] = []
         for sandbox_id in list(self._live):
             tasks.extend(self._abort(sandbox_id))
@@ -327,6 +365,11 @@ class EgressProxy:
         if self._listener is not None:
             _close(asyncio.get_running_loop(), self._listener, rst=False)
             self._listener = None
+        for path, (sock, _) in self._unix.items():
+            _close(asyncio.get_running_loop(), sock, rst=False)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._unix.clear()
 
     def close_sandbox(self, sandbox_id: str) -> None:
         """Abort every live connection of ``sandbox_id`` (their clients see a reset)."""
@@ -344,19 +387,28 @@ class EgressProxy:
 
     # ------------------------------------------------------------------ accepting
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(
+        self, listener: socket.socket | None = None, sandbox_id: str | None = None
+    ) -> None:
+        """Accept on ``listener``: the TCP one (callers known by address) by default, else a
+        unix one whose every connection is ``sandbox_id``'s."""
         loop = asyncio.get_running_loop()
-        assert self._listener is not None
+        if listener is None:
+            listener = self._listener
+        assert listener is not None
         while True:
             try:
-                client, addr = await loop.sock_accept(self._listener)
+                client, addr = await loop.sock_accept(listener)
             except OSError as exc:
                 # EMFILE and friends: back off instead of spinning on a listener we cannot serve.
                 _log.warning("egress proxy accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self._accepted(loop, client, addr[0])
+                if sandbox_id is None:
+                    self._accepted(loop, client, addr[0])
+                else:
+                    self._take(loop, client, self._registry.get(sandbox_id), explicit=True)
             except Exception:
                 _log.debug("egress proxy could not take a connection", exc_info=True)
                 _reset(client)
@@ -365,6 +417,20 @@ class EgressProxy:
         net = self._registry.lookup(peer)
         if net is None:
             _log.debug("egress proxy: connection from unknown address %s", peer)
+            _reset(client)
+            return
+        self._take(loop, client, net, explicit=False)
+
+    def _take(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        net: SandboxNet | None,
+        *,
+        explicit: bool,
+    ) -> None:
+        if net is None:
+            _log.debug("egress proxy: connection for a sandbox no longer registered")
             _reset(client)
             return
         live = self._live.setdefault(net.sandbox_id, {})
@@ -379,7 +445,7 @@ class EgressProxy:
             _reset(client)
             return
         client.setblocking(False)
-        conn = _Conn(net.sandbox_id, client)
+        conn = _Conn(net.sandbox_id, client, explicit=explicit)
         task = loop.create_task(self._handle(conn, net))
         live[task] = conn
         task.add_done_callback(lambda t: self._forget(loop, net.sandbox_id, t, conn))
@@ -463,8 +529,11 @@ class EgressProxy:
             _log.debug("egress event sink failed", exc_info=True)
 
     async def _serve(self, conn: _Conn, net: SandboxNet) -> None:
-        dst = self._original_dst(conn.client)
         policy = net.policy  # one policy for the whole decision, even if it is swapped meanwhile
+        if conn.explicit:  # a unix listener: nothing was NATed, nothing else is spoken
+            await self._explicit(conn, net, policy)
+            return
+        dst = self._original_dst(conn.client)
         if dst is None or self._is_self(dst):
             conn.explicit = True
             await self._explicit(conn, net, policy)
