@@ -18,6 +18,7 @@ PACKAGES=(
     nftables         # per-sandbox network policy
     iproute2         # netns, veth, bridge plumbing
     util-linux       # mount, unshare, nsenter
+    bubblewrap       # bwrap: the namespaces of local mode (corral run, docs/local.md)
     libseccomp-dev   # seccomp filter for the in-sandbox agent
     gcc              # compiles the in-sandbox agent (static C)
     libc6-dev

@@ -1010,6 +1010,81 @@ def shell(
     raise typer.Exit(code)
 
 
+@app.command("run", context_settings={"allow_interspersed_args": False})
+def run_(
+    cmd: Annotated[list[str], typer.Argument(metavar="-- CMD...", show_default=False)],
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Settings profile (built in: claude-code, codex).", show_default=False),
+    ] = None,
+    allow_domain: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-domain",
+            help="Let the command reach this domain through corral's proxy (name, *.suffix, "
+            "either with :PORT). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_write: Annotated[
+        list[str] | None,
+        typer.Option("--allow-write", help="Also make this path writable. Repeatable."),
+    ] = None,
+    deny_read: Annotated[
+        list[str] | None, typer.Option("--deny-read", help="Also hide this path. Repeatable.")
+    ] = None,
+    allow_read: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-read",
+            help="Show a path a default hides (a .env file outside the project, say). Repeatable.",
+        ),
+    ] = None,
+    trust_project: Annotated[
+        bool,
+        typer.Option(
+            "--trust-project",
+            help="Apply what the project's .corral/local.toml widens (domains, writable paths, "
+            "variables); without it only its restrictions apply.",
+        ),
+    ] = False,
+    as_root: Annotated[
+        bool,
+        typer.Option(
+            "--as-root",
+            help="Run as root, keep root inside (without capabilities) instead of dropping to "
+            "the invoking user.",
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Show the plan and every network decision as it happens."
+        ),
+    ] = False,
+) -> None:
+    """Run a command on this machine in a sandbox (docs/local.md).
+
+    The project (the git checkout around here) is writable, the rest read-only.
+
+    Credentials are hidden; rc files, git hooks and agent settings stay read-only.
+
+    No network but the allowed domains. Exits with the command's exit code.
+    """
+    from corral.local.jail import run_local
+    from corral.local.settings import Flags
+
+    flags = Flags(
+        profile=profile,
+        allow_domains=allow_domain or (),
+        allow_write=allow_write or (),
+        allow_read=allow_read or (),
+        deny_read=deny_read or (),
+        trust_project=trust_project,
+    )
+    raise typer.Exit(run_local(flags, cmd, as_root=as_root, verbose=verbose))
+
+
 @app.command()
 def cp(
     ctx: typer.Context,
