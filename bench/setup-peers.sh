@@ -8,6 +8,7 @@ PACKAGES=(
     docker.io           # dockerd + containerd (+ the static docker CLI if none is on PATH)
     podman conmon       # daemonless peer
     uidmap              # newuidmap for podman's user-namespace mode
+    bubblewrap socat ripgrep  # what Anthropic's srt needs (bench_local.py installs srt from npm)
 )
 
 missing=()
