@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from corral.errors import CorralError, RuntimeFailure
-from corral.net.intercept import Injection, Rewriter, intercept
 from corral.net.sniff import (
     MAX_SNIFF_BYTES,
     HttpHead,
@@ -805,6 +804,10 @@ class EgressProxy:
         bound: tuple[BoundSecret, ...],
     ) -> None:
         """Relay the connection through the TLS interceptor, which puts ``bound`` secrets in."""
+        # Here, not at the top: TLS interception (h2, the CA's cryptography) is only needed once a
+        # sandbox with secrets connects to a bound host, and costs every other proxy user start-up.
+        from corral.net.intercept import Injection, Rewriter, intercept
+
         assert conn.upstream is not None and net.secrets is not None and sniffed.tls is not None
         failure: str | None = None
         values: dict[str, str] = {}
