@@ -88,15 +88,8 @@ class SecretState:
             "ca_seed": self.ca_seed,
             "ca_cert": self.ca_cert,
             "bindings": [
-                {
-                    "name": b.name,
-                    "hosts": list(b.hosts),
-                    "env": env,
-                    "header": b.header,
-                    "format": b.format,
-                    "placeholder": b.placeholder,
-                }
-                for b, env in zip(self.bindings, self.envs, strict=True)
+                {**given, "placeholder": b.placeholder}
+                for given, b in zip(self.as_bindings(), self.bindings, strict=True)
             ],
         }
 
@@ -119,14 +112,6 @@ class SecretState:
             ca_cert=str(doc["ca_cert"]),
         )
 
-    def public(self) -> list[dict[str, Any]]:
-        """What the API shows of it: everything but the CA."""
-        return [
-            {"name": b.name, "hosts": list(b.hosts), "env": env, "header": b.header,
-             "placeholder": b.placeholder}
-            for b, env in zip(self.bindings, self.envs, strict=True)
-        ]  # fmt: skip
-
     def as_bindings(self) -> list[dict[str, Any]]:
         """The bindings as a create gives them (``CreateSandbox.secrets``)."""
         return [
@@ -134,6 +119,10 @@ class SecretState:
              "format": b.format}
             for b, env in zip(self.bindings, self.envs, strict=True)
         ]  # fmt: skip
+
+    def public(self) -> list[dict[str, Any]]:
+        """What the API shows of it: the bindings with their placeholders (never the CA)."""
+        return [{k: v for k, v in d.items() if k != "format"} for d in self.to_doc()["bindings"]]
 
     def environment(self) -> dict[str, str]:
         """What every process of the sandbox starts with, on top of the template's and the
