@@ -29,7 +29,7 @@ import json
 import platform
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -42,18 +42,25 @@ __all__ = [
     "SECCOMP_RET_ALLOW",
     "SECCOMP_RET_ERRNO",
     "SECCOMP_RET_KILL_PROCESS",
+    "SECCOMP_RET_USER_NOTIF",
     "X32_SYSCALL_BIT",
+    "guard_filter",
+    "guard_syscalls",
     "local_filter",
     "normalize_arch",
     "syscall_numbers",
 ]
 
-_POLICY = Path(__file__).resolve().parent.parent / "resources" / "local-seccomp.json"
+_RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+_POLICY = _RESOURCES / "local-seccomp.json"
+# Which calls go to the in-sandbox guard (corral/local/guard.py) instead of the kernel.
+_GUARD_POLICY = _RESOURCES / "local-guard.json"
 
 # <linux/seccomp.h>: return values of a filter (action in the high 16 bits, data in the low).
 SECCOMP_RET_KILL_PROCESS = 0x80000000
 SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000  # ask the listener (the guard) what to answer
 # <linux/audit.h>: seccomp_data.arch of each ABI the filter can be entered through.
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_SYSCALL_BIT = 0x40000000
@@ -78,6 +85,7 @@ _UNIFIED = {
     "io_uring_setup": 425,
     "io_uring_enter": 426,
     "io_uring_register": 427,
+    "openat2": 437,
     "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
@@ -101,12 +109,19 @@ _UNIFIED = {
 _NEWEST = 471
 
 _X86_64 = {
+    "open": 2,
     "ioctl": 16,
     "socket": 41,
     "socketpair": 53,
     "clone": 56,
+    "rename": 82,
+    "mkdir": 83,
+    "creat": 85,
+    "link": 86,
+    "symlink": 88,
     "ptrace": 101,
     "syslog": 103,
+    "mknod": 133,
     "personality": 135,
     "pivot_root": 155,
     "acct": 163,
@@ -122,6 +137,12 @@ _X86_64 = {
     "quotactl": 179,
     "lookup_dcookie": 212,
     "kexec_load": 246,
+    "openat": 257,
+    "mkdirat": 258,
+    "mknodat": 259,
+    "renameat": 264,
+    "linkat": 265,
+    "symlinkat": 266,
     "add_key": 248,
     "request_key": 249,
     "keyctl": 250,
@@ -135,6 +156,7 @@ _X86_64 = {
     "process_vm_writev": 311,
     "kcmp": 312,
     "finit_module": 313,
+    "renameat2": 316,
     "seccomp": 317,
     "kexec_file_load": 320,
     "bpf": 321,
@@ -145,11 +167,17 @@ _X86_64 = {
 _AARCH64 = {
     "lookup_dcookie": 18,
     "ioctl": 29,
+    "mknodat": 33,
+    "mkdirat": 34,
+    "symlinkat": 36,
+    "linkat": 37,
+    "renameat": 38,
     "umount2": 39,
     "mount": 40,
     "pivot_root": 41,
     "quotactl": 60,
     "vmsplice": 75,
+    "openat": 56,
     "acct": 89,
     "personality": 92,
     "unshare": 97,
@@ -175,6 +203,7 @@ _AARCH64 = {
     "process_vm_writev": 271,
     "kcmp": 272,
     "finit_module": 273,
+    "renameat2": 276,
     "seccomp": 277,
     "bpf": 280,
     "userfaultfd": 282,
@@ -195,7 +224,14 @@ class _Arch:
 
 _ARCHES: dict[str, _Arch] = {
     "x86_64": _Arch(AUDIT_ARCH["x86_64"], _X86_64, x32_bit=X32_SYSCALL_BIT),
-    "aarch64": _Arch(AUDIT_ARCH["aarch64"], _AARCH64, absent=frozenset({"iopl", "ioperm"})),
+    "aarch64": _Arch(
+        AUDIT_ARCH["aarch64"],
+        _AARCH64,
+        absent=frozenset(
+            # The pre-*at calls: aarch64 has only the *at forms.
+            {"iopl", "ioperm", "open", "creat", "mkdir", "mknod", "symlink", "link", "rename"}
+        ),
+    ),
 }
 ARCHES = tuple(_ARCHES)
 _ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
@@ -244,8 +280,12 @@ class _Policy:
     newer_ret: int
 
 
+class _PolicyError(RuntimeFailure):
+    """A policy file is wrong; the loader adds the file's name."""
+
+
 def _fail(message: str) -> RuntimeFailure:
-    return RuntimeFailure(f"{_POLICY.name}: {message}")
+    return _PolicyError(message)
 
 
 def _action(name: Any, where: str) -> int:
@@ -253,9 +293,13 @@ def _action(name: Any, where: str) -> int:
         return SECCOMP_RET_ALLOW
     if name == "kill":
         return SECCOMP_RET_KILL_PROCESS
+    if name == "notify":
+        return SECCOMP_RET_USER_NOTIF
     value = getattr(errno, name, None) if isinstance(name, str) and name.startswith("E") else None
     if not isinstance(value, int):
-        raise _fail(f"{where}: action must be 'allow', 'kill' or an errno name, not {name!r}")
+        raise _fail(
+            f"{where}: action must be 'allow', 'kill', 'notify' or an errno name, not {name!r}"
+        )
     return SECCOMP_RET_ERRNO | value
 
 
@@ -365,12 +409,15 @@ def _parse(doc: Any) -> _Policy:
 
 
 @cache
-def _policy() -> _Policy:
+def _policy(path: Path = _POLICY) -> _Policy:
     try:
-        doc = json.loads(_POLICY.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RuntimeFailure(f"cannot load {_POLICY.name}: {exc}") from exc
-    return _parse(doc)
+        raise RuntimeFailure(f"cannot load {path.name}: {exc}") from exc
+    try:
+        return _parse(doc)
+    except _PolicyError as exc:
+        raise RuntimeFailure(f"{path.name}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the compiler
@@ -485,7 +532,46 @@ def local_filter(arch: str | None = None) -> bytes:
     return _filter_for(normalize_arch(arch))
 
 
+def guard_filter(arch: str | None = None, *, audit_reads: bool = False) -> bytes:
+    """The program the guard's child loads (``resources/local-guard.json``): the calls that
+    create names go to the guard (SECCOMP_RET_USER_NOTIF), everything else to the kernel.
+    ``audit_reads``: every open goes to the guard too (its ``auditReads`` entry), which logs
+    opens of hidden paths and lets the kernel carry on."""
+    name = normalize_arch(arch)
+    return _compile(_guard_policy(audit_reads), _ARCHES[name])
+
+
+def guard_syscalls(arch: str | None = None) -> dict[str, int]:
+    """Number of each call the guard's policy can send it, on ``arch``: how the guard tells
+    which call a notification is about."""
+    a = _ARCHES[normalize_arch(arch)]
+    names = {n for rule in _guard_policy(True).rules for n in rule.names}
+    return {n: a.syscalls[n] for n in sorted(names) if n not in a.absent}
+
+
 @cache
-def _filter_for(arch: str) -> bytes:
+def _guard_policy(audit_reads: bool) -> _Policy:
+    policy = _policy(_GUARD_POLICY)
+    if not audit_reads:
+        return policy
+    raw = json.loads(_GUARD_POLICY.read_text()).get("auditReads")
+    if not isinstance(raw, dict) or not isinstance(raw.get("names"), list):
+        raise RuntimeFailure(f"{_GUARD_POLICY.name}: auditReads must name the open calls")
+    try:
+        _reason(raw, "auditReads")
+        names = tuple(_known(n, "auditReads") for n in raw["names"])
+        audit = _Rule(names=names, conds=(), ret=_action(raw.get("action"), "auditReads"))
+    except _PolicyError as exc:
+        raise RuntimeFailure(f"{_GUARD_POLICY.name}: {exc}") from None
+    # Every open now goes to the guard: the O_CREAT-only rules for the same calls are covered.
+    kept = tuple(r for r in policy.rules if not set(r.names) <= set(names))
+    return replace(policy, rules=(audit, *kept))
+
+
+@cache
+def _filter_for(arch: str, path: Path = _POLICY) -> bytes:
     # Little-endian program and argument layout: both supported architectures are.
-    return _compile(_policy(), _ARCHES[arch])
+    try:
+        return _compile(_policy(path), _ARCHES[arch])
+    except _PolicyError as exc:
+        raise RuntimeFailure(f"{path.name}: {exc}") from None
