@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from corral.core.secrets import SecretService
     from corral.net.policy import CompiledPolicy
 
-__all__ = ["CA_BUNDLE", "CA_CERT", "SecretBinder", "SecretState"]
+__all__ = ["CA_BUNDLE", "CA_CERT", "SYSTEM_BUNDLES", "SecretBinder", "SecretState"]
 
 # Inside the sandbox: the sandbox's CA alone (for NODE_EXTRA_CA_CERTS, which adds to Node's own
 # roots), and the template's roots plus it (for the variables that replace the roots).
@@ -41,7 +41,7 @@ CA_CERT = f"{CA_DIR}/sandbox-ca.pem"
 CA_BUNDLE = f"{CA_DIR}/ca-bundle.pem"
 # Where distributions keep the bundle that curl, git, wget, apt and OpenSSL's defaults read; the
 # CA is appended to each one the template has, so tools that ignore the variables trust it too.
-_SYSTEM_BUNDLES = (
+SYSTEM_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine, Arch
     "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
     "/etc/ssl/cert.pem",  # Alpine (libressl), macOS-style
@@ -177,8 +177,7 @@ class SecretBinder:
         for b in bindings:
             hosts = tuple(dict.fromkeys(_host(b.name, h) for h in b.hosts))
             for host in hosts:
-                probe = "x" + host[1:] if host.startswith("*.") else host
-                decision = policy.check_name(probe, 443)
+                decision = policy.check_bound_host(host)
                 if not decision.allowed:
                     raise InvalidRequestError(
                         f"secret {b.name!r} is bound to {host}, which the sandbox's network "
@@ -237,7 +236,7 @@ class SecretBinder:
         await agent.mkdir(CA_DIR, parents=True)
         await _write(agent, CA_CERT, pem)
         roots = b""
-        for path in _SYSTEM_BUNDLES:
+        for path in SYSTEM_BUNDLES:
             try:
                 current = await _read(agent, path)
             except NotFoundError:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from corral.errors import InvalidRequestError
+
 __all__ = [
+    "MAX_VALUE_CHARS",
+    "SECRET_NAME",
     "CreateKey",
     "CreateSandbox",
     "CreateTenant",
@@ -23,6 +28,7 @@ __all__ = [
     "StdinCommand",
     "TakeSnapshot",
     "UpdateNetwork",
+    "check_secret_value",
     "validate_sandbox_path",
 ]
 
@@ -57,12 +63,41 @@ _HeaderName = Annotated[
 ]
 
 
+MAX_VALUE_CHARS = 16384
+# Values go into request headers: a CR or LF would split one, a NUL ends it early.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_secret_value(value: object) -> str:
+    """``value`` if it can be a secret's value (it goes into HTTP headers), else
+    ``InvalidRequestError``. The value itself is never part of the message: an error may be
+    logged or shown."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"a secret's value must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_VALUE_CHARS:
+        raise InvalidRequestError(
+            f"a secret's value must be 1 to {MAX_VALUE_CHARS} characters, got {len(value)}"
+        )
+    if _CONTROL.search(value) is not None:
+        raise InvalidRequestError(
+            "a secret's value must not contain control characters (CR, LF, NUL, tab, ...): "
+            "it is sent in HTTP headers"
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            "a secret's value must be Unicode text (it has a lone surrogate)"
+        ) from None
+    return value
+
+
 class PutSecret(_Command):
     """A secret's value; it never leaves the server again except on the wire to a bound host."""
 
     # Lengths only: the secret service checks the rest (no control characters: values go into
     # request headers), with a message that never repeats the value.
-    value: str = Field(min_length=1, max_length=16384)
+    value: str = Field(min_length=1, max_length=MAX_VALUE_CHARS)
 
 
 class SecretBinding(_Command):

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from corral.core.commands import SECRET_NAME
+from corral.core.commands import MAX_VALUE_CHARS, SECRET_NAME, check_secret_value
 from corral.errors import InvalidRequestError, NotFoundError, QuotaExceededError, RuntimeFailure
 from corral.store import Store
 from corral.store.models import SecretRow
@@ -50,10 +50,6 @@ KEY_FILE = "secrets.key"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 MAX_SECRETS_PER_TENANT = 1000
-# As PutSecret checks at the API; repeated here for callers inside the server.
-MAX_VALUE_CHARS = 16384
-# Values go into request headers: a CR or LF would split one, a NUL ends it early.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NAME = re.compile(SECRET_NAME)
 # The HKDF info of the at-rest subkey; ``derive_key`` refuses it so that no caller can obtain
 # the key the rows are sealed with.
@@ -80,28 +76,6 @@ def check_secret_name(name: object) -> str:
             "and '-', starting with a letter or digit"
         )
     return name
-
-
-def _check_value(value: object) -> str:
-    # The value itself is never part of a message: an error may be logged or shown.
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"a secret's value must be a string, not {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_VALUE_CHARS:
-        raise InvalidRequestError(
-            f"a secret's value must be 1 to {MAX_VALUE_CHARS} characters, got {len(value)}"
-        )
-    if _CONTROL.search(value) is not None:
-        raise InvalidRequestError(
-            "a secret's value must not contain control characters (CR, LF, NUL, tab, ...): "
-            "it is sent in HTTP headers"
-        )
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise InvalidRequestError(
-            "a secret's value must be Unicode text (it has a lone surrogate)"
-        ) from None
-    return value
 
 
 def _aad(tenant_id: str, name: str) -> bytes:
@@ -236,7 +210,7 @@ class SecretService:
     async def put(self, tenant_id: str, name: str, value: str) -> SecretInfo:
         """Create the secret or replace its value (``updated_at`` changes, ``created_at`` not)."""
         check_secret_name(name)
-        _check_value(value)
+        check_secret_value(value)
         aead = self._sealer()
         nonce = secrets.token_bytes(NONCE_BYTES)
         sealed = aead.encrypt(nonce, value.encode(), _aad(tenant_id, name))

@@ -573,6 +573,12 @@ class CompiledPolicy:
         self._addrs_allow = tuple(built.addrs_allow)
         self._addrs_deny = tuple(built.addrs_deny)
 
+    def check_bound_host(self, host: str) -> Decision:
+        """Whether a secret bound to ``host`` (a name, or ``*.suffix`` for the names below it)
+        can be used: the sandbox may reach it on 443, where secrets are sent."""
+        probe = "x" + host[1:] if host.startswith("*.") else host
+        return self.check_name(probe, 443)
+
     def check_name(self, name: str, port: int | None = None) -> Decision:
         """May the sandbox reach ``name`` on ``port`` (None: on some port, as DNS asks)?"""
         normal = _check_form(name)
