@@ -1040,12 +1040,23 @@ def run_(
             help="Show a path a default hides (a .env file outside the project, say). Repeatable.",
         ),
     ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            metavar="ENV:HOST[,HOST]",
+            help="Keep the value of the variable ENV outside: the command gets a placeholder, "
+            "and corral's proxy puts the value into HTTPS requests to HOST (which must be "
+            "allowed). Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     trust_project: Annotated[
         bool,
         typer.Option(
             "--trust-project",
             help="Apply what the project's .corral/local.toml widens (domains, writable paths, "
-            "variables); without it only its restrictions apply.",
+            "variables, secrets); without it only its restrictions apply.",
         ),
     ] = False,
     as_root: Annotated[
@@ -1067,7 +1078,8 @@ def run_(
 
     The project (the git checkout around here) is writable, the rest read-only.
 
-    Credentials are hidden; rc files, git hooks and agent settings stay read-only.
+    Credentials are hidden; rc files, git hooks and agent settings stay read-only; API keys
+    bound as secrets stay outside (the command holds placeholders).
 
     No network but the allowed domains. Exits with the command's exit code.
     """
@@ -1080,6 +1092,7 @@ def run_(
         allow_write=allow_write or (),
         allow_read=allow_read or (),
         deny_read=deny_read or (),
+        secrets=secret or (),
         trust_project=trust_project,
     )
     raise typer.Exit(run_local(flags, cmd, as_root=as_root, verbose=verbose))

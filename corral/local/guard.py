@@ -26,7 +26,8 @@ the kernel), so reading, writing and executing cost nothing.
 Trust: the guard runs as the same user as CMD, inside the same namespaces, and has no power CMD
 lacks, except that it is outside the filter. It makes itself non-dumpable, so CMD can neither
 read or write its memory nor open its descriptors (the listener) through /proc. Killing it
-closes the listener, and every later creating call then fails with ENOSYS: fail closed.
+ends the sandbox: it is the first process bwrap starts, bwrap exits with it, and the pid
+namespace takes every process with it. Fail closed.
 
 Events (a refused name, a write refused by a read-only mount) go as JSON lines to the
 descriptor the config names, which corral reads outside for its violation log.
@@ -41,6 +42,7 @@ from __future__ import annotations
 # start of every sandbox.
 import _signal  # type: ignore[import-not-found]
 import _socket
+import _thread
 import ctypes
 import errno
 import os
@@ -101,6 +103,14 @@ _libc.syscall.restype = ctypes.c_long
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 
 
+class _Wait(Exception):
+    """An open that must block (a FIFO nobody reads yet): to be done in a thread."""
+
+    def __init__(self, dirfd: int, name: str, flags: int) -> None:
+        super().__init__(name)
+        self.dirfd, self.name, self.flags = dirfd, name, flags
+
+
 class _Refused(Exception):
     """A call answered with an errno (``errno``) instead of being performed."""
 
@@ -158,6 +168,12 @@ class Rules:
             return f"protected name {name}"
         if name in self.git_names and _is_git_dir(parent):
             return f"git's {name}"
+        if name in _GIT_MARKS and not _is_git_dir(parent):
+            # The other way round: a directory holding hooks or config made first (git init
+            # --bare does that) must not become a git directory whose hooks git would run.
+            held = [g for g in self.git_names if os.path.lexists(f"{parent}/{g}")]
+            if held:
+                return f"{name} would make a git directory of one holding {held[0]}"
         return None
 
 
@@ -183,13 +199,20 @@ def read_config(data: bytes) -> dict[str, list[str]]:
     return config
 
 
+# What makes a directory a git directory (git's is_git_directory: HEAD, objects and refs; a
+# worktree's has commondir instead of its own objects and refs).
+_GIT_MARKS = frozenset({"HEAD", "objects", "refs", "commondir"})
+
+
 def _is_git_dir(path: str) -> bool:
     if os.path.basename(path) == ".git":
         return True
     # A bare repository, a submodule's (.git/modules/x) or a worktree's (.git/worktrees/x).
-    return os.path.lexists(f"{path}/HEAD") and (
-        os.path.lexists(f"{path}/objects") or os.path.lexists(f"{path}/commondir")
-    )
+    if not os.path.lexists(f"{path}/HEAD"):
+        return False
+    if os.path.lexists(f"{path}/commondir"):
+        return True
+    return os.path.lexists(f"{path}/objects") and os.path.lexists(f"{path}/refs")
 
 
 # ------------------------------------------------------------------------------ the caller
@@ -271,20 +294,21 @@ _SELF_NAMES = (
 
 class _Link(_Caller):
     """The caller while the guard follows a symlink: relative targets start at the link's
-    directory (a descriptor of the guard's), and no name is rewritten."""
+    directory (a descriptor of the guard's); ``/proc/self`` and ``/dev/stdout`` in a target
+    still mean the caller's, as the kernel would read them (``out.log -> /dev/stdout``)."""
 
     def __init__(self, caller: _Caller, fd: int) -> None:
         super().__init__(caller.guard, caller.id, caller.tid)
-        self._status = caller._status
+        self.caller = caller
         self.fd = fd
+
+    def status(self, key: str) -> str:
+        return self.caller.status(key)
 
     def base(self, dirfd: int, path: str) -> int:
         if path.startswith("/"):
             return os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         return os.dup(self.fd)
-
-    def rewrite(self, path: str) -> str:
-        return path
 
 
 def _real(fd: int) -> str:
@@ -333,6 +357,7 @@ class Guard:
             "rename": lambda c, a: self.do_rename(c, _AT_FDCWD, a[0], _AT_FDCWD, a[1], 0),
             "renameat": lambda c, a: self.do_rename(c, a[0], a[1], a[2], a[3], 0),
             "renameat2": lambda c, a: self.do_rename(c, a[0], a[1], a[2], a[3], a[4]),
+            "bind": lambda c, a: self.do_bind(c, a[1], a[2]),
         }
         self.handlers = {numbers[n]: h for n, h in handlers.items() if n in numbers}
 
@@ -564,20 +589,42 @@ class Guard:
         self.valid(caller)
         if flags & os.O_CREAT and path.endswith("/"):
             raise _Refused(errno.EISDIR)  # as the kernel answers: only a directory ends so
-        fd = self._open(caller, dirfd, path, flags, mode)
+        try:
+            fd = self._open(caller, dirfd, path, flags, mode)
+        except _Wait as wait:
+            _thread.start_new_thread(self._open_later, (caller.id, wait))
+            return None  # answered by that thread
+        self._send_fd(caller.id, fd, flags)
+        return None
+
+    def _open_later(self, notif_id: int, wait: _Wait) -> None:
+        """A blocking open (a FIFO's writer waiting for a reader) in a thread of its own, so
+        the guard goes on answering everyone else meanwhile."""
+        try:
+            fd = os.open(wait.name, wait.flags, dir_fd=wait.dirfd)
+        except OSError as exc:
+            self._reply(notif_id, 0, exc.errno or errno.EIO, 0)
+            return
+        finally:
+            os.close(wait.dirfd)
+        try:
+            self._send_fd(notif_id, fd, wait.flags)
+        except _Refused as r:
+            self._reply(notif_id, 0, r.err, 0)
+
+    def _send_fd(self, notif_id: int, fd: int, flags: int) -> None:
+        """Install ``fd`` in the caller as the result of its call (ADDFD with SEND)."""
         try:
             cloexec = os.O_CLOEXEC if flags & os.O_CLOEXEC else 0
             addfd = ctypes.create_string_buffer(
-                _ADDFD.pack(caller.id, _SECCOMP_ADDFD_FLAG_SEND, fd, 0, cloexec)
+                _ADDFD.pack(notif_id, _SECCOMP_ADDFD_FLAG_SEND, fd, 0, cloexec)
             )
             if _libc.ioctl(self.listener, _NOTIF_ADDFD, addfd) < 0:
                 err = ctypes.get_errno()
-                if err in (errno.ENOENT, errno.EINPROGRESS):
-                    return None  # the caller died meanwhile
-                raise _Refused(err)
+                if err not in (errno.ENOENT, errno.EINPROGRESS):  # not: the caller died
+                    raise _Refused(err)
         finally:
             os.close(fd)
-        return None
 
     def _open(self, caller: _Caller, dirfd: int, path: str, flags: int, mode: int) -> int:
         """Open as the caller would, following a final symlink by hand so that each target is
@@ -628,12 +675,19 @@ class Guard:
         # can be created there). Elsewhere O_NOFOLLOW: a symlink comes back to _open.
         proc = where.real == "/proc" or where.real.startswith("/proc/")
         # Never block the guard on a FIFO's other end: O_NONBLOCK for the open, then taken
-        # back. (A write-only open of a FIFO nobody reads fails with ENXIO instead of waiting.)
+        # back. A write-only open of a FIFO nobody reads yet must wait: in a thread (_Wait).
         extra = os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if proc else os.O_NOFOLLOW)
         old = os.umask(caller.umask())
         try:
             fd = os.open(where.name, flags | extra, mode & 0o7777, dir_fd=where.fd)
         except OSError as exc:
+            if exc.errno == errno.ENXIO and not flags & os.O_NONBLOCK:
+                st = _lstat(where)
+                if st is not None and stat.S_ISFIFO(st.st_mode):
+                    # It exists: nothing is created, so O_CREAT goes (the umask is the
+                    # process's, and the thread cannot set it without racing this one).
+                    final = (flags | extra) & ~(os.O_NONBLOCK | os.O_CREAT)
+                    raise _Wait(os.dup(where.fd), where.name, final) from None
             if exc.errno != errno.ELOOP or proc or flags & (os.O_NOFOLLOW | os.O_EXCL):
                 raise
             try:
@@ -648,6 +702,27 @@ class Guard:
         if not flags & os.O_NONBLOCK:
             os.set_blocking(fd, True)
         return fd
+
+    def do_bind(self, caller: _Caller, addr: int, size: int) -> int:
+        """bind() of a unix socket makes a name too. The guard cannot bind the caller's socket
+        for it (that would take pidfd_getfd, which the main filter refuses), so it checks the
+        name and lets the kernel bind: another thread could swap the path in between and put an
+        inert socket on a protected name (it holds no content; the walk after the run reports
+        it). Other families carry on untouched."""
+        raw = self.read_memory(caller.tid, addr, min(max(size, 0), _SUN_SIZE))
+        path = _sun_path(raw[:size])
+        if path is None:
+            return _CONTINUE
+        where = self.locate(caller, _AT_FDCWD, path)
+        try:
+            self._create(where)
+        except _Refused as r:
+            if r.err == errno.EEXIST:
+                return _CONTINUE  # the kernel answers EADDRINUSE, as it would
+            raise
+        finally:
+            where.close()
+        return _CONTINUE
 
     def do_mkdir(self, caller: _Caller, dirfd: int, addr: int, mode: int) -> int:
         path = caller.string(addr)
@@ -771,6 +846,13 @@ def _lstat(where: _Where) -> os.stat_result | None:
         return None
 
 
+def _sun_path(raw: bytes) -> str | None:
+    """The path of a ``struct sockaddr_un`` (None: another family, or an abstract name)."""
+    if len(raw) <= 2 or struct.unpack("=H", raw[:2])[0] != _socket.AF_UNIX or raw[2] == 0:
+        return None
+    return os.fsdecode(raw[2:].split(b"\0", 1)[0])
+
+
 def _drain(fd: int) -> None:
     while True:
         try:
@@ -782,6 +864,7 @@ def _drain(fd: int) -> None:
 
 _CREAT_FLAGS = os.O_CREAT | os.O_WRONLY | os.O_TRUNC
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_SUN_SIZE = 110  # sizeof(struct sockaddr_un)
 _CONTINUE = -(1 << 62)  # a handler's answer: let the kernel perform the call
 _RENAMEAT2 = {"x86_64": 316, "aarch64": 276}.get(os.uname().machine, 316)
 _SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine, 317)
@@ -881,6 +964,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if not fds:
         os.waitpid(pid, 0)  # the child said why on stderr
         os._exit(_SETUP_FAILED)
+    # A read-only working directory: a symlink to /proc/self/cwd in the middle of a caller's
+    # path is resolved by the kernel as the guard's, and then leads nowhere writable.
+    try:
+        os.chdir(os.path.dirname(os.path.abspath(args[1])))
+    except OSError:
+        os.chdir("/")
     # Terminal signals reach the whole foreground group; they are CMD's to handle.
     for sig in (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGHUP, _signal.SIGPIPE):
         _signal.signal(sig, _signal.SIG_IGN)

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from corral.errors import CorralError, InvalidRequestError
-from corral.local.seccomp import local_filter
+from corral.local import guard as guard_program
+from corral.local.interpreter import interpreter
+from corral.local.seccomp import guard_filter, guard_syscalls, local_filter
 from corral.local.settings import (
     PROJECT_SETTINGS,
     Flags,
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BWRAP_MISSING",
+    "GUARD_DIR",
     "TMPFS_DIRS",
     "Identity",
     "JailError",
@@ -82,6 +85,10 @@ BWRAP_MISSING = (
 # Fresh, empty and private inside: hides the host's sockets there (X11, tmux, ssh-agent, docker,
 # dbus, systemd, databases) and whatever other users left in /tmp.
 TMPFS_DIRS = ("/tmp", "/var/tmp", "/run")
+# Where the sandbox sees the guard's files (corral/local/guard.py, its filter and config).
+GUARD_DIR = "/run/corral-guard"
+# The guard answers open() with a descriptor installed by SECCOMP_ADDFD_FLAG_SEND (Linux 5.14).
+_GUARD_KERNEL = (5, 14)
 _MASKS = Path(__file__).resolve().parent.parent / "resources" / "paths.json"
 # Directories and subtrees of a git directory that hold more git directories.
 _GIT_NESTS = ("modules", "worktrees")
@@ -254,6 +261,9 @@ class Scan:
     anchors: set[Path] = field(default_factory=set)
     git_roots: set[Path] = field(default_factory=set)  # git dirs of worktrees outside the roots
     links: set[Path] = field(default_factory=set)  # protected names that are symlinks
+    # What a git config points at (core.hooksPath, include.path) that does not exist yet: no
+    # mount can cover it, the guard refuses to create it.
+    missing: set[Path] = field(default_factory=set)
     entries: int = 0
 
 
@@ -370,8 +380,12 @@ class _Walker:
                     if not value.strip() or _under(gdir, target):
                         continue  # "" or "." would make the whole repository read-only
                     found = _root_of(target, self.scan.roots)
-                    if found is not None and target != found and os.path.lexists(target):
+                    if found is None or target == found:
+                        continue
+                    if os.path.lexists(target):
                         self.protect(target, found)
+                    else:
+                        self.scan.missing.add(target)
 
     def _git_nest(self, d: Path, root: Path) -> None:
         try:
@@ -729,6 +743,8 @@ def bwrap_args(
     disable_userns: bool = True,
     runtime_dir: str | None = None,
     net_dir: tuple[Path, str] | None = None,
+    ro_files: Sequence[tuple[Path, str]] = (),
+    guard_dir: Path | None = None,
     uid: int | None = None,
     gid: int | None = None,
 ) -> list[str]:
@@ -794,7 +810,15 @@ def bwrap_args(
         a += _null(s)
     if net_dir is not None:
         src, dest = net_dir
-        a += ["--bind", str(src), dest]
+        # Read-only: connecting to the proxy's socket writes nothing, and the CA files beside it
+        # are not the sandbox's to change.
+        a += ["--ro-bind", str(src), dest]
+    if guard_dir is not None:
+        a += ["--ro-bind", str(guard_dir), GUARD_DIR]
+    # Files the network puts in place of the host's (a CA bundle that trusts the run's own CA
+    # for secrets): bound last, over whatever the host has there.
+    for src, dest in ro_files:
+        a += ["--ro-bind", str(src), dest]
     a += ["--chdir", str(p.cwd)]
     return a
 
@@ -813,6 +837,10 @@ class SandboxNetwork(Protocol):
     def socket_dir(self) -> Path: ...
 
     def sandbox_env(self) -> dict[str, str]: ...
+
+    def ro_files(self) -> list[tuple[Path, str]]:
+        """(host file, sandbox path) pairs the jail binds read-only over the sandbox's view."""
+        ...
 
     def wrap(self, argv: Sequence[str]) -> list[str]: ...
 
@@ -876,9 +904,13 @@ async def run(
     interactive: bool = False,
     seccomp: bytes | None = None,
     network: SandboxNetwork | None = None,
+    guard: Sequence[str] = (),
+    pass_fds: Sequence[int] = (),
     bwrap: str | None = None,
 ) -> int:
     """Run ``argv`` under bwrap with ``args``; the command's exit status (128+n for a signal).
+    ``guard``: the guard's command line, put in front of everything; ``pass_fds``: descriptors
+    bwrap passes on (the guard's event pipe).
     The command inherits stdin/stdout/stderr (a TTY passes through as itself); ``interactive``:
     stdin is that TTY, and the command decides what ^C and ^\\ do."""
     bwrap = bwrap or find_bwrap()
@@ -922,6 +954,7 @@ async def run(
             loop.add_signal_handler(sig, _forward, procs, sig)
         if network is not None:
             inner = network.wrap(inner)
+        inner = [*guard, *inner]
         extra: dict[str, object] = {}
         if ident.switch:
             extra = {"user": ident.uid, "group": ident.gid, "extra_groups": list(ident.groups)}
@@ -932,7 +965,7 @@ async def run(
             "--",
             *inner,
             env=dict(env),
-            pass_fds=[*fds, status_w],
+            pass_fds=[*fds, status_w, *pass_fds],
             **extra,  # type: ignore[arg-type]
         )
         procs.append(proc)
@@ -1008,6 +1041,100 @@ def stdin_is_tty() -> bool:
         return False
 
 
+# ---------------------------------------------------------------------------- the guard
+
+
+@functools.cache
+def guard_supported() -> bool:
+    """Whether this kernel can run the guard (seccomp user notification with ADDFD_FLAG_SEND)."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return m is not None and (int(m[1]), int(m[2])) >= _GUARD_KERNEL
+
+
+def write_guard(
+    directory: Path, p: Plan, policy: Policy, events_fd: int, *, audit_reads: bool = False
+) -> Path:
+    """The guard's program, filter and config for one run, in ``directory`` (made here,
+    readable by everyone: nothing in it is secret, and the sandbox's user must read it).
+    ``audit_reads``: every open goes through the guard, which reports opens of hidden paths."""
+    directory.mkdir(mode=0o755)
+    program = directory / "guard.py"
+    shutil.copyfile(guard_program.__file__, program)
+    (directory / "guard.bpf").write_bytes(guard_filter(audit_reads=audit_reads))
+    entries = [("filter", f"{GUARD_DIR}/guard.bpf"), ("events", str(events_fd))]
+    entries += [("syscall", f"{name} {nr}") for name, nr in guard_syscalls().items()]
+    entries += [("root", str(r)) for r in p.writable]
+    entries += [("name", n) for n in sorted(policy.protected_names)]
+    entries += [("git", n) for n in policy.git_protected]
+    entries += [("protect", str(_real(x))) for x in policy.protect]
+    entries += [("protect", str(x)) for x in sorted(p.scan.missing)]
+    entries += [("hidden", str(h)) for h in (*p.deny_dirs, *p.deny_files, *p.hidden_names)]
+    entries += [("hole", str(h)) for h in p.read_holes]
+    (directory / "guard.conf").write_bytes(guard_program.write_config(entries))
+    for f in directory.iterdir():
+        f.chmod(0o644)
+    return directory
+
+
+def guard_command(python: str) -> list[str]:
+    """The guard in front of the command, run like the relay: isolated, without site, from
+    the copy in GUARD_DIR (no ``corral`` in the project can stand in for it)."""
+    return [
+        python,
+        "-I",
+        "-S",
+        f"{GUARD_DIR}/guard.py",
+        "--config",
+        f"{GUARD_DIR}/guard.conf",
+        "--",
+    ]
+
+
+class GuardEvents:
+    """The pipe the guard reports refusals on, read into the violation log as they come."""
+
+    def __init__(self, log: ViolationLog, loop: asyncio.AbstractEventLoop) -> None:
+        self._log = log
+        self._loop = loop
+        self._read, self.write_fd = os.pipe()
+        os.set_blocking(self._read, False)
+        self._pending = b""
+        loop.add_reader(self._read, self._ready)
+
+    def _ready(self) -> None:
+        if self._consume() is None:
+            self._loop.remove_reader(self._read)  # the end: every writer is gone
+
+    def _consume(self) -> bool | None:
+        """Log the complete records that can be read now: True if there were some, False if
+        nothing is there yet, None at the end."""
+        try:
+            data = os.read(self._read, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return None
+        if not data:
+            return None
+        fields = (self._pending + data).split(b"\0")
+        complete = (len(fields) - 1) // 4 * 4
+        self._pending = b"\0".join(fields[complete:])
+        for i in range(0, complete, 4):
+            kind, detail, pid, comm = (os.fsdecode(f) for f in fields[i : i + 4])
+            self._log.record(kind, f"{detail} [{comm or '?'} pid {pid}]")
+        return True
+
+    def close(self) -> None:
+        """Log what is left (the sandbox is gone), then close both ends."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+        self._loop.remove_reader(self._read)
+        while self._consume():
+            pass
+        os.close(self._read)
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -1051,6 +1178,12 @@ def _describe_plan(p: Plan, policy: Policy, say: Callable[[str], None], seconds:
 
 def _net_event(log: ViolationLog, say: Callable[[str], None], verbose: bool) -> Callable[..., None]:
     def on_event(event: EgressEvent) -> None:
+        if event.kind == "inject":
+            # A request the proxy put a secret into: "POST /v1/messages: injected NAME, ...".
+            if verbose:
+                request, _, names = event.reason.rpartition(": injected ")
+                say(f"injected {names}: {event.name} {request}")
+            return
         where = event.name or event.ip or "?"
         if event.port:
             where = f"{where}:{event.port}"
@@ -1093,22 +1226,37 @@ async def execute(
         env["USER"] = env["LOGNAME"] = ident.name
     tty = stdin_is_tty() if stdin_tty is None else stdin_tty
     network: SandboxNetwork | None = None
-    tmp: Path | None = None
     net_dir: tuple[Path, str] | None = None
+    owner = (ident.uid, ident.gid) if ident.switch else None
+    # A fresh directory: nothing another local user prepared in /tmp is trusted.
+    tmp = Path(tempfile.mkdtemp(prefix="corral-local-"))
+    events: GuardEvents | None = None
     try:
+        os.chmod(tmp, 0o711)  # the user's bwrap must traverse it when corral is root
+        guard: list[str] = []
+        guard_dir: Path | None = None
+        if guard_supported():
+            events = GuardEvents(log, asyncio.get_running_loop())
+            guard_dir = write_guard(tmp / "guard", p, policy, events.write_fd, audit_reads=verbose)
+            guard = guard_command(interpreter(owner))
+        else:
+            say(
+                "protected names that do not exist yet are not guarded: the kernel is older "
+                f"than {'.'.join(map(str, _GUARD_KERNEL))} (their creation is reported at exit)"
+            )
         if policy.allow_domains:
             # Imported here: the egress stack is most of corral run's start-up time, and a run
             # without network does not need it.
             from corral.local.net import SANDBOX_NET_DIR, LocalNetwork
 
-            # A fresh directory: nothing another local user prepared in /tmp is trusted.
-            tmp = Path(tempfile.mkdtemp(prefix="corral-local-"))
-            os.chmod(tmp, 0o711)  # the user's bwrap must traverse it when corral is root
             local = LocalNetwork(
                 policy.allow_domains,
                 tmp / "run",
                 on_event=_net_event(log, say, verbose),
-                owner=(ident.uid, ident.gid) if ident.switch else None,
+                owner=owner,
+                secrets=policy.secrets,
+                environ=environ,
+                note=say if verbose else None,
             )
             network = local
             await local.start()
@@ -1122,6 +1270,8 @@ async def execute(
             disable_userns=bwrap_version(bwrap) >= (0, 8),
             runtime_dir=env.get("XDG_RUNTIME_DIR"),
             net_dir=net_dir,
+            ro_files=network.ro_files() if network is not None else (),
+            guard_dir=guard_dir,
         )
         rc = await run(
             args,
@@ -1131,13 +1281,16 @@ async def execute(
             interactive=tty,
             seccomp=local_filter(),
             network=network,
+            guard=guard,
+            pass_fds=[events.write_fd] if events is not None else [],
             bwrap=bwrap,
         )
     finally:
+        if events is not None:
+            events.close()
         if network is not None:
             await network.stop()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     for path in call_as(ident, created_protected, policy, p):
         log.record(
             "protected path created", f"{path} (appeared during the run; check it)", always=True

@@ -7,9 +7,15 @@ file < flags); ``allow_read`` is the one way to take a hidden path back. The pro
 with the repository, which may be someone else's, so it is not trusted by default: what it
 *narrows* (``deny_read``, ``protect``, ``env_deny``, ``setenv``, which only acts inside) always
 applies; what it *widens* (``allow_domains``, ``allow_write``, ``allow_read``, ``env``,
-``profile``) applies only when the user trusts the project (``--trust-project``, or the project
-in ``trusted_projects`` of the user file), and is shown in the notices either way. The agent
-cannot rewrite the project file between runs: ``.corral/`` is on the mandatory read-only list.
+``secrets``, ``profile``) applies only when the user trusts the project (``--trust-project``, or
+the project in ``trusted_projects`` of the user file), and is shown in the notices either way. The
+agent cannot rewrite the project file between runs: ``.corral/`` is on the mandatory read-only
+list.
+
+``secrets`` bind an environment variable of the invoking user to the hosts its value may be sent
+to: inside, the variable holds a placeholder, and corral's egress proxy puts the value into
+HTTPS requests toward those hosts (``corral.local.net``). Bindings of one variable in several
+layers add up: the hosts are the union, the last ``header``/``format`` given wins.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from pydantic import (
     StrictBool,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from corral.errors import InvalidRequestError
@@ -44,6 +52,8 @@ __all__ = [
     "Profile",
     "ProjectSettings",
     "Rules",
+    "SecretRule",
+    "SecretSpec",
     "SettingsError",
     "UserSettings",
     "builtins",
@@ -51,6 +61,7 @@ __all__ = [
     "load_project_settings",
     "load_user_settings",
     "parse_project_settings",
+    "parse_secret_flag",
     "parse_user_settings",
     "read_settings",
     "resolve",
@@ -64,6 +75,10 @@ _ENV_PATTERN = re.compile(r"[A-Za-z0-9_*?]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Set by corral itself inside the sandbox; a settings file must not fake or drop it.
 _RESERVED_ENV = frozenset({"CORRAL_LOCAL"})
+# A variable a secret is bound to: its name is also the secret's name in the proxy's messages and
+# events, which allow letters, digits, '.', '_' and '-' (64 at most) and a letter or digit first.
+_SECRET_ENV = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_SECRET_SYNTAX = "ENV:HOST[,HOST...], e.g. ANTHROPIC_API_KEY:api.anthropic.com"
 
 
 class SettingsError(InvalidRequestError):
@@ -106,6 +121,86 @@ def _check_paths(values: list[str]) -> list[str]:
     return values
 
 
+def _check_secret_host(env: str, raw: str) -> str:
+    # The network's own parser, as for allowed domains; whether the run may reach the host on
+    # 443 is checked with the server's rules when the network starts (corral.local.net).
+    from corral.net.policy import domain_pattern
+
+    try:
+        return domain_pattern(raw.strip())
+    except ValueError as exc:
+        if "IP address" in str(exc):
+            raise ValueError(
+                f"{env}: {raw!r} is an IP address; bind secrets to DNS names"
+            ) from None
+        raise ValueError(f"{env}: host {exc}") from None
+
+
+class SecretRule(BaseModel):
+    """One entry of ``secrets``: keep the value of ``env`` outside the sandbox and send it only
+    to ``hosts`` (names or ``*.domain``), over HTTPS. The command sees a placeholder in ``env``;
+    the proxy swaps it for the value wherever it appears in a request line or header toward a
+    bound host, and with ``header`` also sets that header to ``format`` (``{value}`` in it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: StrictStr
+    hosts: list[StrictStr] = Field(min_length=1)
+    header: StrictStr | None = None
+    format: StrictStr | None = None
+    reason: StrictStr = ""
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: str) -> str:
+        if not _SECRET_ENV.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a variable a secret can be bound to (a letter, then up to "
+                "63 letters, digits or _)"
+            )
+        if value in _RESERVED_ENV:
+            raise ValueError(f"{value} is set by corral")
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        env = info.data.get("env", "secret")
+        return list(dict.fromkeys(_check_secret_host(env, h) for h in value))
+
+    @model_validator(mode="after")
+    def _header_and_format(self) -> SecretRule:
+        if self.header is not None or self.format is not None:
+            # The server's own rules for a binding's header and format. Imported only here:
+            # corral.core costs start-up time a binding without them does not need.
+            from corral.core.commands import SecretBinding
+
+            try:
+                SecretBinding(
+                    name=self.env,
+                    hosts=self.hosts,
+                    env=self.env,
+                    header=self.header,
+                    format=self.format or "{value}",
+                )
+            except ValidationError as exc:
+                raise ValueError(f"{self.env}: {_describe(exc)}") from None
+        return self
+
+    def shown(self) -> str:
+        return f"{self.env}:{','.join(self.hosts)}"
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """A variable bound to hosts after the merge (see :class:`SecretRule`)."""
+
+    env: str
+    hosts: tuple[str, ...]
+    header: str | None = None
+    format: str = "{value}"
+
+
 class Rules(BaseModel):
     """One layer's rules: the top level of a settings file, a profile, or the flags."""
 
@@ -119,6 +214,7 @@ class Rules(BaseModel):
     env: list[StrictStr] = Field(default_factory=list)
     env_deny: list[StrictStr] = Field(default_factory=list)
     setenv: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    secrets: list[SecretRule] = Field(default_factory=list)
 
     _domains = field_validator("allow_domains")(_check_domains)
     _env = field_validator("env", "env_deny")(_check_env_patterns)
@@ -190,6 +286,13 @@ class _SetEnvEntry(_Reasoned):
     value: StrictStr
 
 
+class _SecretEntry(_Reasoned):
+    env: StrictStr
+    hosts: list[StrictStr] = Field(min_length=1)
+    header: StrictStr | None = None
+    format: StrictStr | None = None
+
+
 class _BuiltinProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     description: StrictStr
@@ -199,6 +302,7 @@ class _BuiltinProfile(BaseModel):
     protect: list[_PathEntry] = Field(default_factory=list)
     env: list[_NameEntry] = Field(default_factory=list)
     setenv: list[_SetEnvEntry] = Field(default_factory=list)
+    secrets: list[_SecretEntry] = Field(default_factory=list)
 
 
 class _BuiltinDefaults(BaseModel):
@@ -249,6 +353,12 @@ def _profile_from(entry: _BuiltinProfile) -> Profile:
         protect=[e.path for e in entry.protect],
         env=[e.name for e in entry.env],
         setenv={e.name: e.value for e in entry.setenv},
+        secrets=[
+            SecretRule.model_construct(
+                env=e.env, hosts=e.hosts, header=e.header, format=e.format, reason=e.reason
+            )
+            for e in entry.secrets
+        ],
     )
 
 
@@ -366,6 +476,7 @@ class Flags:
     allow_write: Sequence[str] = ()
     allow_read: Sequence[str] = ()
     deny_read: Sequence[str] = ()
+    secrets: Sequence[str] = ()  # ENV:HOST[,HOST...]
     trust_project: bool = False
 
 
@@ -392,11 +503,14 @@ class Policy:
     setenv: Mapping[str, str]
     notices: tuple[str, ...] = ()
     sources: tuple[str, ...] = field(default=())
+    secrets: tuple[SecretSpec, ...] = ()
 
     def sandbox_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """The environment the command gets: the caller's, minus ``env_deny`` matches not named
-        in ``env``, plus ``setenv`` and ``CORRAL_LOCAL=1``."""
-        out = {k: v for k, v in environ.items() if not self.env_denied(k)}
+        in ``env``, plus ``setenv`` and ``CORRAL_LOCAL=1``. A variable bound as a secret is never
+        passed, whatever ``env`` says: the network puts its placeholder in instead."""
+        bound = {s.env for s in self.secrets}
+        out = {k: v for k, v in environ.items() if k not in bound and not self.env_denied(k)}
         out.update(self.setenv)
         out["CORRAL_LOCAL"] = "1"
         return out
@@ -408,7 +522,7 @@ class Policy:
         return any(fnmatch.fnmatchcase(up, p.upper()) for p in self.env_deny)
 
 
-_WIDENING = ("allow_domains", "allow_write", "allow_read", "env")
+_WIDENING = ("allow_domains", "allow_write", "allow_read", "env", "secrets")
 
 
 def _expand(raw: str, home: Path, base: Path | None, where: str) -> Path:
@@ -440,7 +554,8 @@ def _shown(rules: Rules, keys: Sequence[str]) -> str:
     for key in keys:
         values = getattr(rules, key)
         if values:
-            parts.append(f"{key} = {', '.join(values)}")
+            shown = [v.shown() if isinstance(v, SecretRule) else v for v in values]
+            parts.append(f"{key} = {', '.join(shown)}")
     return "; ".join(parts)
 
 
@@ -549,11 +664,28 @@ def resolve(
     def strings(key: str) -> tuple[str, ...]:
         return _union(getattr(layer.rules, key) for layer in layers)
 
+    allow_domains = strings("allow_domains")
+    secrets = _merge_secrets(layers)
+    if secrets and not allow_domains:
+        first = secrets[0]
+        raise SettingsError(
+            f"secret {first.env} is bound to {first.hosts[0]}, which this run cannot reach: no "
+            f"domain is allowed (--allow-domain {first.hosts[0]}, or allow_domains in the "
+            "settings)"
+        )
+    for spec in secrets:
+        if spec.env in setenv:
+            notices.append(
+                f"setenv {spec.env} is ignored: {spec.env} is bound as a secret (the command "
+                "gets its placeholder)"
+            )
+            del setenv[spec.env]
+
     return Policy(
         project=project,
         home=home,
         profile=name,
-        allow_domains=strings("allow_domains"),
+        allow_domains=allow_domains,
         allow_write=paths("allow_write"),
         allow_read=allow_read,
         deny_read=deny_read,
@@ -570,16 +702,44 @@ def resolve(
         setenv=setenv,
         notices=tuple(notices),
         sources=tuple(sources),
+        secrets=secrets,
     )
 
 
+def _merge_secrets(layers: Sequence[_Layer]) -> tuple[SecretSpec, ...]:
+    """One binding per variable, in the order first bound: the union of the hosts every layer
+    gives it, the last header and format given."""
+    merged: dict[str, SecretSpec] = {}
+    for layer in layers:
+        for rule in layer.rules.secrets:
+            old = merged.get(rule.env) or SecretSpec(rule.env, ())
+            merged[rule.env] = SecretSpec(
+                env=rule.env,
+                hosts=_union([old.hosts, rule.hosts]),
+                header=rule.header if rule.header is not None else old.header,
+                format=rule.format if rule.format is not None else old.format,
+            )
+    return tuple(merged.values())
+
+
+def parse_secret_flag(text: str) -> dict[str, Any]:
+    """``--secret ENV:HOST[,HOST...]`` as a ``secrets`` entry; SettingsError on another shape."""
+    env, sep, rest = text.partition(":")
+    hosts = [h.strip() for h in rest.split(",")]
+    if not sep or not env.strip() or not all(hosts):
+        raise SettingsError(f"--secret {text!r}: expected {_SECRET_SYNTAX}")
+    return {"env": env.strip(), "hosts": hosts}
+
+
 def _flag_rules(flags: Flags) -> Rules:
+    secrets = [parse_secret_flag(s) for s in flags.secrets]
     try:
         return Rules(
             allow_domains=list(flags.allow_domains),
             allow_write=list(flags.allow_write),
             allow_read=list(flags.allow_read),
             deny_read=list(flags.deny_read),
+            secrets=secrets,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
         text = _describe(exc)
@@ -588,6 +748,8 @@ def _flag_rules(flags: Flags) -> Rules:
             ("allow_write", "--allow-write"),
             ("allow_read", "--allow-read"),
             ("deny_read", "--deny-read"),
+            ("secrets", "--secret"),
         ):
-            text = re.sub(rf"\b{key}(\.\d+)?:", f"{flag}:", text)
+            # secrets.0.hosts: the entry's field is named by the message itself
+            text = re.sub(rf"\b{key}(\.\d+)?(\.[a-z_]+)?:", f"{flag}:", text)
         raise SettingsError(text) from None

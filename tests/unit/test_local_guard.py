@@ -43,6 +43,7 @@ CREATING = (
     "renameat2",
     "creat",
     "openat2",
+    "bind",
 )
 
 
@@ -180,18 +181,55 @@ def test_config_survives_any_path() -> None:
 def test_write_guard_files_are_readable_and_complete(tmp_path: Path) -> None:
     from corral.local.jail import GUARD_DIR, guard_command, write_guard
 
-    plan = SimpleNamespace(writable=[tmp_path / "proj"])
+    plan = SimpleNamespace(
+        writable=[tmp_path / "proj"],
+        deny_dirs=[tmp_path / "home" / ".ssh"],
+        deny_files=[tmp_path / "home" / ".netrc"],
+        hidden_names=[tmp_path / "other" / ".env"],
+        read_holes=[tmp_path / "home" / ".ssh" / "config"],
+        scan=SimpleNamespace(missing={tmp_path / "proj" / "githooks"}),
+    )
     policy = SimpleNamespace(
         protected_names=frozenset({"CLAUDE.md"}),
         git_protected=("hooks",),
         protect=[tmp_path / "home" / ".claude" / "settings.json"],
     )
     d = write_guard(tmp_path / "g", plan, policy, 9)  # type: ignore[arg-type]
+    audit = write_guard(tmp_path / "a", plan, policy, 9, audit_reads=True)  # type: ignore[arg-type]
+    assert (audit / "guard.bpf").read_bytes() == guard_filter(audit_reads=True)
     config = read_config((d / "guard.conf").read_bytes())
     assert config["events"] == ["9"] and config["root"] == [str(tmp_path / "proj")]
     assert config["filter"] == [f"{GUARD_DIR}/guard.bpf"]
+    assert config["hidden"] == [
+        str(tmp_path / p) for p in ("home/.ssh", "home/.netrc", "other/.env")
+    ]
+    assert config["hole"] == [str(tmp_path / "home" / ".ssh" / "config")]
+    assert str(tmp_path / "proj" / "githooks") in config["protect"]
     assert (d / "guard.bpf").read_bytes() == guard_filter()
     assert {f.name for f in d.iterdir()} == {"guard.py", "guard.conf", "guard.bpf"}
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in d.iterdir())
     assert guard_command("/usr/bin/python3")[-1] == "--"
     assert os.path.basename(guard_command("p")[3]) == "guard.py"
+
+
+def test_the_read_audit_sends_every_open_and_keeps_the_rest(arch: str) -> None:
+    audit = guard_filter(arch, audit_reads=True)
+    check_program(audit)
+    numbers = syscall_numbers(arch)
+    for flags in (0, O_DIRECTORY, O_CREAT | O_WRONLY):
+        data = seccomp_data(numbers["openat"], AUDIT_ARCH[arch], (3, 0x1000, flags, 0))
+        assert run(audit, data) == NOTIFY
+    for name in CREATING:
+        if name in numbers:
+            data = seccomp_data(numbers[name], AUDIT_ARCH[arch], (1, 2, 3, 4))
+            assert run(audit, data) == NOTIFY, name
+    read = {"x86_64": 0, "aarch64": 63}[arch]
+    assert run(audit, seccomp_data(read, AUDIT_ARCH[arch], (1, 2, 3))) == ALLOW
+
+
+def test_hidden_paths_and_their_holes(tmp_path: Path) -> None:
+    r = rules(tmp_path, hidden=["/home/me/.ssh", "/home/me/.netrc"], hole=["/home/me/.ssh/config"])
+    assert r.hides("/home/me/.ssh") and r.hides("/home/me/.ssh/id_rsa")
+    assert r.hides("/home/me/.netrc") and not r.hides("/home/me/.netrc2")
+    assert not r.hides("/home/me/.ssh/config")
+    assert not r.hides("/home/me/project/key")

@@ -374,10 +374,17 @@ def test_bwrap_args_new_session_without_a_tty_and_network_dir(tmp_path: Path) ->
         stdin_tty=False,
         net_dir=(Path("/tmp/corral-local-x/run/net-1"), "/run/corral-net"),
         runtime_dir="/run/user/1000",
+        guard_dir=Path("/tmp/corral-local-x/guard"),
+        ro_files=[(Path("/tmp/corral-local-x/run/net-1/ca-bundle.pem"), "/etc/ssl/cert.pem")],
     )
     assert "--new-session" in a
-    net = _index(a, "--bind", "/tmp/corral-local-x/run/net-1", "/run/corral-net")
+    # Read-only: the sandbox cannot change its own CA files or the guard's program.
+    net = _index(a, "--ro-bind", "/tmp/corral-local-x/run/net-1", "/run/corral-net")
     assert net > _index(a, "--tmpfs", "/run")
+    guard = _index(a, "--ro-bind", "/tmp/corral-local-x/guard", "/run/corral-guard")
+    assert guard > _index(a, "--tmpfs", "/run")
+    bundle = "/tmp/corral-local-x/run/net-1/ca-bundle.pem"
+    assert _index(a, "--ro-bind", bundle, "/etc/ssl/cert.pem") > net
     rt = _index(a, "--perms", "0700", "--dir", "/run/user/1000")
     assert rt > _index(a, "--tmpfs", "/run")
 

@@ -146,36 +146,6 @@ def test_wrap_starts_the_relay_then_the_command(tmp_path: Path) -> None:
         net.wrap([])
 
 
-def test_interpreter_the_sandbox_user_can_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The relay runs on this interpreter unless another user runs the command and could not."""
-    assert local_net._interpreter(None) == sys.executable
-    assert local_net._interpreter((os.geteuid(), os.getegid())) == sys.executable
-    hidden = tmp_path / "private"
-    (hidden / "bin").mkdir(parents=True)
-    python = hidden / "bin" / "python3"
-    python.write_text("")
-    python.chmod(0o755)
-    hidden.chmod(0o700)
-    other = (os.geteuid() + 12345, os.getegid() + 12345)
-    assert not local_net._runnable_by(str(python), *other)
-    assert local_net._runnable_by(str(python), os.geteuid(), os.getegid())
-    hidden.chmod(0o711)
-    tmp_path.chmod(0o711)
-    assert local_net._runnable_by(str(python), *other) == all(
-        p.stat().st_mode & 0o1 for p in tmp_path.parents
-    )
-    hidden.chmod(0o700)
-    monkeypatch.setattr(sys, "executable", str(python))
-    monkeypatch.setattr(local_net, "_FALLBACK_PYTHONS", (str(python), "/nonexistent/python3"))
-    with pytest.raises(RuntimeFailure, match="no Python interpreter"):
-        local_net._interpreter(other)
-    if os.geteuid() != 0:
-        return  # root runs anything
-    assert local_net._interpreter((0, 0)) == str(python)
-
-
 @pytest.mark.parametrize(
     "args",
     [

@@ -81,12 +81,25 @@ def test_agent_profiles_name_their_api_hosts_and_keys() -> None:
     bi = builtins()
     claude = bi.profiles["claude-code"]
     assert "api.anthropic.com" in claude.allow_domains
-    assert "ANTHROPIC_API_KEY" in claude.env
     assert "~/.claude" in claude.allow_write
     assert "~/.claude/settings.json" in claude.protect
     codex = bi.profiles["codex"]
     assert {"api.openai.com", "chatgpt.com", "auth.openai.com"} <= set(codex.allow_domains)
-    assert "OPENAI_API_KEY" in codex.env
+    # The keys are bound as secrets (placeholders inside), not passed: no `env` for them.
+    assert {(s.env, tuple(s.hosts)) for s in claude.secrets} == {
+        ("ANTHROPIC_API_KEY", ("api.anthropic.com",)),
+        ("ANTHROPIC_AUTH_TOKEN", ("api.anthropic.com",)),
+        ("CLAUDE_CODE_OAUTH_TOKEN", ("api.anthropic.com",)),
+    }
+    assert {(s.env, tuple(s.hosts)) for s in codex.secrets} == {
+        ("OPENAI_API_KEY", ("api.openai.com",)),
+        ("CODEX_API_KEY", ("api.openai.com",)),
+    }
+    assert claude.env == [] and codex.env == []
+    for profile in (claude, codex):
+        # Only hosts the profile itself allows, each with a reason.
+        assert all(set(s.hosts) <= set(profile.allow_domains) for s in profile.secrets)
+        assert all(s.reason for s in profile.secrets)
 
 
 # --------------------------------------------------------------------------- loading files
@@ -288,7 +301,8 @@ def test_secrets_stay_outside_unless_passed() -> None:
     assert set(out) == {
         "PATH",
         "TERM",
-        "ANTHROPIC_API_KEY",  # the profile passes its own key
+        # not ANTHROPIC_API_KEY: the profile binds it as a secret (the network sets its
+        # placeholder)
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
         "CORRAL_LOCAL",
     }
