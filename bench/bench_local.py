@@ -2,6 +2,9 @@
 
 - start-up: ``/bin/true`` bare, under ``corral run``, and under ``srt`` (both with one allowed
   domain, so both start their network side; and corral without any);
+- file work: 2000 files created, then 2000 opened for reading, by a shell loop: bare, under
+  ``corral run`` (every create goes through the guard, corral/local/guard.py), under
+  ``corral run --verbose`` (every open does: the read audit) and under ``srt``;
 - probes: the escapes and leaks of the threat model that apply to a process sandbox, run under
   both tools in the same temporary project and HOME, each printed as blocked or not.
 
@@ -42,6 +45,11 @@ _PROBES: tuple[tuple[str, str], ...] = (
     (
         "create a new sub/.vscode/settings.json",
         "mkdir -p .vscode && echo x > .vscode/settings.json",
+    ),
+    ("create a new CLAUDE.md in the project", "echo x > ../CLAUDE.md"),
+    (
+        "create a new .mcp.json through a symlink",
+        "ln -s ../.mcp.json m && echo x > m",
     ),
     ("read ~/.ssh/id_rsa through a symlink planted in the project", "cat ../key-link"),
     ("read ~/.aws/credentials", 'cat "$HOME/.aws/credentials"'),
@@ -160,6 +168,14 @@ def _startup(argv: Sequence[str], cwd: Path, env: dict[str, str], runs: int) -> 
     return ms
 
 
+# A shell loop (dash: `: > f` is a builtin, so the figure is opens, not process start-ups).
+_N_FILES = 2000
+_CREATE = (
+    f"rm -rf w && mkdir w && i=0 && while [ $i -lt {_N_FILES} ]; do : > w/f$i; i=$((i+1)); done"
+)
+_READ = f"i=0; while [ $i -lt {_N_FILES} ]; do : < w/f$i; i=$((i+1)); done"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.bench_local")
     p.add_argument("--runs", type=int, default=30, help="start-ups per figure")
@@ -217,6 +233,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 except RuntimeError as exc:
                     rows.append(Row.failed(metric, "srt", "-", str(exc)))
+            for metric, cmd in (
+                (f"create {_N_FILES} files (shell loop)", _CREATE),
+                (f"open {_N_FILES} files for reading (shell loop)", _READ),
+            ):
+                subprocess.run(["sh", "-c", _CREATE], cwd=sub, check=True)
+                tools: list[tuple[str, list[str]]] = [
+                    ("bare", ["sh", "-c", cmd]),
+                    ("corral run", _corral([], cmd)),
+                    ("corral run --verbose (read audit)", _corral(["--verbose"], cmd)),
+                ]
+                if srt is not None:
+                    tools.append((f"srt {_SRT_VERSION}", _srt(srt, settings, cmd)))
+                for label, argv_ in tools:
+                    try:
+                        ms = _startup(argv_, sub, env, max(3, args.runs // 6))
+                        rows.append(Row.latency(metric, label, "-", ms, "whole command"))
+                    except RuntimeError as exc:
+                        rows.append(Row.failed(metric, label, "-", str(exc)))
+            shutil.rmtree(sub / "w", ignore_errors=True)
             print(table(rows), file=sys.stderr)
             for name, cmd in _PROBES:
                 results = []
@@ -269,6 +304,9 @@ def _restore(home: Path, sub: Path) -> None:
     (sub / ".claude" / "settings.json").write_text("{}\n")
     hook = sub.parent / ".git" / "hooks" / "pre-commit"
     hook.unlink(missing_ok=True)
+    (sub / "m").unlink(missing_ok=True)
+    (sub.parent / ".mcp.json").unlink(missing_ok=True)
+    (sub.parent / "CLAUDE.md").unlink(missing_ok=True)
     shutil.rmtree(sub / ".vscode", ignore_errors=True)
 
 

@@ -19,18 +19,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
+from corral.cli._exit import EXIT_FAILURE, EXIT_USAGE, exit_status
+from corral.cli._exit import say_error as _say_error
 from corral.errors import CorralError, InvalidRequestError
 
 __all__ = ["app", "main"]
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-def _say_error(message: str) -> None:
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
-    sys.stderr.write(f"error: {first}\n")
-    sys.stderr.flush()
 
 
 def _is_cli_error(exc: BaseException) -> bool:
@@ -52,16 +45,10 @@ def _run_guarded(invoke: Callable[[], Any]) -> int:
     """Run the parser and the command; turn whatever escapes into an exit status."""
     try:
         rv = invoke()
-    except InvalidRequestError as exc:
-        _say_error(exc.message)
-        return EXIT_USAGE
-    except CorralError as exc:
-        _say_error(exc.message)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return EXIT_FAILURE
+    except (CorralError, KeyboardInterrupt, BrokenPipeError) as exc:
+        code = exit_status(exc)
+        assert code is not None
+        return code
     except Exception as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             # typer's rich help prints itself and answers ""; plain click answers the text.
@@ -1010,71 +997,18 @@ def shell(
     raise typer.Exit(code)
 
 
-@app.command("run", context_settings={"allow_interspersed_args": False})
-def run_(
-    cmd: Annotated[list[str], typer.Argument(metavar="-- CMD...", show_default=False)],
-    profile: Annotated[
-        str | None,
-        typer.Option(help="Settings profile (built in: claude-code, codex).", show_default=False),
-    ] = None,
-    allow_domain: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-domain",
-            help="Let the command reach this domain through corral's proxy (name, *.suffix, "
-            "either with :PORT). Repeatable.",
-            show_default=False,
-        ),
-    ] = None,
-    allow_write: Annotated[
-        list[str] | None,
-        typer.Option("--allow-write", help="Also make this path writable. Repeatable."),
-    ] = None,
-    deny_read: Annotated[
-        list[str] | None, typer.Option("--deny-read", help="Also hide this path. Repeatable.")
-    ] = None,
-    allow_read: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow-read",
-            help="Show a path a default hides (a .env file outside the project, say). Repeatable.",
-        ),
-    ] = None,
-    secret: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--secret",
-            metavar="ENV:HOST[,HOST]",
-            help="Keep the value of the variable ENV outside: the command gets a placeholder, "
-            "and corral's proxy puts the value into HTTPS requests to HOST (which must be "
-            "allowed). Repeatable.",
-            show_default=False,
-        ),
-    ] = None,
-    trust_project: Annotated[
-        bool,
-        typer.Option(
-            "--trust-project",
-            help="Apply what the project's .corral/local.toml widens (domains, writable paths, "
-            "variables, secrets); without it only its restrictions apply.",
-        ),
-    ] = False,
-    as_root: Annotated[
-        bool,
-        typer.Option(
-            "--as-root",
-            help="Run as root, keep root inside (without capabilities) instead of dropping to "
-            "the invoking user.",
-        ),
-    ] = False,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "--verbose", "-v", help="Show the plan and every network decision as it happens."
-        ),
-    ] = False,
-) -> None:
-    """Run a command on this machine in a sandbox (docs/local.md).
+@app.command(
+    "run",
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+def run_(ctx: typer.Context) -> None:
+    """Run a command on this machine in a sandbox (docs/local.md; corral run --help).
 
     The project (the git checkout around here) is writable, the rest read-only.
 
@@ -1083,19 +1017,10 @@ def run_(
 
     No network but the allowed domains. Exits with the command's exit code.
     """
-    from corral.local.jail import run_local
-    from corral.local.settings import Flags
+    # One parser for `corral run`: the lean one the executable goes to directly.
+    from corral.local.cli import main as run_main
 
-    flags = Flags(
-        profile=profile,
-        allow_domains=allow_domain or (),
-        allow_write=allow_write or (),
-        allow_read=allow_read or (),
-        deny_read=deny_read or (),
-        secrets=secret or (),
-        trust_project=trust_project,
-    )
-    raise typer.Exit(run_local(flags, cmd, as_root=as_root, verbose=verbose))
+    raise typer.Exit(run_main(ctx.args))
 
 
 @app.command()
