@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.errors import InvalidRequestError, NotFoundError
 from corral.net.ca import SandboxCA
-from corral.net.policy import domain_pattern
+from corral.net.policy import secret_host
 from corral.net.view import BoundSecret, SandboxSecrets
 
 if TYPE_CHECKING:
@@ -56,22 +56,10 @@ def _default_env(name: str) -> str:
 
 def _host(binding: str, raw: str) -> str:
     """A bound host in canonical form; InvalidRequestError saying why it cannot be one."""
-    where = f"secret {binding!r}: host {raw!r}"
-    if raw.strip().rstrip(".") in ("*", ""):
-        raise InvalidRequestError(
-            f"{where} would send the secret anywhere; name its hosts (or *.domain.tld)"
-        )
     try:
-        host = domain_pattern(raw.strip())
+        return secret_host(raw)
     except ValueError as exc:
-        if "IP address" in str(exc):
-            # The proxy checks the upstream's certificate against a name; and an address
-            # (which many names may share) says nothing of who is there.
-            raise InvalidRequestError(
-                f"{where} is an IP address; bind secrets to DNS names"
-            ) from None
-        raise InvalidRequestError(f"{where}: {exc}") from None
-    return host
+        raise InvalidRequestError(f"secret {binding!r}: host {raw!r} {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -724,47 +724,46 @@ class Guard:
             where.close()
         return _CONTINUE
 
-    def do_mkdir(self, caller: _Caller, dirfd: int, addr: int, mode: int) -> int:
+    def _make(
+        self,
+        caller: _Caller,
+        dirfd: int,
+        addr: int,
+        make: Callable[[_Where], None],
+        *,
+        umask: bool = True,
+    ) -> int:
+        """mkdir, mknod, symlink: a new name, made in the directory that was checked."""
         path = caller.string(addr)
         self.valid(caller)
         where = self.locate(caller, dirfd, path)
         try:
             self._create(where)
-            old = os.umask(caller.umask())
+            old = os.umask(caller.umask()) if umask else None
             try:
-                os.mkdir(where.name, mode & 0o7777, dir_fd=where.fd)
+                make(where)
             finally:
-                os.umask(old)
+                if old is not None:
+                    os.umask(old)
         finally:
             where.close()
         return 0
 
+    def do_mkdir(self, caller: _Caller, dirfd: int, addr: int, mode: int) -> int:
+        return self._make(
+            caller, dirfd, addr, lambda w: os.mkdir(w.name, mode & 0o7777, dir_fd=w.fd)
+        )
+
     def do_mknod(self, caller: _Caller, dirfd: int, addr: int, mode: int, dev: int) -> int:
-        path = caller.string(addr)
-        self.valid(caller)
-        where = self.locate(caller, dirfd, path)
-        try:
-            self._create(where)
-            old = os.umask(caller.umask())
-            try:
-                os.mknod(where.name, mode & 0xFFFFFFFF, dev, dir_fd=where.fd)
-            finally:
-                os.umask(old)
-        finally:
-            where.close()
-        return 0
+        return self._make(
+            caller, dirfd, addr, lambda w: os.mknod(w.name, mode & 0xFFFFFFFF, dev, dir_fd=w.fd)
+        )
 
     def do_symlink(self, caller: _Caller, target_addr: int, dirfd: int, addr: int) -> int:
         target = caller.string(target_addr)
-        path = caller.string(addr)
-        self.valid(caller)
-        where = self.locate(caller, dirfd, path)
-        try:
-            self._create(where)
-            os.symlink(target, where.name, dir_fd=where.fd)
-        finally:
-            where.close()
-        return 0
+        return self._make(
+            caller, dirfd, addr, lambda w: os.symlink(target, w.name, dir_fd=w.fd), umask=False
+        )
 
     def do_link(
         self, caller: _Caller, olddir: int, old_addr: int, newdir: int, new_addr: int, flags: int

@@ -122,18 +122,14 @@ def _check_paths(values: list[str]) -> list[str]:
 
 
 def _check_secret_host(env: str, raw: str) -> str:
-    # The network's own parser, as for allowed domains; whether the run may reach the host on
-    # 443 is checked with the server's rules when the network starts (corral.local.net).
-    from corral.net.policy import domain_pattern
+    # As the server checks bound hosts; whether the run may reach the host on 443 is checked
+    # when the network starts (corral.local.net).
+    from corral.net.policy import secret_host
 
     try:
-        return domain_pattern(raw.strip())
+        return secret_host(raw)
     except ValueError as exc:
-        if "IP address" in str(exc):
-            raise ValueError(
-                f"{env}: {raw!r} is an IP address; bind secrets to DNS names"
-            ) from None
-        raise ValueError(f"{env}: host {exc}") from None
+        raise ValueError(f"{env}: host {raw!r} {exc}") from None
 
 
 class SecretRule(BaseModel):

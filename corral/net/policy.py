@@ -44,6 +44,7 @@ __all__ = [
     "compile_policy",
     "domain_pattern",
     "parse_policy",
+    "secret_host",
     "validate_policy",
 ]
 
@@ -421,6 +422,21 @@ def domain_pattern(raw: str) -> str:
         return _normalize_domain(raw)
     except _Bad as exc:
         raise ValueError(str(exc)) from None
+
+
+def secret_host(raw: str) -> str:
+    """A host a secret may be bound to, canonical: a DNS name or ``*.domain``. ValueError says
+    why not, as a phrase that follows the host ("is an IP address; ..."): never everything, and
+    never an address, since the proxy checks the upstream's certificate against a name, and an
+    address (which many names may share) says nothing of who is there."""
+    if raw.strip().rstrip(".") in ("*", ""):
+        raise ValueError("would send the secret anywhere; name its hosts (or *.domain.tld)")
+    try:
+        return domain_pattern(raw.strip())
+    except ValueError as exc:
+        if "IP address" in str(exc):
+            raise ValueError("is an IP address; bind secrets to DNS names") from None
+        raise ValueError(f"is not a host name a secret can be bound to ({exc})") from None
 
 
 def _check_form(name: str) -> str | None:
