@@ -701,6 +701,7 @@ class EgressProxy:
         if head.host is not None and not _same_host(head.host, absolute.host, absolute.port):
             raise _Deny("Host header differs from the request URI", 400)
         if net.secrets is not None and net.secrets.for_host(absolute.host):
+            conn.name = absolute.host  # the refusal is logged with the host it was for
             self._secrets_for(net, absolute.host, sniffed)  # plain HTTP: refused with the reason
         await self._open(conn, policy, absolute.host, absolute.port)
         await self._pump(conn, _origin_form(head, absolute.origin_form) + rest)

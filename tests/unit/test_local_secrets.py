@@ -319,7 +319,9 @@ async def test_plain_http_to_a_bound_host_is_refused_before_any_lookup(tmp_path:
         writer.close()
     assert reply.startswith(b"HTTP/1.1 502 "), reply
     assert b"sent only over TLS" in reply and VALUE.encode() not in reply
-    assert [(e.kind, e.decision, e.port) for e in events] == [("tcp", "deny", 80)]
+    assert [(e.kind, e.decision, e.name, e.port) for e in events] == [
+        ("tcp", "deny", "api.example.com", 80)
+    ]
     assert "sent only over TLS" in events[0].reason
 
 
