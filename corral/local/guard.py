@@ -538,7 +538,8 @@ class Guard:
     # -------------------------------------------------------------------- the calls
 
     def audit(self, caller: _Caller, dirfd: int, addr: int, flags: int) -> None:
-        """Report an open of a hidden path (the mounts refuse it; this only tells)."""
+        """Report an open of a hidden path, or one for writing on a read-only mount (the mounts
+        refuse them; this only tells)."""
         if not self.rules.hidden:
             return
         try:
@@ -560,6 +561,10 @@ class Guard:
             return
         if self.rules.hides(real):
             self.emit("denied read", f"{real} (hidden)", caller.tid)
+        elif flags & (os.O_WRONLY | os.O_RDWR) and _read_only(real):
+            # A write open without O_CREAT of a file on a read-only mount (`open(f, "r+")`):
+            # the kernel refuses it with EROFS.
+            self.emit("denied write", f"{real} (read-only)", caller.tid)
 
     def do_openat2(self, caller: _Caller, a: Sequence[int]) -> int | None:
         if a[3] < _OPEN_HOW.size:
@@ -836,6 +841,13 @@ def _own_proc(caller: _Caller, where: _Where) -> None:
     own = len(parts) < 3 or parts[1] != "proc" or not parts[2].isdigit()
     if not own and parts[2] != caller.status("Tgid").strip():
         raise _Refused(errno.EACCES)
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _lstat(where: _Where) -> os.stat_result | None:

@@ -591,6 +591,28 @@ def test_refusals_are_logged(world: World) -> None:
     assert not (p / ".vscode").exists() and not (p / "CLAUDE.md").exists()
 
 
+def test_verbose_also_reports_reads_of_hidden_paths_and_plain_write_opens(world: World) -> None:
+    # With -v every open goes through the guard (the read audit): an open of a hidden path,
+    # also through a symlink planted in the project, and a write open without O_CREAT of a
+    # read-only file are reported; the kernel refuses them either way.
+    (world.project / "key-link").symlink_to(world.home / ".ssh" / "id_rsa")
+    script = (
+        "cat ~/.ssh/id_rsa; cat key-link; ls ~/.ssh;"
+        " python3 -c 'open(\"'$HOME/.bashrc'\", \"r+\")'; true"
+    )
+    r = world.sh(script, flags=["-v"])
+    ssh = world.home / ".ssh"
+    for want in (
+        f"corral: denied read: {ssh}/id_rsa (hidden) [cat pid ",
+        f"corral: denied read: {ssh} (hidden) [ls pid ",
+        f"corral: denied write: {world.home}/.bashrc (read-only) [python3 pid ",
+    ):
+        assert want in r.stderr, (want, r.stderr)
+    assert r.stderr.count(f"denied read: {ssh}/id_rsa") == 2, r.stderr  # the symlink too
+    r = world.sh(script)
+    assert "denied read" not in r.stderr, r.stderr  # without -v opens stay in the kernel
+
+
 # ---------------------------------------------------------------------- 5. the guard is out of reach
 
 GUARD_PID = r"""
