@@ -68,6 +68,7 @@ __all__ = [
     "call_as",
     "created_protected",
     "execute",
+    "files_holding",
     "find_bwrap",
     "find_hidden_names",
     "host_unix_sockets",
@@ -1041,6 +1042,46 @@ def stdin_is_tty() -> bool:
         return False
 
 
+# ------------------------------------------------------------------- secrets in files
+
+# A file larger than this is not looked into (rc files and dotenv files are small).
+_LOOK_MAX = 1 << 20
+
+
+def files_holding(candidates: Sequence[Path], values: Mapping[str, str]) -> list[tuple[Path, str]]:
+    """(real path, variable) for each candidate file that holds the value of a variable bound as
+    a secret: the sandbox could read the key there. Runs as the user (``call_as``)."""
+    found: list[tuple[Path, str]] = []
+    needles = {env: v.encode() for env, v in values.items() if v}
+    for path in candidates:
+        try:
+            real = _real(path)
+            st = os.stat(real)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _LOOK_MAX:
+                continue
+            data = real.read_bytes()
+        except OSError:
+            continue
+        for env, needle in needles.items():
+            if needle in data:
+                found.append((real, env))
+                break
+    return found
+
+
+def secret_file_candidates(policy: Policy, p: Plan) -> list[Path]:
+    """Where a bound key is likely written down in plain text and visible inside: the home's
+    dotfiles (an ``export`` in an rc file) and the ``.env*`` files of the project's top and of
+    the working directory (those elsewhere are hidden anyway)."""
+    out: list[Path] = []
+    with contextlib.suppress(OSError), os.scandir(policy.home) as it:
+        out += [Path(e.path) for e in it if e.name.startswith(".")]
+    for d in dict.fromkeys((p.project, p.cwd)):
+        with contextlib.suppress(OSError), os.scandir(d) as it:
+            out += [Path(e.path) for e in it if fnmatch.fnmatch(e.name, ".env*")]
+    return out
+
+
 # ---------------------------------------------------------------------------- the guard
 
 
@@ -1244,6 +1285,14 @@ async def execute(
                 "protected names that do not exist yet are not guarded: the kernel is older "
                 f"than {'.'.join(map(str, _GUARD_KERNEL))} (their creation is reported at exit)"
             )
+        values = {s.env: environ[s.env] for s in policy.secrets if environ.get(s.env)}
+        if values:
+            # A key kept outside must not be readable in a file inside: hide what holds it.
+            held = call_as(ident, files_holding, secret_file_candidates(policy, p), values)
+            for path, var in held:
+                say(f"{path} holds the value of {var}: hidden inside (deny_read it to say so)")
+                if path not in p.deny_files:
+                    p.deny_files.append(path)
         if policy.allow_domains:
             # Imported here: the egress stack is most of corral run's start-up time, and a run
             # without network does not need it.

@@ -113,6 +113,23 @@ def test_secret_variables_stay_outside(world: World) -> None:
     assert r.stdout.split() == ["none", "none", "1"]
 
 
+def test_a_bound_key_written_in_a_visible_file_is_hidden_there(world: World) -> None:
+    # --secret keeps the value out of the environment; an rc file exporting it, or a .env in
+    # the project, would hand it over anyway: corral hides the files that hold it.
+    key = "sk-live-" + SECRET
+    (world.home / ".bashrc").write_text(f"# the user's own\nexport K={key}\n")
+    (world.project / ".env").write_text(f"K={key}\n")
+    r = world.sh(
+        'cat ~/.bashrc; cat .env; echo "K=$K"',
+        flags=["--allow-domain", "example.com", "--secret", "K:example.com"],
+        env={"K": key},
+    )
+    assert key not in r.stdout and "K=corral-secret-" in r.stdout, (r.stdout, r.stderr)
+    for path in (world.home / ".bashrc", world.project / ".env"):
+        assert f"{path} holds the value of K: hidden inside" in r.stderr, r.stderr
+        assert key in path.read_text()  # hidden inside, untouched outside
+
+
 def test_host_unix_sockets_cannot_be_reached(world: World) -> None:
     # One in the host's /tmp (a fresh tmpfs inside) and one in the home, which the sandbox
     # sees read-only: connect() works on a read-only mount, so the jail must cover it.
