@@ -225,7 +225,15 @@ def test_claude_code_completes_with_a_key_it_never_holds(
     (home / ".claude.json").write_text("{}\n")
     (world.project / "scan.py").write_text(SCAN)
     subprocess.run(["chown", "-R", f"{USER}:{USER}", str(home)], check=True)
-    claude = str(CLAUDE_BIN)
+    # Where the sandbox sees it: a checkout under /tmp (CI's clone) is behind the fresh tmpfs
+    # the jail puts on /tmp. A hard link costs nothing; a copy where links cannot go.
+    (home / "bin").mkdir()
+    claude_path = home / "bin" / "claude"
+    try:
+        os.link(CLAUDE_BIN, claude_path)
+    except OSError:
+        shutil.copy2(CLAUDE_BIN, claude_path)
+    claude = str(claude_path)
     prefix = value[: value.rindex("-") + 1]
     digest = hashlib.sha256(value.encode()).hexdigest()
     prompt = json.dumps({"type": "user", "message": {"role": "user", "content": "Hi."}})
