@@ -96,7 +96,6 @@ _OPEN_HOW = struct.Struct("=QQQ")
 _PATH_MAX = 4096
 _MAX_LINKS = 40  # as the kernel's path walk
 _PAGE = 4096
-_PROC_SUPER_MAGIC = 0x9FA0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -339,7 +338,6 @@ class Guard:
         self.rules = rules
         self.listener = listener
         self.events = events
-        self.dropped = 0
         self._self = f"/proc/{os.getpid()}"
         handlers: dict[str, Callable[[_Caller, Sequence[int]], int | None]] = {
             "open": lambda c, a: self.do_open(c, _AT_FDCWD, a[0], a[1], a[2]),
@@ -477,11 +475,13 @@ class Guard:
         except OSError:
             comm = ""
         # Four NUL-terminated fields: no path contains a NUL (json would cost start-up time).
-        record = b"".join(os.fsencode(f) + b"\0" for f in (kind, detail, str(tid), comm))
+        # Under PIPE_BUF (4096) a write to a pipe is whole or not at all, so records never mix.
+        fields = (kind, detail[:2048], str(tid), comm)
+        record = b"".join(os.fsencode(f)[:2048] + b"\0" for f in fields)
         try:
             os.write(self.events, record)
         except BlockingIOError:
-            self.dropped += 1  # a slow reader must never stall the sandbox
+            pass  # the pipe is full: a slow reader must never stall the sandbox
         except OSError:
             self.events = None
 
