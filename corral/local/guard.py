@@ -511,7 +511,8 @@ class Guard:
             os.close(fd)
             raise _Refused(errno.EACCES)  # a symlink to /proc/self, followed as the guard
         where = _Where(fd, name, real)
-        caller.target = where.path
+        # What the call is about, for an event: the last place reached, links followed.
+        (caller.caller if isinstance(caller, _Link) else caller).target = where.path
         return where
 
     def check(self, where: _Where, *, replace: bool = False) -> bool:

@@ -239,6 +239,15 @@ class _Unpickler(pickle.Unpickler):
 # ----------------------------------------------------------------------------- the walk
 
 
+def _entries(d: str | Path) -> list[os.DirEntry[str]]:
+    """A directory's entries; none when it cannot be read (as the user: nor can the command)."""
+    try:
+        with os.scandir(d) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
 def _under(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -303,11 +312,7 @@ class _Walker:
         stack = [str(root)]
         while stack:
             d = stack.pop()
-            try:
-                with os.scandir(d) as it:
-                    entries = list(it)
-            except OSError:
-                continue  # unreadable to the user: it cannot write there either
+            entries = _entries(d)  # unreadable to the user: it cannot write there either
             self.scan.entries += len(entries)
             subdirs: list[str] = []
             bare = 0
@@ -389,11 +394,7 @@ class _Walker:
                         self.scan.missing.add(target)
 
     def _git_nest(self, d: Path, root: Path) -> None:
-        try:
-            with os.scandir(d) as it:
-                children = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            return
+        children = [Path(e.path) for e in _entries(d) if e.is_dir(follow_symlinks=False)]
         for child in children:
             # Submodule names may contain '/': modules/a/b is a git dir, modules/a is not.
             if os.path.lexists(child / "HEAD") or os.path.lexists(child / "commondir"):
@@ -548,11 +549,7 @@ def find_hidden_names(
         stack = [str(base)]
         while stack:
             d = stack.pop()
-            try:
-                with os.scandir(d) as it:
-                    entries = list(it)
-            except OSError:
-                continue
+            entries = _entries(d)
             seen += len(entries)
             for e in entries:
                 name = e.name
@@ -1073,12 +1070,9 @@ def secret_file_candidates(policy: Policy, p: Plan) -> list[Path]:
     """Where a bound key is likely written down in plain text and visible inside: the home's
     dotfiles (an ``export`` in an rc file) and the ``.env*`` files of the project's top and of
     the working directory (those elsewhere are hidden anyway)."""
-    out: list[Path] = []
-    with contextlib.suppress(OSError), os.scandir(policy.home) as it:
-        out += [Path(e.path) for e in it if e.name.startswith(".")]
+    out = [Path(e.path) for e in _entries(policy.home) if e.name.startswith(".")]
     for d in dict.fromkeys((p.project, p.cwd)):
-        with contextlib.suppress(OSError), os.scandir(d) as it:
-            out += [Path(e.path) for e in it if fnmatch.fnmatch(e.name, ".env*")]
+        out += [Path(e.path) for e in _entries(d) if fnmatch.fnmatch(e.name, ".env*")]
     return out
 
 

@@ -112,11 +112,10 @@ def test_other_abis_are_left_to_the_main_filter(arch: str) -> None:
 
 def test_the_guard_handles_every_call_it_is_sent() -> None:
     for arch in ARCHES:
-        names = set(guard_syscalls(arch))
-        assert names >= {"openat", "openat2", "mkdirat", "renameat2", "linkat", "symlinkat"}
-    source = Path(guard.__file__).read_text()
-    for name in guard_syscalls("x86_64"):
-        assert f'"{name}": ' in source, f"no handler for {name}"
+        numbers = guard_syscalls(arch)
+        assert set(numbers) >= {"openat", "openat2", "mkdirat", "renameat2", "linkat", "symlinkat"}
+        handled = guard.Guard(Rules({}), numbers, listener=-1, events=None).handlers
+        assert set(handled) == set(numbers.values()), arch
 
 
 # ------------------------------------------------------------------ the rules
