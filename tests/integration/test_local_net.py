@@ -9,7 +9,7 @@ import secrets
 import shlex
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +117,22 @@ async def local(
         shutil.rmtree(top)
 
 
-def _events(local: Local, name: str) -> list[EgressEvent]:
-    return [e for e in local.events if e.name == name]
+async def _events(
+    local: Local, count: int, match: Callable[[EgressEvent], bool]
+) -> list[EgressEvent]:
+    """The events ``match`` takes, once there are ``count`` (or after 5 s). The proxy logs a
+    connection when it has wound it down, which can be just after the command has exited."""
+    found: list[EgressEvent] = []
+    for _ in range(100):
+        found = [e for e in local.events if match(e)]
+        if len(found) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return found
+
+
+def _named(name: str) -> Callable[[EgressEvent], bool]:
+    return lambda e: e.name == name
 
 
 async def test_allowed_domain_over_https_and_http(local: Local) -> None:
@@ -128,10 +142,12 @@ async def test_allowed_domain_over_https_and_http(local: Local) -> None:
     assert code == 0, err
     assert f"hello from {ALLOWED_IP} host=allowed.test sni=allowed.test" in out
     assert "host=www.allowed.test" in out
-    tls = _events(local, "allowed.test")
+    tls = await _events(local, 1, _named("allowed.test"))
     assert [(e.decision, e.port) for e in tls] == [("allow", 443)]
     assert tls[0].ip == ALLOWED_IP and tls[0].bytes_in > 0
-    assert [(e.decision, e.port) for e in _events(local, "www.allowed.test")] == [("allow", 80)]
+    assert [(e.decision, e.port) for e in await _events(local, 1, _named("www.allowed.test"))] == [
+        ("allow", 80)
+    ]
 
 
 async def test_other_domains_get_403_from_the_proxy(local: Local) -> None:
@@ -142,9 +158,9 @@ async def test_other_domains_get_403_from_the_proxy(local: Local) -> None:
     )
     assert out.splitlines() == ["403", "tls=56", "403"], err
     assert "CONNECT tunnel failed, response 403" in err
-    denied = _events(local, "blocked.test")
+    denied = await _events(local, 2, _named("blocked.test"))
     assert [(e.decision, e.port) for e in denied] == [("deny", 80), ("deny", 443)]
-    literal = [e for e in local.events if e.ip == ALLOWED_IP and e.name is None]
+    literal = await _events(local, 1, lambda e: e.ip == ALLOWED_IP and e.name is None)
     assert [e.decision for e in literal] == ["deny"]
 
 
@@ -178,7 +194,8 @@ async def test_dns_exfiltration_never_reaches_the_upstream(
     queries = fake_net.queries()
     assert "api.allowed.test" in queries
     assert not [q for q in queries if secret in q]
-    assert {e.decision for e in local.events if e.name and secret in e.name} == {"deny"}
+    tried = await _events(local, 1, lambda e: e.name is not None and secret in e.name)
+    assert {e.decision for e in tried} == {"deny"}
 
 
 async def test_exit_status_passes_through_and_the_relay_dies_with_the_command(
